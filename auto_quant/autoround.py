@@ -1,0 +1,142 @@
+"""``AutoRound``: the public API, compatible with Intel auto-round's common path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from auto_quant.config import QuantConfig, TuningConfig, parse_layer_config, resolve_device
+from auto_quant.errors import CalibrationError, ConfigError
+from auto_quant.export import ExportContext, check_output_dir, export, parse_formats
+from auto_quant.quant.spec import QuantSpec
+from auto_quant.tuning.pipeline import QuantizationOutcome, plan_layers, quantize_rtn, quantize_tuned
+
+log = logging.getLogger(__name__)
+
+_IGNORED_COMPAT = {"amp", "enable_torch_compile", "enable_norm_bias_tuning", "enable_quanted_input", "not_use_best_mse",
+                   "dynamic_max_gap", "super_bits", "super_group_size", "to_quant_block_names", "disable_opt_rtn"}
+
+
+class AutoRound:
+    """Tune a causal LM's linear weights to ``bits`` with sign-gradient descent, block by block.
+
+    ``model`` is an ``nn.Module`` or a path (model directory, ``.gguf`` file, hub id);
+    ``tokenizer`` may be None when ``dataset`` is token ids. After :meth:`quantize` the
+    in-memory ``model`` is the fake-quantized model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | os.PathLike | None,
+        tokenizer=None,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        iters: int = 200,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        batch_size: int = 8,
+        gradient_accumulate_steps: int = 1,
+        lr: float | None = None,
+        minmax_lr: float | None = None,
+        dataset=None,
+        layer_config: dict | None = None,
+        seed: int = 42,
+        device: str | None = "auto",
+        quant_lm_head: bool = False,
+        scale_dtype: str | torch.dtype = "fp16",
+        data_type: str = "int",
+        act_bits: int = 16,
+        enable_minmax_tuning: bool = True,
+        init_search: bool = True,
+        low_gpu_mem_usage: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ):
+        unknown = set(kwargs) - _IGNORED_COMPAT
+        if unknown:
+            raise ConfigError(f"unknown AutoRound argument(s): {', '.join(sorted(unknown))}")
+        if data_type not in ("int", "int_sym", "int_asym"):
+            raise ConfigError(f"data_type={data_type!r} is not supported; auto_quant tunes integer weights ('int')")
+        if act_bits < 16:
+            raise ConfigError("act_bits < 16 (activation quantization) is not supported; weights-only quantization")
+        scheme = QuantSpec(bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
+        tuning = TuningConfig(
+            iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=min(batch_size, nsamples),
+            gradient_accumulate_steps=gradient_accumulate_steps, lr=lr, minmax_lr=minmax_lr,
+            enable_minmax_tuning=enable_minmax_tuning, init_search=init_search, seed=seed,
+        )
+        self.config = QuantConfig(
+            scheme=scheme, tuning=tuning, layer_rules=parse_layer_config(layer_config, scheme),
+            quant_lm_head=quant_lm_head, device=device or "auto", low_gpu_mem_usage=low_gpu_mem_usage,
+        )
+        self.device = resolve_device(self.config.device)
+        if not isinstance(model, nn.Module):
+            from auto_quant.models.loading import load_model
+
+            model, loaded_tok = load_model(model)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.progress = progress
+        self.outcome: QuantizationOutcome | None = None
+        self.calibration_description: str | None = None
+        # fail fast on layer_config that matches nothing, before any calibration work
+        _, self.specs, _ = plan_layers(self.model, self.config)
+
+    # ------------------------------------------------------------------ stages
+    def calibration_samples(self) -> list[dict]:
+        from auto_quant.calib import build_calibration
+
+        t = self.config.tuning
+        if isinstance(self.dataset, (list, tuple)) and len(self.dataset) == 0:
+            raise CalibrationError("the calibration dataset is empty; give at least one text or token sequence")
+        calib = build_calibration(self.dataset, self.tokenizer, t.nsamples, t.seqlen, t.seed)
+        self.calibration_description = calib.description
+        return calib.as_model_inputs()
+
+    def quantize(self):
+        """Run the tuning (or RTN when ``iters == 0``); returns ``(model, layer_config)`` like auto-round."""
+        if self.config.tuning.iters == 0 and not self.config.tuning.init_search:
+            self.outcome = quantize_rtn(self.model, self.config)
+        elif self.config.tuning.iters == 0:
+            self.outcome = quantize_rtn(self.model, self.config)
+        else:
+            samples = self.calibration_samples()
+            self.outcome = quantize_tuned(self.model, self.config, samples, self.device, progress=self.progress)
+        layer_config = {n: (s.to_dict() if s else {"bits": 16}) for n, s in self.outcome.specs.items()}
+        return self.model, layer_config
+
+    def export_context(self) -> ExportContext:
+        if self.outcome is None:
+            raise ConfigError("call quantize() before saving")
+        t = self.config.tuning
+        return ExportContext(
+            model=self.model, tokenizer=self.tokenizer, layers=self.outcome.layers, block_names=self.outcome.block_names,
+            scheme=self.config.scheme, specs=self.outcome.specs,
+            tuning={"iters": t.iters, "nsamples": t.nsamples, "seqlen": t.seqlen, "batch_size": t.batch_size,
+                    "lr": t.lr if t.lr is not None else (1.0 / t.iters if t.iters else None),
+                    "minmax_lr": t.minmax_lr, "gradient_accumulate_steps": t.gradient_accumulate_steps, "seed": t.seed},
+        )
+
+    def save_quantized(self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True) -> dict[str, Path]:
+        return export(self.export_context(), output_dir, format)
+
+    def check_save_target(self, output_dir, format: str = "auto_round") -> None:
+        """Validate the output directory and format(s) before spending time on tuning."""
+        from auto_quant.export import EXPORTERS
+
+        check_output_dir(output_dir)
+        for name in parse_formats(format):
+            EXPORTERS[name].capabilities.check(name, self.specs)
+
+    def quantize_and_save(self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round"):
+        self.check_save_target(output_dir, format)
+        self.quantize()
+        paths = self.save_quantized(output_dir, format=format)
+        return self.model, paths

@@ -1,0 +1,119 @@
+"""Reading a quantized checkpoint's ``quantization_config`` and swapping in QuantLinear modules.
+
+Serves auto_quant's and Intel auto-round's ``auto_round`` checkpoints (all packing formats
+auto-round writes for integer weights) and plain GPTQ / AWQ checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from auto_quant.errors import CheckpointError
+from auto_quant.inference.qlinear import QuantLinear
+from auto_quant.models.discovery import Conv1D, is_quantizable, set_submodule
+
+log = logging.getLogger(__name__)
+
+
+def layout_for(quant_method: str, packing_format: str | None, checkpoint_format: str | None = None) -> str:
+    pf = (packing_format or "").lower()
+    qm = (quant_method or "").lower()
+    if "awq" in pf or qm == "awq":
+        return "awq"
+    if qm == "gptq":
+        return "gptq_v2" if (checkpoint_format or "gptq") == "gptq_v2" else "gptq"
+    if pf in ("auto_round", "auto_round:gptq_v2", "gptq_v2"):
+        return "gptq_v2"
+    if pf == "" or "gptq" in pf or "exllama" in pf or "marlin" in pf or pf.startswith("auto_round:"):
+        return "gptq"
+    raise CheckpointError(f"packing_format {packing_format!r} is not supported by auto_quant's loader")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def _blocks(qc: dict) -> list[str]:
+    b = qc.get("block_name_to_quantize") or qc.get("to_quant_block_names")
+    if b is None:
+        return []
+    if isinstance(b, str):
+        return [x.strip() for x in b.split(",") if x.strip()]
+    out = []
+    for item in b:
+        out.extend(item if isinstance(item, list) else [item])
+    return out
+
+
+def layer_quant_for(name: str, qc: dict, blocks: list[str]) -> LayerQuant | None:
+    """The quantization of one layer per the config (None: stays float)."""
+    extra = qc.get("extra_config") or {}
+    in_block = (not blocks and name != "lm_head") or any(name.startswith(b + ".") for b in blocks)
+    entry = None
+    if name in extra:
+        entry = extra[name]
+    else:
+        for pat, e in extra.items():
+            try:
+                if re.search(pat, name) and not pat == name:
+                    entry = e if entry is None else {**entry, **e}
+            except re.error:
+                continue
+    if entry is None and not in_block:
+        return None
+    merged = {"bits": qc.get("bits", 4), "group_size": qc.get("group_size", 128), "sym": qc.get("sym", True)}
+    if entry:
+        merged.update({k: v for k, v in entry.items() if k in merged and v is not None})
+        if entry.get("data_type") not in (None, "int") and not str(entry.get("data_type")).startswith("int"):
+            return None
+    if int(merged["bits"]) >= 16:
+        return None
+    return LayerQuant(int(merged["bits"]), int(merged["group_size"]), bool(merged["sym"]))
+
+
+def convert_for_loading(model: nn.Module, qc: dict, modules_to_not_convert: list[str] | None = None) -> dict[str, LayerQuant]:
+    """Replace the quantized layers of ``model`` with empty QuantLinear modules shaped like the checkpoint."""
+    qm = qc.get("quant_method", "auto-round")
+    data_type = str(qc.get("data_type", "int"))
+    if not data_type.startswith("int"):
+        raise CheckpointError(f"data_type {data_type!r} checkpoints are not supported by auto_quant's loader (integer only)")
+    if int(qc.get("act_bits", 16) or 16) < 16:
+        raise CheckpointError("checkpoints with quantized activations (act_bits < 16) are not supported by auto_quant's loader")
+    layout = layout_for(qm, qc.get("packing_format"), qc.get("checkpoint_format"))
+    blocks = _blocks(qc)
+    skip = set(modules_to_not_convert or [])
+    converted: dict[str, LayerQuant] = {}
+    dtype = _float_dtype(model)
+    for name, mod in list(model.named_modules()):
+        if not is_quantizable(mod) or name in skip:
+            continue
+        lq = layer_quant_for(name, qc, blocks)
+        if lq is None:
+            continue
+        if bool(Conv1D) and isinstance(mod, Conv1D):
+            in_f, out_f = mod.weight.shape
+        else:
+            in_f, out_f = mod.in_features, mod.out_features
+        q = QuantLinear(in_f, out_f, lq.bits, lq.group_size, lq.sym, mod.bias is not None, layout=layout,
+                        scale_dtype=torch.float16, bias_dtype=dtype, device=mod.weight.device)
+        set_submodule(model, name, q)
+        converted[name] = lq
+    if not converted:
+        raise CheckpointError("the quantization_config matches no layer of this model; is block_name_to_quantize right?")
+    log.info("auto_quant: %d layers loaded as %s-layout QuantLinear", len(converted), layout)
+    return converted
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -1,0 +1,93 @@
+"""QuantLinear: a packed integer linear layer; the torch reference backend (dequantize, then matmul)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auto_quant.export import packing
+
+# checkpoint layouts a QuantLinear can hold: name -> (packing family, stored zero offset)
+LAYOUTS = {
+    "gptq": ("gptq", -1),  # GPTQ v1 / auto_round:auto_gptq: zero - 1
+    "gptq_v2": ("gptq", 0),  # GPTQ v2 / auto_round plain: true zero
+    "awq": ("awq", 0),
+}
+
+
+class QuantLinear(nn.Module):
+    """Holds ``qweight``/``qzeros``/``scales``/``bias`` exactly as a checkpoint stores them."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, bias: bool,
+                 layout: str = "gptq_v2", scale_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype = torch.float16,
+                 device=None):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.layout = layout
+        gs = in_features if group_size == -1 else group_size
+        n_groups = math.ceil(in_features / gs)
+        family, _ = LAYOUTS[layout]
+        if family == "gptq":
+            qw_shape = (packing.packed_length(in_features, bits), out_features)
+            qz_shape = (n_groups, packing.packed_length(out_features, bits))
+        else:
+            qw_shape = (in_features, math.ceil(out_features / 8))
+            qz_shape = (n_groups, math.ceil(out_features / 8))
+        self.register_buffer("qweight", torch.zeros(qw_shape, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(qz_shape, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=scale_dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, layout={self.layout}")
+
+    def unpack(self):
+        """``(codes [out, in], zero [out, n_groups], scale [out, n_groups])``."""
+        family, offset = LAYOUTS[self.layout]
+        if family == "gptq":
+            return packing.unpack_gptq(self.qweight, self.qzeros, self.scales, self.bits,
+                                       self.in_features, self.out_features, offset)
+        return packing.unpack_awq(self.qweight, self.qzeros, self.scales, self.in_features, self.out_features)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes, zero, scale = self.unpack()
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        idx = torch.arange(self.in_features, device=codes.device) // gs
+        w = (codes.to(torch.float32) - zero.to(torch.float32)[:, idx]) * scale.to(torch.float32)[:, idx]
+        return w.to(dtype)
+
+    @classmethod
+    def from_quantized(cls, qw, bias: torch.Tensor | None, layout: str, bias_dtype=None) -> "QuantLinear":
+        out_f, in_f = qw.codes.shape
+        spec = qw.spec
+        mod = cls(in_f, out_f, spec.bits, spec.group_size, spec.sym, bias is not None, layout=layout,
+                  scale_dtype=spec.scale_dtype, bias_dtype=bias_dtype or (bias.dtype if bias is not None else torch.float16))
+        family, offset = LAYOUTS[layout]
+        if family == "gptq":
+            t = packing.pack_gptq(qw.codes, qw.zero, qw.scale, spec.bits, offset, spec.scale_dtype)
+        else:
+            t = packing.pack_awq(qw.codes, qw.zero, qw.scale, spec.bits, spec.scale_dtype)
+        mod.qweight.copy_(t["qweight"])
+        mod.qzeros.copy_(t["qzeros"])
+        mod.scales.copy_(t["scales"])
+        if bias is not None:
+            mod.bias.copy_(bias.detach().to(mod.bias.dtype))
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, b)

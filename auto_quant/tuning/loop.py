@@ -1,0 +1,184 @@
+"""Stage 2: the one sign-gradient tuning loop, for decoder blocks and standalone layers alike."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from auto_quant.config import TuningConfig
+from auto_quant.tuning.capture import BlockCall, collate_calls
+from auto_quant.tuning.wrapper import TunableLinear
+
+ForwardFn = Callable[[nn.Module, torch.Tensor, BlockCall | None], torch.Tensor]
+
+
+@dataclass
+class UnitResult:
+    loss_before: float  # eval-subset loss of plain RTN
+    loss_init: float  # eval-subset loss at the start of tuning (after the clipping search)
+    loss_after: float  # eval-subset loss of the kept iterate
+    best_iter: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_forward(unit: nn.Module, hidden: torch.Tensor, call: BlockCall | None) -> torch.Tensor:
+    if call is None:
+        return _output(unit(hidden))
+    return _output(unit(hidden, *call.args, **call.kwargs))
+
+
+class UnitData:
+    """Inputs, targets and per-sample call arguments of one unit, with batching."""
+
+    def __init__(self, inputs, targets, calls, device, dtype):
+        self.inputs = inputs  # list of [1, seq, dim]
+        self.targets = targets
+        self.calls = calls  # list of BlockCall or None
+        self.device = device
+        self.dtype = dtype
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def batches(self, idx: list[int]):
+        """Yield (hidden, call, target, weight) sub-batches that can run as one forward."""
+        calls = None if self.calls is None else [self.calls[i] for i in idx]
+        merged = None if calls is None else collate_calls(calls)
+        groups = [idx] if (calls is None or merged is not None) else [[i] for i in idx]
+        for g in groups:
+            hidden = torch.cat([self.inputs[i] for i in g]).to(self.device, self.dtype)
+            if callable(self.targets):  # computed per batch (e.g. vocab-sized logits of the output head)
+                target = self.targets(g)
+            else:
+                target = torch.cat([self.targets[i] for i in g]).to(self.device)
+            if self.calls is None:
+                call = None
+            elif len(g) == len(idx) and merged is not None:
+                call = merged
+            else:
+                call = self.calls[g[0]]
+            yield hidden, _to(call, self.device, self.dtype), target, len(g) / len(idx)
+
+
+def _to(call, device, dtype):
+    if call is None:
+        return None
+    from auto_quant.tuning.capture import move_call
+
+    return move_call(call, device, dtype)
+
+
+def unit_loss(unit, data: UnitData, idx: list[int], forward: ForwardFn) -> torch.Tensor:
+    total = 0.0
+    for hidden, call, target, weight in data.batches(idx):
+        out = forward(unit, hidden, call)
+        total = total + weight * F.mse_loss(out.float(), target.float())
+    return total
+
+
+@torch.no_grad()
+def eval_loss(unit, data: UnitData, idx: list[int], forward: ForwardFn, batch_size: int) -> float:
+    total = 0.0
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s : s + batch_size]
+        total += float(unit_loss(unit, data, chunk, forward)) * len(chunk)
+    return total / max(1, len(idx))
+
+
+def tune_unit(
+    unit: nn.Module,
+    wrappers: dict[str, TunableLinear],
+    data: UnitData,
+    cfg: TuningConfig,
+    forward: ForwardFn = block_forward,
+    desc: str = "",
+    progress: bool = True,
+    rtn_state: dict | None = None,
+) -> UnitResult:
+    """Sign-SGD on the rounding offsets and clipping coefficients of ``wrappers`` inside ``unit``.
+
+    Keeps the iterate with the lowest loss on a fixed evaluation subset (the start point
+    included, so the result is never worse than where tuning began on that subset).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    n = len(data)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_idx = torch.randperm(n, generator=gen)[: min(n, cfg.eval_samples)].tolist()
+    eval_bs = max(1, cfg.batch_size)
+
+    loss_before = float("nan")
+    if rtn_state is not None:  # loss of plain RTN, for the report
+        saved = {k: w.snapshot() for k, w in wrappers.items()}
+        for k, w in wrappers.items():
+            w.restore(rtn_state[k])
+        loss_before = eval_loss(unit, data, eval_idx, forward, eval_bs)
+        for k, w in wrappers.items():
+            w.restore(saved[k])
+    loss_init = eval_loss(unit, data, eval_idx, forward, eval_bs)
+    if math.isnan(loss_before):
+        loss_before = loss_init
+    best = (loss_init, 0, {k: w.snapshot() for k, w in wrappers.items()})
+    curve = [(0, loss_init)]
+
+    iters = cfg.iters
+    if iters > 0:
+        v_params = [w.v for w in wrappers.values()]
+        mm_params = [p for w in wrappers.values() for p in (w.min_coef, w.max_coef) if p.requires_grad]
+        lr = cfg.lr if cfg.lr is not None else 1.0 / iters
+        mm_lr = cfg.minmax_lr if cfg.minmax_lr is not None else lr
+        eval_every = max(1, iters // max(1, cfg.eval_points))
+        order = torch.randperm(n, generator=gen).tolist()
+        cursor = 0
+        bar = tqdm(total=iters, desc=desc, leave=False, disable=not progress)
+        for it in range(iters):
+            for _ in range(cfg.gradient_accumulate_steps):
+                if cursor + cfg.batch_size > n:
+                    order = torch.randperm(n, generator=gen).tolist()
+                    cursor = 0
+                idx = order[cursor : cursor + min(cfg.batch_size, n)]
+                cursor += len(idx)
+                loss = unit_loss(unit, data, idx, forward) / cfg.gradient_accumulate_steps
+                loss.backward()
+            decay = 1.0 - it / iters  # linear decay to 0
+            with torch.no_grad():
+                for p in v_params:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-lr * decay)
+                        p.grad = None
+                for p in mm_params:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-mm_lr * decay)
+                        p.grad = None
+                for w in wrappers.values():
+                    w.clamp_()
+            if (it + 1) % eval_every == 0 or it + 1 == iters:
+                cur = eval_loss(unit, data, eval_idx, forward, eval_bs)
+                curve.append((it + 1, cur))
+                if cur < best[0]:
+                    best = (cur, it + 1, {k: w.snapshot() for k, w in wrappers.items()})
+                bar.set_postfix_str(f"loss {loss_init:.3g} -> {best[0]:.3g}")
+            bar.update(1)
+        bar.close()
+        for k, w in wrappers.items():
+            w.restore(best[2][k])
+    return UnitResult(
+        loss_before=loss_before,
+        loss_init=loss_init,
+        loss_after=best[0],
+        best_iter=best[1],
+        curve=curve,
+        seconds=time.perf_counter() - t0,
+    )
