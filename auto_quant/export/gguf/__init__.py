@@ -1,0 +1,1 @@
+"""auto_quant.export.gguf (in progress)."""

@@ -1,0 +1,1 @@
+"""auto_quant.transformers (in progress)."""
