@@ -96,7 +96,7 @@ class AutoRound:
         t = self.config.tuning
         if isinstance(self.dataset, (list, tuple)) and len(self.dataset) == 0:
             raise CalibrationError("the calibration dataset is empty; give at least one text or token sequence")
-        calib = build_calibration(self.dataset, self.tokenizer, t.nsamples, t.seqlen, t.seed)
+        calib = build_calibration(self.dataset, self.tokenizer, t.nsamples, t.seqlen, t.seed, model=self.model)
         self.calibration_description = calib.description
         return calib.as_model_inputs()
 

@@ -39,3 +39,17 @@ class BackendError(AutoQuantError):
 
 class DeviceError(AutoQuantError):
     """A requested device is not available on this machine."""
+
+
+class CalibrationSpecError(CalibrationError, ValueError):
+    """A calibration dataset spec string is malformed; ``position`` is the 0-based offending character."""
+
+    def __init__(self, message: str, spec: str = "", position: int = 0):
+        self.message = message
+        self.spec = spec
+        self.position = position
+        text = f"calibration spec, character {position}: {message}"
+        if spec:
+            shown = "".join(c if c.isprintable() else " " for c in spec)  # keeps the caret under its character
+            text += f"\n  {shown}\n  {' ' * position}^"
+        super().__init__(text)
