@@ -38,10 +38,16 @@ class Capabilities:
     group_sizes: frozenset[int] | None = None  # None: any
     mixed: bool = True  # per-layer bits / group size / sym
     note: str = ""
+    fmts: frozenset[str] = frozenset({"int"})  # QuantSpec.fmt grids it holds (llama.cpp grids: gguf formats)
 
     def check(self, fmt: str, specs: dict[str, QuantSpec | None]) -> None:
         used = {n: s for n, s in specs.items() if s is not None}
         for name, s in used.items():
+            if s.fmt not in self.fmts:
+                raise ExportError(
+                    f"format {fmt!r} cannot hold layer {name}, quantized in llama.cpp's {s.fmt} grid; "
+                    "export it as GGUF (format='gguf:<type>') or quantize with an integer scheme"
+                )
             if s.bits not in self.bits:
                 raise ExportError(
                     f"format {fmt!r} cannot hold {s.bits}-bit weights (layer {name}); it holds "
@@ -150,6 +156,11 @@ def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max
 def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_config: dict | None,
                               untie_lm_head: bool = False) -> None:
     cfg = copy.deepcopy(ctx.model.config)
+    # record the float dtype explicitly: with dtype="auto" a loader would otherwise guess it from
+    # the first floating tensor of the checkpoint, which may be a (float16) scale
+    emb = ctx.model.get_input_embeddings() if hasattr(ctx.model, "get_input_embeddings") else None
+    if emb is not None and emb.weight.is_floating_point():
+        cfg.dtype = emb.weight.dtype
     if quantization_config is not None:
         cfg.quantization_config = quantization_config
     if untie_lm_head:

@@ -49,6 +49,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+        self.backend = "torch"
+        self.kernel = None  # set by inference.backends.attach_backends: the chosen backend's prepared layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty stand-in so code that reads ``.weight.dtype``/``.device`` or re-initialises
+        sub-module weights (transformers' ``_init_weights``) works; the real weight is packed."""
+        t = torch.empty(0, device=self.qweight.device, dtype=self.scales.dtype)
+        t._is_hf_initialized = True
+        return t
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -88,6 +98,11 @@ class QuantLinear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)

@@ -41,12 +41,13 @@ def block_forward(unit: nn.Module, hidden: torch.Tensor, call: BlockCall | None)
 class UnitData:
     """Inputs, targets and per-sample call arguments of one unit, with batching."""
 
-    def __init__(self, inputs, targets, calls, device, dtype):
+    def __init__(self, inputs, targets, calls, device, dtype, masks=None):
         self.inputs = inputs  # list of [1, seq, dim]
         self.targets = targets
         self.calls = calls  # list of BlockCall or None
         self.device = device
         self.dtype = dtype
+        self.masks = masks  # list of [seq] (1 = real token) or None: padded positions carry no loss
 
     def __len__(self):
         return len(self.inputs)
@@ -68,7 +69,11 @@ class UnitData:
                 call = merged
             else:
                 call = self.calls[g[0]]
-            yield hidden, _to(call, self.device, self.dtype), target, len(g) / len(idx)
+            mask = None
+            if self.masks is not None and any(self.masks[i] is not None for i in g):
+                mask = torch.stack([self.masks[i] if self.masks[i] is not None else torch.ones(hidden.shape[1])
+                                    for i in g]).to(self.device, torch.float32)
+            yield hidden, _to(call, self.device, self.dtype), target, len(g) / len(idx), mask
 
 
 def _to(call, device, dtype):
@@ -81,9 +86,14 @@ def _to(call, device, dtype):
 
 def unit_loss(unit, data: UnitData, idx: list[int], forward: ForwardFn) -> torch.Tensor:
     total = 0.0
-    for hidden, call, target, weight in data.batches(idx):
+    for hidden, call, target, weight, mask in data.batches(idx):
         out = forward(unit, hidden, call)
-        total = total + weight * F.mse_loss(out.float(), target.float())
+        if mask is None:
+            loss = F.mse_loss(out.float(), target.float())
+        else:  # mean over real tokens only
+            err = ((out.float() - target.float()) ** 2).mean(-1)
+            loss = (err * mask).sum() / mask.sum().clamp(min=1)
+        total = total + weight * loss
     return total
 
 
