@@ -135,7 +135,7 @@ def _run_block(block, inputs, calls, device, dtype, batch_size) -> list[torch.Te
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
         parts = []
-        for hidden, call, _, _ in data.batches(idx):
+        for hidden, call, _, _, _ in data.batches(idx):
             parts.append(block_forward(block, hidden, call))
         y = torch.cat(parts)
         outs.extend(y[i : i + 1] for i in range(y.shape[0]))
@@ -158,6 +158,8 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
     dtype = next(blist.blocks[0].parameters()).dtype
 
     captured = capture_block_inputs(model, blist, samples)
+    masks = [s.get("attention_mask") for s in samples]
+    masks = None if all(m is None for m in masks) else [None if m is None else m.reshape(-1).float() for m in masks]
     x_fp = [h.to(store) for h in captured.hidden]
     x_q = x_fp
     n_blocks = len(blist.blocks)
@@ -183,7 +185,7 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
                 rtn_state[name] = (torch.zeros_like(w.v), torch.ones_like(w.min_coef), torch.ones_like(w.max_coef))
                 wrappers[name] = w
                 set_submodule(model, name, w)
-            data = UnitData(x_q, targets, calls, device, dtype)
+            data = UnitData(x_q, targets, calls, device, dtype, masks)
             try:
                 with torch.enable_grad():
                     res = tune_unit(block, wrappers, data, tcfg, block_forward, desc=f"block {i + 1}/{n_blocks}",
