@@ -55,6 +55,7 @@ class AutoRound:
         init_search: bool = True,
         low_gpu_mem_usage: bool = False,
         progress: bool = True,
+        scheme: str | None = None,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_COMPAT
@@ -64,6 +65,7 @@ class AutoRound:
             raise ConfigError(f"data_type={data_type!r} is not supported; auto_quant tunes integer weights ('int')")
         if act_bits < 16:
             raise ConfigError("act_bits < 16 (activation quantization) is not supported; weights-only quantization")
+        scheme_name = scheme  # "gguf:<type>" or None; ``scheme`` below is the base QuantSpec
         scheme = QuantSpec(bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
         tuning = TuningConfig(
             iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=min(batch_size, nsamples),
@@ -82,6 +84,14 @@ class AutoRound:
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         self.model = model
         self.tokenizer = tokenizer
+        self.scheme = scheme_name
+        if scheme_name is not None:  # "gguf:<type>": llama.cpp's per-tensor types, tuned in their own grids
+            from auto_quant.export.gguf import gguf_quant_config, is_gguf_scheme
+
+            if not is_gguf_scheme(scheme_name):
+                raise ConfigError(f"scheme={scheme_name!r} is not supported; use 'gguf:<type>' (e.g. 'gguf:q4_k_m') "
+                                  "or bits/group_size/sym")
+            self.config, _ = gguf_quant_config(self.model, scheme_name, self.config)
         self.dataset = dataset
         self.progress = progress
         self.outcome: QuantizationOutcome | None = None
@@ -104,6 +114,10 @@ class AutoRound:
         """Run the tuning (or RTN when ``iters == 0``); returns ``(model, layer_config)`` like auto-round."""
         if self.config.tuning.iters == 0 and not self.config.tuning.init_search:
             self.outcome = quantize_rtn(self.model, self.config)
+        elif self.config.tuning.iters == 0 and self.scheme is not None:
+            # importance-weighted RTN (imatrix-style): calibration activations weight the clipping search
+            self.outcome = quantize_tuned(self.model, self.config, self.calibration_samples(), self.device,
+                                          progress=self.progress)
         elif self.config.tuning.iters == 0:
             self.outcome = quantize_rtn(self.model, self.config)
         else:
@@ -134,6 +148,9 @@ class AutoRound:
         check_output_dir(output_dir)
         for name in parse_formats(format):
             EXPORTERS[name].capabilities.check(name, self.specs)
+            check_model = getattr(EXPORTERS[name], "check_model", None)
+            if check_model is not None:  # checks that need the model (e.g. GGUF architectures)
+                check_model(self.model)
 
     def quantize_and_save(self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round"):
         self.check_save_target(output_dir, format)

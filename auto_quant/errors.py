@@ -53,3 +53,7 @@ class CalibrationSpecError(CalibrationError, ValueError):
             shown = "".join(c if c.isprintable() else " " for c in spec)  # keeps the caret under its character
             text += f"\n  {shown}\n  {' ' * position}^"
         super().__init__(text)
+
+
+class GGUFFileError(CheckpointError, ModelLoadError):
+    """A GGUF file is truncated, corrupted or not a GGUF file at all (names the file and what is wrong)."""

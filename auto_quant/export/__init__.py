@@ -6,6 +6,7 @@ from pathlib import Path
 
 from auto_quant.errors import FormatNotAvailableError
 from auto_quant.export.auto_round import AutoRoundExporter
+from auto_quant.export.gguf.writer import exporters as gguf_exporters
 from auto_quant.export.base import (
     Capabilities,
     ExportContext,
@@ -15,7 +16,7 @@ from auto_quant.export.base import (
     write_atomically,
 )
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (AutoRoundExporter(),)}
+EXPORTERS: dict[str, Exporter] = {e.name: e for e in (AutoRoundExporter(), *gguf_exporters())}
 
 
 def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -92,6 +92,10 @@ def fake_quantize(
 
     ``v`` is the rounding offset, shaped like the grouped weight ``[out, n_groups, gs]``.
     """
+    if spec.fmt != "int":
+        from auto_quant.quant import kquant
+
+        return kquant.fake_quantize(w, spec, v, min_coef, max_coef)
     wg = group_weight(w, spec.group_size)
     wmin, wmax = weight_range(wg)
     scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
@@ -129,7 +133,15 @@ def quantize_weight(
     min_coef: torch.Tensor | float = 1.0,
     max_coef: torch.Tensor | float = 1.0,
 ) -> QuantizedWeight:
-    """Integer codes, scales and zeros of ``w``; ``dequantize`` of the result equals :func:`fake_quantize`."""
+    """Integer codes, scales and zeros of ``w``; ``dequantize`` of the result equals :func:`fake_quantize`.
+
+    For a llama.cpp grid (``spec.fmt != "int"``) the result is that grid's integer form
+    (:class:`~auto_quant.quant.kquant.KQuantWeight`, or a ``QuantizedWeight`` for ``q8_0``).
+    """
+    if spec.fmt != "int":
+        from auto_quant.quant import kquant
+
+        return kquant.quantize_weight(w, spec, v, min_coef, max_coef)
     wg = group_weight(w, spec.group_size)
     wmin, wmax = weight_range(wg)
     scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)

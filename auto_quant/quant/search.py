@@ -24,6 +24,10 @@ def search_clip_coef(
     grid: tuple[float, ...] = DEFAULT_GRID,
 ) -> torch.Tensor:
     """Best clipping coefficient per group, ``[out, n_groups]`` (float32)."""
+    if spec.fmt != "int":
+        from auto_quant.quant import kquant
+
+        return kquant.search_clip_coef(w, spec, importance, grid)
     wg = group_weight(w.to(torch.float32), spec.group_size)
     wmin, wmax = weight_range(wg)
     if importance is None:

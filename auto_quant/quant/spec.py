@@ -45,12 +45,17 @@ class QuantSpec:
     signed, so the dominant side of each group lands on ``-2**(bits-1)``.
     ``group_size == -1`` means one group per output channel; an ``in_features`` that is not a
     multiple of the group size gets a shorter (zero-padded) last group.
+
+    ``fmt`` picks the grid: ``"int"`` (the contract above) or one of llama.cpp's native grids
+    (``q2_k`` … ``q6_k``, ``q8_0``; see :mod:`auto_quant.quant.kquant`), which fix bits, group
+    size and sym and are what the GGUF exporter writes exactly.
     """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     scale_dtype: torch.dtype = torch.float16
+    fmt: str = "int"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -68,6 +73,10 @@ class QuantSpec:
         if not isinstance(self.sym, bool):
             raise ConfigError(f"sym={self.sym!r} must be True or False")
         object.__setattr__(self, "scale_dtype", parse_scale_dtype(self.scale_dtype))
+        if self.fmt != "int":
+            from auto_quant.quant.kquant import check_spec
+
+            check_spec(self.bits, self.group_size, self.sym, self.fmt)
 
     @property
     def maxq(self) -> int:
@@ -85,9 +94,12 @@ class QuantSpec:
         return in_features if self.group_size == -1 else self.group_size
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "bits": self.bits,
             "group_size": self.group_size,
             "sym": self.sym,
             "scale_dtype": scale_dtype_name(self.scale_dtype),
         }
+        if self.fmt != "int":
+            out["fmt"] = self.fmt
+        return out

@@ -86,6 +86,8 @@ def rtn_layer(name: str, layer: nn.Module, spec: QuantSpec, importance: torch.Te
 def QuantizedWeight_cpu(qw):
     from auto_quant.quant import QuantizedWeight
 
+    if hasattr(qw, "cpu"):  # a K-quant weight (auto_quant.quant.kquant.KQuantWeight)
+        return qw.cpu()
     return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.spec)
 
 

@@ -27,6 +27,10 @@ class TunableLinear(nn.Module):
         self.is_conv1d = bool(Conv1D) and isinstance(layer, Conv1D)
         w = weight_as_out_in(layer).detach().to(torch.float32)
         self.in_features = w.shape[1]
+        if spec.fmt != "int":  # a llama.cpp grid (auto_quant.quant.kquant): fixed block layout
+            from auto_quant.quant.kquant import check_row_length
+
+            check_row_length(self.in_features, spec.fmt)
         wg = group_weight(w, spec.group_size)
         self.register_buffer("wg", wg, persistent=False)
         wmin, wmax = weight_range(wg)
@@ -47,6 +51,11 @@ class TunableLinear(nn.Module):
         self.max_coef.clamp_(*COEF_RANGE)
 
     def qdq_weight(self) -> torch.Tensor:
+        if self.spec.fmt != "int":
+            from auto_quant.quant.kquant import qdq_grouped
+
+            deq = qdq_grouped(self.wg, self.wmin, self.wmax, self.spec, self.v, self.min_coef, self.max_coef)
+            return ungroup_weight(deq, self.in_features)
         scale, zero = qparams_from_range(self.wmin, self.wmax, self.spec, self.min_coef, self.max_coef)
         s = scale.to(torch.float32).unsqueeze(-1)
         q = (round_ste(self.wg / s + self.v) + zero.unsqueeze(-1)).clamp(0, self.spec.maxq)
@@ -70,6 +79,14 @@ class TunableLinear(nn.Module):
     @torch.no_grad()
     def bake(self) -> QuantizedWeight:
         """Write the fake-quantized weight into the wrapped layer; return its integer form."""
+        if self.spec.fmt != "int":
+            from auto_quant.quant.kquant import bake_grouped
+
+            qw, deq = bake_grouped(self.wg, self.wmin, self.wmax, self.spec, self.in_features, self.v,
+                                   self.min_coef, self.max_coef)
+            self.layer.weight.data.copy_((deq.t() if self.is_conv1d else deq).to(self.layer.weight.dtype))
+            return qw.cpu() if hasattr(qw, "cpu") else QuantizedWeight(
+                qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.spec)
         scale, zero = qparams_from_range(self.wmin, self.wmax, self.spec, self.min_coef, self.max_coef)
         s = scale.to(torch.float32).unsqueeze(-1)
         q = (torch.round(self.wg / s + self.v) + zero.unsqueeze(-1)).clamp(0, self.spec.maxq)
