@@ -55,6 +55,7 @@ class AutoRound:
         init_search: bool = True,
         low_gpu_mem_usage: bool = False,
         progress: bool = True,
+        fused_layers: str = "harmonise",
         scheme: str | None = None,
         **kwargs,
     ):
@@ -75,6 +76,7 @@ class AutoRound:
         self.config = QuantConfig(
             scheme=scheme, tuning=tuning, layer_rules=parse_layer_config(layer_config, scheme),
             quant_lm_head=quant_lm_head, device=device or "auto", low_gpu_mem_usage=low_gpu_mem_usage,
+            fused_layers=fused_layers,
         )
         self.device = resolve_device(self.config.device)
         if not isinstance(model, nn.Module):

@@ -73,6 +73,7 @@ class QuantConfig:
     quant_lm_head: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     low_gpu_mem_usage: bool = False
+    fused_layers: str = "harmonise"  # layers serving engines fuse: "harmonise" | "error" | "off" (export/fused.py)
 
     def spec_for(self, name: str, is_lm_head: bool = False) -> QuantSpec | None:
         """The spec a layer gets: an exact-name rule, else the last matching pattern, else the scheme.

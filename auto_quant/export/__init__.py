@@ -7,6 +7,9 @@ from pathlib import Path
 from auto_quant.errors import FormatNotAvailableError
 from auto_quant.export.auto_round import AutoRoundExporter
 from auto_quant.export.gguf.writer import exporters as gguf_exporters
+from auto_quant.export.awq import AwqExporter
+from auto_quant.export.gptq import GptqExporter
+from auto_quant.export.llm_compressor import LlmCompressorExporter
 from auto_quant.export.base import (
     Capabilities,
     ExportContext,
@@ -16,7 +19,9 @@ from auto_quant.export.base import (
     write_atomically,
 )
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (AutoRoundExporter(), *gguf_exporters())}
+EXPORTERS: dict[str, Exporter] = {
+    e.name: e for e in (AutoRoundExporter(), GptqExporter(), AwqExporter(), LlmCompressorExporter(), *gguf_exporters())
+}
 
 
 def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:

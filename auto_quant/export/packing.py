@@ -1,6 +1,6 @@
 """The one packing module every exporter and loader uses.
 
-Contract ``auto_quant.pack/1`` (versioned; bump on any change):
+Contract ``auto_quant.pack/2`` (versioned; bump on any change):
 
 * Values are unsigned integers in ``[0, 2**bits - 1]`` (codes, or zero points after any
   format-specific offset has been applied by the caller).
@@ -16,6 +16,29 @@ Contract ``auto_quant.pack/1`` (versioned; bump on any change):
 Zero-point conventions per format (applied by exporters, never here): auto-round's and
 GPTQ-v1 "legacy" store ``zero - 1``; GPTQ v2, AWQ, compressed-tensors and auto-round's
 plain packing store the true zero.
+
+Layouts (all built on the bit stream above):
+
+* ``gptq``: ``qweight [packed(in), out]`` (codes along the input dimension), ``qzeros
+  [n_groups, packed(out)]``, ``scales [n_groups, out]``. Decoding a ``zero - 1`` field adds 1
+  modulo ``2**bits``: a legacy writer that wrapped a zero of 0 to ``2**bits - 1`` decodes to 0
+  (what its quantizer meant) instead of the out-of-range ``2**bits``.
+* ``awq`` (GEMM, 4 bits): ``qweight [in, out/8]`` along the output dimension in AWQ's
+  interleaved order, ``qzeros [n_groups, out/8]`` likewise, ``scales [n_groups, out]``.
+* ``pack_quantized`` (compressed-tensors): ``weight_packed [out, ceil(in*bits/32)]`` along the
+  input dimension, ``weight_zero_point [ceil(out*bits/32), n_groups]`` along the output
+  dimension (asymmetric only), ``weight_scale [out, n_groups]``, ``weight_shape = [out, in]``.
+  compressed-tensors stores signed values ``q - 2**(bits-1)`` offset back by ``2**(bits-1)``
+  before packing, so the packed fields are exactly our unsigned codes and true zeros; the
+  stream is truncated to ``ceil(n*bits/32)`` words instead of whole 32-value units.
+
+Sign normalisation (``positive_scales``): full-range symmetric weights have signed scales;
+a group with a negative scale is rewritten exactly as ``code' = maxq - code``,
+``zero' = maxq - zero``, ``scale' = -scale`` for formats whose consumers expect positive
+scales (AWQ). It needs a format that stores zero points.
+
+History: ``/1`` bit stream, gptq and awq layouts. ``/2`` adds ``pack_quantized``,
+``positive_scales`` and the modulo rule for ``zero - 1`` decoding.
 """
 
 from __future__ import annotations
@@ -24,7 +47,7 @@ import math
 
 import torch
 
-CONTRACT_VERSION = "auto_quant.pack/1"
+CONTRACT_VERSION = "auto_quant.pack/2"
 
 
 def values_per_word_unit(bits: int) -> int:
@@ -120,7 +143,9 @@ def pack_gptq(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits
 def unpack_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_features: int, zero_offset: int = 0):
     """Inverse of :func:`pack_gptq`: ``(codes [out, in], zero [out, n_groups], scale [out, n_groups])``."""
     codes = unpack_bitstream(qweight, bits, in_features, dim=0).t()
-    zero = unpack_bitstream(qzeros, bits, out_features, dim=1).t() - zero_offset
+    zero = unpack_bitstream(qzeros, bits, out_features, dim=1).t()
+    if zero_offset:
+        zero = torch.remainder(zero - zero_offset, 2**bits)  # a wrapped legacy zero of 0 decodes to 0
     return codes.contiguous(), zero.contiguous(), scales.t().contiguous()
 
 
@@ -151,3 +176,68 @@ def unpack_awq(qweight, qzeros, scales, in_features: int, out_features: int):
     codes = _awq_permute(unpack_bitstream(qweight, 4, n_out, dim=1), AWQ_REVERSE_ORDER)[:, :out_features].t()
     zero = _awq_permute(unpack_bitstream(qzeros, 4, n_out, dim=1), AWQ_REVERSE_ORDER)[:, :out_features].t()
     return codes.contiguous(), zero.contiguous(), scales.t().contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# compressed-tensors ``pack-quantized`` (llm-compressor's int weight format)
+# --------------------------------------------------------------------------------------
+
+
+def dense_packed_length(n_values: int, bits: int) -> int:
+    """compressed-tensors' word count: ``ceil(n * bits / 32)`` (no whole-unit padding)."""
+    return -(-n_values * bits // 32)
+
+
+def pack_pack_quantized(codes: torch.Tensor, zero: torch.Tensor | None, scale: torch.Tensor, bits: int,
+                        scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """compressed-tensors ``pack-quantized`` tensors of one layer (see the module contract).
+
+    ``zero`` is None for symmetric weights (their zero must be ``2**(bits-1)``, implied by the
+    format); otherwise the true zeros are packed along the output dimension.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack-quantized holds 1-8 bit weights, not {bits}")
+    out_f, in_f = codes.shape
+    out = {
+        "weight_packed": pack_bitstream(codes, bits, dim=1)[:, : dense_packed_length(in_f, bits)].contiguous(),
+        "weight_scale": scale.contiguous().to(scale_dtype),
+        "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
+    if zero is not None:
+        out["weight_zero_point"] = pack_bitstream(zero, bits, dim=0)[: dense_packed_length(out_f, bits)].contiguous()
+    return out
+
+
+def unpack_pack_quantized(t: dict[str, torch.Tensor], bits: int):
+    """Inverse of :func:`pack_pack_quantized`: ``(codes [out, in], zero [out, n_groups], scale)``;
+    a symmetric layer (no ``weight_zero_point``) gets ``zero = 2**(bits-1)``."""
+    out_f, in_f = (int(x) for x in t["weight_shape"].tolist())
+    scale = t["weight_scale"]
+    wp = t["weight_packed"]
+    wp = torch.nn.functional.pad(wp, (0, packed_length(in_f, bits) - wp.shape[1]))
+    codes = unpack_bitstream(wp, bits, in_f, dim=1)
+    zp = t.get("weight_zero_point")
+    if zp is None:
+        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zp = torch.nn.functional.pad(zp, (0, 0, 0, packed_length(out_f, bits) - zp.shape[0]))
+        zero = unpack_bitstream(zp, bits, out_f, dim=0)
+    return codes.contiguous(), zero.contiguous(), scale.contiguous()
+
+
+def positive_scales(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int):
+    """The same weights with every scale >= 0 (``w = (code - zero) * scale`` is unchanged).
+
+    A group with a negative scale becomes ``code' = maxq - code``, ``zero' = maxq - zero``,
+    ``scale' = -scale``: ``(maxq - c - (maxq - z)) * (-s) = (c - z) * s`` exactly.
+    """
+    maxq = 2**bits - 1
+    neg = scale < 0  # [out, n_groups]
+    if not bool(neg.any()):
+        return codes, zero, scale
+    in_f = codes.shape[1]
+    gs = in_f if group_size == -1 else group_size
+    col_neg = neg[:, torch.arange(in_f, device=codes.device) // gs]
+    codes = torch.where(col_neg, maxq - codes.to(torch.int32), codes.to(torch.int32))
+    zero = torch.where(neg, maxq - zero.to(torch.int32), zero.to(torch.int32))
+    return codes, zero, torch.where(neg, -scale, scale)

@@ -16,6 +16,7 @@ from torch import nn
 
 from auto_quant.config import QuantConfig
 from auto_quant.export.base import QuantizedLayer
+from auto_quant.export.fused import harmonise as harmonise_fused
 from auto_quant.models.discovery import (
     BlockList,
     Conv1D,
@@ -60,6 +61,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str
         specs[name] = cfg.spec_for(name)
     if head_name is not None:
         specs[head_name] = cfg.spec_for(head_name, is_lm_head=True)
+    specs = harmonise_fused(specs, getattr(cfg, "fused_layers", "harmonise"))
     return blist, specs, head_name
 
 
