@@ -1,1 +1,1 @@
-"""auto_quant.cli."""
+"""Command-line interface: flags and recipes → one validated plan → the AutoRound API; nothing else."""
