@@ -102,8 +102,15 @@ def _same(a: QuantSpec | None, b: QuantSpec | None) -> bool:
     return (a.bits, a.group_size, a.sym, getattr(a, "fmt", "int")) == (b.bits, b.group_size, b.sym, getattr(b, "fmt", "int"))
 
 
+def _llama_cpp_grid(spec: QuantSpec | None) -> bool:
+    return spec is not None and getattr(spec, "fmt", "int") != "int"
+
+
 def inconsistent_sets(specs: dict[str, QuantSpec | None]) -> list[list[str]]:
-    return [g for g in fused_sets(specs) if any(not _same(specs[g[0]], specs[n]) for n in g[1:])]
+    """Fused sets whose members differ. Sets holding llama.cpp grids (gguf schemes) are left
+    alone: llama.cpp runs every tensor on its own, and its mixes give v_proj more bits on purpose."""
+    return [g for g in fused_sets(specs)
+            if not any(_llama_cpp_grid(specs[n]) for n in g) and any(not _same(specs[g[0]], specs[n]) for n in g[1:])]
 
 
 def harmonise(specs: dict[str, QuantSpec | None], policy: str = "harmonise") -> dict[str, QuantSpec | None]:
