@@ -1,14 +1,25 @@
 """The backend registry, as data: which kernel serves which QuantLinear.
 
-Each entry declares what it serves; selection is a pure function over the table.
+Each :class:`Backend` entry declares what it serves (devices, bits, group sizes, sym/asym,
+checkpoint layouts, activation dtypes, shape multiples), its priority and the packages it
+needs. Selection is a pure function over the table; :func:`attach_backends` runs it per
+layer, lets the chosen backend repack the layer once (``prepare``), logs the choice once per
+distinct configuration, and says in one line when a better backend would apply if a package
+were installed.
+
+A backend's implementation lives in its own module, imported only when the backend is used:
+``impl = "module:function"`` names ``prepare(module, ctx) -> run`` where ``run(x)`` computes
+the layer's output. An empty ``impl`` is the torch reference path of
+:class:`~auto_quant.inference.qlinear.QuantLinear`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -17,97 +28,389 @@ from auto_quant.errors import BackendError
 
 log = logging.getLogger(__name__)
 
+FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+HALFS = frozenset({torch.float16, torch.bfloat16})
+ALL_LAYOUTS = frozenset({"gptq", "gptq_v2", "awq"})
+GPTQ_LAYOUTS = frozenset({"gptq", "gptq_v2"})
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """What selection looks at in a quantized layer."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    sym: bool
+    layout: str
+
+    @classmethod
+    def of(cls, layer) -> "LayerKey":
+        return cls(layer.in_features, layer.out_features, layer.bits, layer.group_size, bool(layer.sym), layer.layout)
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return (f"{self.bits}-bit {g} {'sym' if self.sym else 'asym'} {self.layout}-layout "
+                f"{self.in_features}->{self.out_features}")
+
 
 @dataclass(frozen=True)
 class Backend:
-    name: str
-    devices: frozenset[str]  # "cpu", "cuda", "xpu", "hpu"
-    bits: frozenset[int]
-    group_sizes: frozenset[int] | None  # None: any
-    sym: bool
-    asym: bool
-    layouts: frozenset[str]
-    act_dtypes: frozenset[torch.dtype]
-    priority: int
-    requires: tuple[str, ...] = ()  # importable packages it needs
-    min_dims: int = 1  # in/out features must be multiples of this
-    prepare: Callable[[nn.Module], None] | None = None
+    """One inference backend and everything it serves."""
 
-    def installed(self) -> bool:
-        return all(importlib.util.find_spec(p) is not None for p in self.requires)
+    name: str
+    devices: frozenset[str]  # torch device types: "cpu", "cuda", "xpu", "hpu", "mps"
+    bits: frozenset[int]
+    group_sizes: frozenset[int] | None = None  # explicit set (-1: per channel); None: any
+    group_multiple: int = 1  # the group size (in_features when -1) must be a multiple of this
+    sym: bool = True
+    asym: bool = True
+    layouts: frozenset[str] = ALL_LAYOUTS
+    act_dtypes: frozenset[torch.dtype] = FLOATS
+    in_multiple: int = 1  # in_features must be a multiple of this
+    out_multiple: int = 1  # out_features must be a multiple of this
+    priority: int = 0  # higher wins
+    requires: tuple[str, ...] = ()  # importable modules; ANY one of them suffices
+    torch_ops: tuple[str, ...] = ()  # torch.ops.aten operators that must exist
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability
+    pip: str = ""  # how to get ``requires`` ("pip install ...")
+    impl: str = ""  # "module:prepare"; "" = the QuantLinear reference forward
+    summary: str = ""
+
+    def available(self) -> bool:
+        """The packages and operators this backend needs import here (tries the import)."""
+        if self.requires and not any(_imports(m) for m in self.requires):
+            return False
+        return all(hasattr(torch.ops.aten, op) for op in self.torch_ops)
+
+    def mismatches(self, layer: LayerKey, device: str, act_dtype: torch.dtype | None = None) -> list[str]:
+        """Why this backend cannot serve ``layer`` on ``device`` (empty: it can)."""
+        why = []
+        if device not in self.devices:
+            why.append(f"runs on {'/'.join(sorted(self.devices))}, not {device}")
+        if layer.bits not in self.bits:
+            why.append(f"serves {'/'.join(map(str, sorted(self.bits)))} bits, not {layer.bits}")
+        gs = layer.in_features if layer.group_size == -1 else layer.group_size
+        if self.group_sizes is not None and layer.group_size not in self.group_sizes:
+            why.append(f"serves group sizes {sorted(self.group_sizes)}, not {layer.group_size}")
+        elif gs % self.group_multiple:
+            why.append(f"needs group sizes that are multiples of {self.group_multiple}, not {gs}")
+        if layer.sym and not self.sym:
+            why.append("serves asymmetric weights only")
+        if not layer.sym and not self.asym:
+            why.append("serves symmetric weights only")
+        if layer.layout not in self.layouts:
+            why.append(f"reads {'/'.join(sorted(self.layouts))} layouts, not {layer.layout}")
+        if act_dtype is not None and act_dtype not in self.act_dtypes:
+            names = "/".join(sorted(str(d).replace("torch.", "") for d in self.act_dtypes))
+            why.append(f"takes {names} activations, not {str(act_dtype).replace('torch.', '')}")
+        if layer.in_features % self.in_multiple:
+            why.append(f"needs in_features divisible by {self.in_multiple} (got {layer.in_features})")
+        if layer.out_features % self.out_multiple:
+            why.append(f"needs out_features divisible by {self.out_multiple} (got {layer.out_features})")
+        return why
 
     def serves(self, layer, device: str, act_dtype: torch.dtype | None = None) -> bool:
-        if device not in self.devices or layer.bits not in self.bits or layer.layout not in self.layouts:
-            return False
-        if self.group_sizes is not None and layer.group_size not in self.group_sizes:
-            return False
-        if (layer.sym and not self.sym) or (not layer.sym and not self.asym):
-            return False
-        if act_dtype is not None and act_dtype not in self.act_dtypes:
-            return False
-        return layer.in_features % self.min_dims == 0 and layer.out_features % self.min_dims == 0
+        key = layer if isinstance(layer, LayerKey) else LayerKey.of(layer)
+        return not self.mismatches(key, device, act_dtype)
+
+    def install_hint(self) -> str:
+        return self.pip or "install " + " or ".join(self.requires)
 
 
-_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
-_ALL_LAYOUTS = frozenset({"gptq", "gptq_v2", "awq"})
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # a package that is present but broken (IPEX next to a newer torch) is not installed
+        return False
+    return True
+
 
 BACKENDS: tuple[Backend, ...] = (
     Backend(
         name="torch",
         devices=frozenset({"cpu", "cuda", "xpu", "hpu", "mps"}),
         bits=frozenset({2, 3, 4, 5, 6, 8}),
-        group_sizes=None,
-        sym=True,
-        asym=True,
-        layouts=_ALL_LAYOUTS,
-        act_dtypes=_FLOATS,
         priority=0,
+        summary="reference: dequantize the whole weight, then F.linear",
+    ),
+    Backend(
+        name="torch_cpu_int4",
+        devices=frozenset({"cpu"}),
+        bits=frozenset({2, 3, 4}),
+        group_multiple=32,
+        in_multiple=32,
+        out_multiple=16,
+        priority=20,
+        torch_ops=("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
+        impl="auto_quant.inference.cpu_int4:prepare",
+        summary="PyTorch's native int4 CPU matmul (bf16 activations inside)",
+    ),
+    Backend(
+        name="triton",
+        devices=frozenset({"cuda"}),
+        bits=frozenset({2, 3, 4, 8}),
+        group_sizes=frozenset({32, 64, 128, -1}),
+        act_dtypes=HALFS,
+        priority=30,
+        requires=("triton",),
+        min_capability=(8, 0),
+        pip="pip install triton",
+        impl="auto_quant.inference.triton_backend:prepare",
+        summary="auto_quant's fused dequantize-in-registers Triton GEMV/GEMM; dequantize + cuBLAS for large M",
+    ),
+    Backend(
+        name="marlin",
+        devices=frozenset({"cuda"}),
+        bits=frozenset({4, 8}),
+        group_sizes=frozenset({32, 64, 128, -1}),
+        asym=False,
+        layouts=GPTQ_LAYOUTS,
+        act_dtypes=HALFS,
+        in_multiple=128,
+        out_multiple=64,
+        priority=40,
+        requires=("gptqmodel", "vllm"),
+        min_capability=(8, 0),
+        pip="pip install gptqmodel (or vllm)",
+        impl="auto_quant.inference.marlin:prepare",
+        summary="Marlin kernels through GPTQModel or vLLM",
+    ),
+    Backend(
+        name="ipex",
+        devices=frozenset({"cpu", "xpu"}),
+        bits=frozenset({2, 3, 4, 5, 6, 8}),
+        priority=10,  # below torch_cpu_int4: IPEX is end-of-life and never needed
+        requires=("intel_extension_for_pytorch",),
+        pip="pip install intel-extension-for-pytorch",
+        impl="auto_quant.inference.dense:prepare",
+        summary="with IPEX importable: dequantize once at load time, dense matmul on CPU/XPU",
+    ),
+    Backend(
+        name="hpu",
+        devices=frozenset({"hpu"}),
+        bits=frozenset({2, 3, 4, 5, 6, 8}),
+        priority=25,
+        requires=("habana_frameworks.torch",),
+        pip="install the Intel Gaudi software stack (habana_frameworks)",
+        impl="auto_quant.inference.dense:prepare",
+        summary="Gaudi: dequantize once at load time, dense matmul on the HPU",
     ),
 )
 
+# names other tools use for the same backends (auto-round, GPTQModel)
+ALIASES = {
+    "auto_round:torch": "torch", "torch_fp": "torch", "auto_round:triton": "triton", "tritonv2": "triton",
+    "auto_round:tritonv2": "triton", "gptqmodel:marlin": "marlin", "auto_round:gptqmodel:marlin": "marlin",
+    "gptq:marlin": "marlin", "cpu": "torch_cpu_int4", "torch_int4": "torch_cpu_int4", "auto_round:ipex": "ipex",
+    "auto_round:hpu": "hpu",
+}
 
-def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS) -> list[Backend]:
-    return sorted((b for b in table if b.serves(layer, device)), key=lambda b: -b.priority)
+
+def canonical_name(name: str | None, table: Iterable[Backend] = BACKENDS) -> str:
+    n = (name or "auto").strip().lower()
+    if n in ("auto", ""):
+        return "auto"
+    n = ALIASES.get(n, n)
+    known = [b.name for b in table]
+    if n not in known:
+        raise BackendError(f"unknown backend {name!r}; use 'auto' or one of: {', '.join(known)}")
+    return n
 
 
-def select_backend(layer, device: str, forced: str = "auto", table: tuple[Backend, ...] = BACKENDS) -> Backend:
+def _capability_ok(b: Backend, device: torch.device | str) -> bool:
+    dev = torch.device(device)
+    if b.min_capability is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(dev) >= b.min_capability
+
+
+@dataclass
+class Availability:
+    """Which backends can run here, asked once per attach (imports are tried at most once)."""
+
+    table: tuple[Backend, ...] = BACKENDS
+    _seen: dict[str, bool] = field(default_factory=dict)
+
+    def __call__(self, b: Backend) -> bool:
+        if b.name not in self._seen:
+            self._seen[b.name] = b.available()
+        return self._seen[b.name]
+
+
+def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None) -> list[Backend]:
+    """Every backend that serves ``layer`` (installed or not), best first."""
+    key = layer if isinstance(layer, LayerKey) else LayerKey.of(layer)
+    return sorted((b for b in table if not b.mismatches(key, device, act_dtype)), key=lambda b: -b.priority)
+
+
+def select_backend(layer, device: str | torch.device, forced: str = "auto", table: tuple[Backend, ...] = BACKENDS,
+                   act_dtype: torch.dtype | None = None, available: Callable[[Backend], bool] | None = None) -> Backend:
+    """The backend for one layer: the forced one (checked) or the best installed one that serves it."""
+    key = layer if isinstance(layer, LayerKey) else LayerKey.of(layer)
+    dev = torch.device(device)
+    available = available or Availability(table)
+    forced = canonical_name(forced, table)
     if forced != "auto":
-        named = [b for b in table if b.name == forced]
-        if not named:
-            raise BackendError(f"unknown backend {forced!r}; known: {', '.join(b.name for b in table)}")
-        b = named[0]
-        if not b.installed():
-            raise BackendError(f"backend {forced!r} needs {', '.join(b.requires)} installed")
-        if not b.serves(layer, device):
-            raise BackendError(f"backend {forced!r} cannot serve {layer.extra_repr()} on {device}")
+        b = next(x for x in table if x.name == forced)
+        why = b.mismatches(key, dev.type, act_dtype)
+        if why:
+            others = [x.name for x in candidates(key, dev.type, table, act_dtype) if available(x)]
+            raise BackendError(
+                f"backend {forced!r} cannot serve a {key.describe()} layer on {dev.type}: it {'; it '.join(why)}. "
+                f"Backends that can: {', '.join(others) or 'none'}; pass backend='auto' or one of them"
+            )
+        if not available(b):
+            raise BackendError(f"backend {forced!r} is not available here; {b.install_hint()} (or pass backend='auto')")
+        if not _capability_ok(b, dev):
+            raise BackendError(f"backend {forced!r} needs CUDA compute capability >= {b.min_capability}; "
+                               "pass backend='auto'")
         return b
-    ok = [b for b in candidates(layer, device, table) if b.installed()]
-    if not ok:
-        names = [b.name + (f" (needs {', '.join(b.requires)})" if b.requires else "") for b in table if b.serves(layer, "cuda") or b.serves(layer, "cpu")]
-        raise BackendError(
-            f"no installed backend serves {layer.extra_repr()} on {device}; backends that would: {', '.join(names) or 'none'}"
-        )
-    return ok[0]
+    serving = candidates(key, dev.type, table, act_dtype)
+    ok = [b for b in serving if available(b) and _capability_ok(b, dev)]
+    if ok:
+        return ok[0]
+    if serving:
+        hints = ", ".join(f"{b.name} ({b.install_hint()})" for b in serving)
+        raise BackendError(f"no installed backend serves a {key.describe()} layer on {dev.type}; "
+                           f"these would: {hints}")
+    elsewhere = sorted({d for b in table for d in b.devices
+                        if not b.mismatches(key, d, act_dtype) and d != dev.type})
+    dt = f" with {str(act_dtype).replace('torch.', '')} activations" if act_dtype is not None else ""
+    if elsewhere:
+        fix = f"it could run on {', '.join(elsewhere)}: move the model there"
+    else:
+        fix = (f"re-quantize with bits in {sorted({n for x in table for n in x.bits if x.devices & {dev.type}})} "
+               f"or another group size / activation dtype")
+    raise BackendError(f"no backend serves a {key.describe()} layer on {dev.type}{dt}; {fix}")
 
 
-def attach_backends(model: nn.Module, backend: str = "auto") -> dict[str, str]:
-    """Pick a backend per QuantLinear; log the choice once per distinct (backend, config)."""
+def better_if_installed(layer, device: str, chosen: Backend, table: tuple[Backend, ...] = BACKENDS, act_dtype=None,
+                        available: Callable[[Backend], bool] | None = None) -> Backend | None:
+    """The best backend that would serve ``layer`` if its package were installed, when it beats ``chosen``."""
+    available = available or Availability(table)
+    for b in candidates(layer, device, table, act_dtype):
+        if b.priority <= chosen.priority:
+            return None
+        if b.requires and not available(b):
+            return b
+    return None
+
+
+def load_impl(b: Backend) -> Callable[..., Any] | None:
+    if not b.impl:
+        return None
+    mod, _, attr = b.impl.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@dataclass
+class AttachContext:
+    """Per-model state shared by the layers of one attach (Triton tuning cache, scratch buffers)."""
+
+    forced: str = "auto"
+    act_dtype: torch.dtype | None = None
+    table: tuple[Backend, ...] = BACKENDS
+    available: Availability = field(default_factory=Availability)
+    resources: dict[str, Any] = field(default_factory=dict)
+    moved_warned: bool = False
+
+    def resource(self, name: str, factory: Callable[[], Any]) -> Any:
+        if name not in self.resources:
+            self.resources[name] = factory()
+        return self.resources[name]
+
+
+class Attached:
+    """What a QuantLinear calls instead of its reference forward: one backend's prepared layer."""
+
+    def __init__(self, backend: Backend, run: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device,
+                 ctx: AttachContext):
+        self.backend = backend
+        self.run = run
+        self.device = device
+        self.ctx = ctx
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.device:  # the model moved after loading: choose and prepare again
+            if not self.ctx.moved_warned:
+                self.ctx.moved_warned = True
+                log.warning("auto_quant: quantized layers moved from %s to %s after loading; re-selecting backends",
+                            self.device, x.device)
+            attach_layer(module, x.device, self.ctx)
+            return module(x)
+        if self.run is None:
+            return module.forward_reference(x)
+        return self.run(x)
+
+    def __repr__(self) -> str:
+        return f"Attached({self.backend.name} on {self.device})"
+
+
+def attach_layer(module: nn.Module, device: torch.device | str, ctx: AttachContext) -> Backend:
+    """Select, prepare and attach a backend to one QuantLinear."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    b = select_backend(module, device, ctx.forced, ctx.table, ctx.act_dtype, ctx.available)
+    prepare = load_impl(b)
+    run = prepare(module, ctx) if prepare is not None else None
+    module.kernel = Attached(b, run, device, ctx)
+    module.backend = b.name
+    return b
+
+
+def model_act_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the model computes in: its first floating-point parameter's."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dtype | None = None,
+                    table: tuple[Backend, ...] = BACKENDS) -> dict[str, str]:
+    """Pick and prepare a backend for every QuantLinear of ``model``; returns ``{layer name: backend}``.
+
+    Logs each distinct choice once, and once which package would enable a better backend.
+    ``backend`` forces one (a clear :class:`BackendError` if it cannot serve a layer).
+    """
     from auto_quant.inference.qlinear import QuantLinear
 
+    ctx = AttachContext(forced=canonical_name(backend, table), act_dtype=act_dtype or model_act_dtype(model),
+                        table=table, available=Availability(table))
     chosen: dict[str, str] = {}
-    seen = set()
+    groups: Counter = Counter()
+    better: Counter = Counter()
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        device = mod.qweight.device.type
-        b = select_backend(mod, device, backend)
-        if b.prepare is not None:
-            b.prepare(mod)
-        mod.backend = b.name
+        device = mod.qweight.device
+        try:
+            b = attach_layer(mod, device, ctx)
+        except BackendError as e:
+            raise BackendError(f"layer {name}: {e}") from None
         chosen[name] = b.name
-        key = (b.name, mod.bits, mod.group_size, mod.sym, device)
-        if key not in seen:
-            seen.add(key)
-            log.info("auto_quant: backend %s for %d-bit g%d %s layers on %s", b.name, mod.bits, mod.group_size,
-                     "sym" if mod.sym else "asym", device)
+        groups[(b.name, mod.bits, mod.group_size, mod.sym, device.type)] += 1
+        if ctx.forced == "auto":
+            up = better_if_installed(mod, device.type, b, table, ctx.act_dtype, ctx.available)
+            if up is not None:
+                better[(up.name, up.install_hint(), b.name)] += 1
+    for (bname, bits, gs, sym, dev), n in sorted(groups.items()):
+        log.info("auto_quant: backend %s for %d %d-bit g%d %s layers on %s", bname, n, bits, gs,
+                 "sym" if sym else "asym", dev)
+    if better:
+        parts = [f"{n} layers would use {up} instead of {cur} ({hint})" for (up, hint, cur), n in sorted(better.items())]
+        log.info("auto_quant: faster backends are available: %s", "; ".join(parts))
     return chosen
+
+
+def detach_backends(model: nn.Module) -> None:
+    """Return every QuantLinear to the torch reference path."""
+    from auto_quant.inference.qlinear import QuantLinear
+
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.kernel = None
+            mod.backend = "torch"

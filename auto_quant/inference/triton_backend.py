@@ -1,0 +1,33 @@
+"""The ``triton`` backend: auto_quant's own Triton kernels (``auto_quant.kernels``) on CUDA.
+
+``prepare`` builds the kernel layout once (a GPTQ-layout 2/4/8-bit ``qweight`` is used as is;
+3-bit and AWQ layouts are repacked) and shares one tuner and one split-K workspace across the
+layers of a model (through the attach context). The first call for each (shape, batch-size
+bucket) times a few kernel variants and keeps the fastest; calls under CUDA-graph capture
+use the shape heuristic until a shape has been tuned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from auto_quant.kernels.dispatch import Tuner, Workspace, quant_matmul
+from auto_quant.kernels.pack import from_quant_linear
+
+
+class TritonLinear:
+    def __init__(self, module, tuner: Tuner | None, workspace: Workspace):
+        self.weight = from_quant_linear(module)
+        self.tuner = tuner
+        self.workspace = workspace
+        self._module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, self.weight, self._module.bias, tuner=self.tuner, workspace=self.workspace)
+
+
+def prepare(module, ctx=None) -> TritonLinear:
+    if ctx is None:
+        return TritonLinear(module, None, Workspace())
+    tuner, ws = ctx.resource("triton", lambda: (Tuner(), Workspace()))
+    return TritonLinear(module, tuner, ws)

@@ -1,0 +1,347 @@
+"""Kernel and decode benchmarks for the inference backends; prints JSON.
+
+GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N]
+  * Llama-3-8B linear shapes (out x in): 4096x4096, 4096x14336, 14336x4096, 6144x4096 (fused qkv),
+    28672x4096 (fused gate_up); M in {1, 4, 16, 64, 256, 1024}.
+  * Each timing is one CUDA graph that runs the matmul once per weight copy, with enough copies
+    that the weights exceed L2 (~256 MB per graph); µs per matmul = replay time / copies, median
+    of replays. bf16 cuBLAS (F.linear) runs in the same process on the same shapes.
+  * effective TB/s = (weight + scale + zero bytes + activation in/out bytes) / time.
+  * e2e: a Llama-3-8B-shaped transformers model (random weights) decoding with a static cache,
+    one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend.
+CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32]
+  * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
+    (RTN, ``torch_cpu_int4`` backend) vs llama.cpp Q4_0 (llama-cpp-python, when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (6144, 4096), (28672, 4096)]  # (out N, in K)
+MS = [1, 4, 16, 64, 256, 1024]
+GRAPH_BYTES = 256 * 2**20
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+def random_kernel_weight(N, K, bits, group_size, sym, device, scale_dtype=torch.float16):
+    from auto_quant.kernels.pack import pack_codes
+
+    g = torch.Generator(device=device).manual_seed(N * 7 + K + bits)
+    codes = torch.randint(0, 2**bits, (N, K), device=device, generator=g, dtype=torch.int32)
+    ng = 1 if group_size == -1 else math.ceil(K / group_size)
+    scale = (torch.rand(N, ng, device=device, generator=g) * 0.02 + 0.001).to(scale_dtype)
+    zero = (torch.full((N, ng), 2 ** (bits - 1), device=device, dtype=torch.int32) if sym
+            else torch.randint(0, 2**bits, (N, ng), device=device, generator=g, dtype=torch.int32))
+    return pack_codes(codes, zero, scale, bits, group_size, scale_dtype)
+
+
+def clone_weight(w):
+    import dataclasses
+
+    return dataclasses.replace(w, **{f: getattr(w, f).clone() for f in ("qweight", "qweight_hi", "scales", "zeros")
+                                     if getattr(w, f) is not None})
+
+
+def graph_time_us(calls, replays=20):
+    """Median µs per call of a CUDA graph that runs every call once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    del g
+    return statistics.median(times)
+
+
+def bench_matmuls(formats, shapes, ms, tuner_kw):
+    from auto_quant.kernels.dispatch import Tuner, Workspace, quant_matmul
+
+    dev = torch.device("cuda")
+    tuner = Tuner(**tuner_kw)
+    ws = Workspace()
+    rows = []
+    for N, K in shapes:
+        wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        n_b = max(2, math.ceil(GRAPH_BYTES / (N * K * 2)))
+        wbs = [wb] + [wb.clone() for _ in range(n_b - 1)]
+        base = {}
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            base[M] = graph_time_us([lambda w=w: F.linear(x, w) for w in wbs])
+        del wbs, wb
+        for fmt in formats:
+            bits, gs, sym = fmt["bits"], fmt["group_size"], fmt["sym"]
+            w = random_kernel_weight(N, K, bits, gs, sym, dev)
+            n_q = max(2, math.ceil(GRAPH_BYTES / w.nbytes()))
+            copies = [w] + [clone_weight(w) for _ in range(n_q - 1)]
+            for M in fmt.get("ms", ms):
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                quant_matmul(x, w, tuner=tuner, workspace=ws)  # tunes this (shape, M bucket)
+                torch.cuda.synchronize()
+                us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])
+                cfg = tuner.best.get(tuner.key(x, w))
+                moved = w.nbytes() + (M * K + M * N) * 2
+                rows.append({
+                    "N": N, "K": K, "M": M, "bits": bits, "group_size": gs, "sym": sym, "us": round(us, 2),
+                    "bf16_us": round(base[M], 2), "speedup_vs_bf16": round(base[M] / us, 3),
+                    "eff_TBps": round(moved / us / 1e6, 3),
+                    "bf16_TBps": round((N * K * 2 + (M * K + M * N) * 2) / base[M] / 1e6, 3),
+                    "config": None if cfg is None else cfg.__dict__, "weight_copies": n_q,
+                })
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del copies, w
+        torch.cuda.empty_cache()
+    return rows
+
+
+def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 128, device: str = "cuda",
+               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256)):
+    """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from auto_quant.inference.backends import attach_backends
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    dev = torch.device(device)
+    hidden, inter, heads, kv_heads, vocab = dims
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    max_len = steps + 8
+
+    def run(label):
+        cache = StaticCache(config=cfg, max_cache_len=max_len)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+        def step():
+            return model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                         use_cache=True).logits
+
+        with torch.no_grad():
+            for i in range(3):  # eager warm-up: cache allocation, kernel tuning
+                pos.fill_(i)
+                step()
+            sync()
+            mode = "cuda_graph"
+            try:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    pos.fill_(3)
+                    step()
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = step()
+
+                def one(i):
+                    pos.fill_(i)
+                    g.replay()
+                    ids.copy_(out[:, -1:].argmax(-1))
+            except Exception as e:  # report eager numbers if the model step cannot be captured
+                mode = f"eager ({type(e).__name__}: {str(e)[:120]})"
+                sync()
+
+                def one(i):
+                    pos.fill_(i)
+                    ids.copy_(step()[:, -1:].argmax(-1))
+            one(4)
+            sync()
+            t = time.perf_counter()
+            for i in range(5, 5 + steps):
+                one(i)
+            sync()
+            dt = time.perf_counter() - t
+        return {"label": label, "mode": mode, "tokens_per_s": round(steps / dt, 2), "ms_per_token": round(dt / steps * 1e3, 3)}
+
+    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch 1, {steps} decode steps"}
+    out["bf16"] = run("bf16")
+    out["bf16"]["linear_weight_GB"] = round(sum(m.weight.numel() * 2 for n, m in model.named_modules()
+                                                 if isinstance(m, torch.nn.Linear) and n != "lm_head") / 1e9, 3)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=True)
+    qbytes = 0
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                qw = quantize_weight(child.weight.detach().float(), spec)
+                q = QuantLinear.from_quantized(qw, None, layout="gptq", bias_dtype=torch.bfloat16)
+                qbytes += sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
+                setattr(mod, child_name, q)
+                del child
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    chosen = attach_backends(model)
+    out[f"w{bits}g{group_size}"] = run(f"w{bits}g{group_size}")
+    out[f"w{bits}g{group_size}"]["backends"] = sorted(set(chosen.values()))
+    out[f"w{bits}g{group_size}"]["linear_weight_GB"] = round(qbytes / 1e9, 3)
+    out["speedup"] = round(out[f"w{bits}g{group_size}"]["tokens_per_s"] / out["bf16"]["tokens_per_s"], 3)
+    return out
+
+
+def gpu_main(args):
+    import triton
+
+    dev = torch.cuda.get_device_properties(0)
+    result = {"machine": {"gpu": dev.name, "sms": dev.multi_processor_count, "torch": torch.__version__,
+                          "triton": triton.__version__, "cuda": torch.version.cuda},
+              "command": " ".join(["python"] + sys.argv)}
+    ms = [1, 16, 256] if args.quick else MS
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    formats = [dict(bits=4, group_size=128, sym=True),
+               dict(bits=2, group_size=64, sym=True, ms=[1, 16, 256]),
+               dict(bits=8, group_size=128, sym=True, ms=[1, 16, 256]),
+               dict(bits=3, group_size=128, sym=True, ms=[1, 16]),
+               dict(bits=4, group_size=128, sym=False, ms=[1, 16])]
+    if args.quick:
+        formats = formats[:3]
+    t = time.time()
+    result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0))
+    result["matmul_seconds"] = round(time.time() - t, 1)
+    if not args.no_e2e:
+        result["e2e"] = e2e_decode(args.layers)
+    print(json.dumps(result, indent=1))
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+
+def decode_tps(model, ids, tokens):
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return tokens / (time.perf_counter() - t)
+
+
+def cpu_main(args):
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    import auto_quant
+    from auto_quant import AutoRound
+    from auto_quant.models.loading import default_model_path, load_model
+
+    torch.set_num_threads(args.threads)
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                       "cores": os.cpu_count(), "torch": torch.__version__,
+                       "load_avg_at_start": os.getloadavg()},
+           "command": " ".join(["python"] + sys.argv), "model": "SmolLM2-135M-Instruct (embedded GGUF, as float32)"}
+    model, tok = load_model(None)
+    model.eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    res["float32_tokens_per_s"] = round(decode_tps(model, ids, args.tokens), 2)
+    tmp = tempfile.mkdtemp(prefix="aq_bench_")
+    try:
+        ar = AutoRound(model, tok, bits=4, group_size=args.group_size, sym=True, iters=0, progress=False)
+        ar.quantize_and_save(tmp)
+        del model, ar
+        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        backends = sorted({getattr(m, "backend", None) for m in qm.modules() if hasattr(m, "kernel")})
+        res[f"w4g{args.group_size}_backends"] = backends
+        res[f"w4g{args.group_size}_tokens_per_s"] = round(decode_tps(qm, ids, args.tokens), 2)
+        from auto_quant.inference.backends import detach_backends
+
+        if args.reference:
+            detach_backends(qm)
+            res[f"w4g{args.group_size}_torch_reference_tokens_per_s"] = round(decode_tps(qm, ids, 8), 2)
+        del qm
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["quantized_vs_float"] = round(res[f"w4g{args.group_size}_tokens_per_s"] / res["float32_tokens_per_s"], 3)
+    res["llama_cpp"] = llama_cpp_q4_0(str(default_model_path()), args.threads, args.tokens)
+    if isinstance(res["llama_cpp"], dict) and "tokens_per_s" in res["llama_cpp"]:
+        res["quantized_vs_llama_cpp_q4_0"] = round(
+            res[f"w4g{args.group_size}_tokens_per_s"] / res["llama_cpp"]["tokens_per_s"], 3)
+    print(json.dumps(res, indent=1))
+    del auto_quant
+
+
+def llama_cpp_q4_0(gguf_path: str, threads: int, tokens: int):
+    """Decode tokens/s of llama.cpp on the same model requantized to Q4_0 (None if not installed)."""
+    try:
+        import llama_cpp
+    except Exception as e:
+        return {"skipped": f"llama-cpp-python not importable ({type(e).__name__})"}
+    import ctypes
+    import tempfile
+
+    out = os.path.join(tempfile.mkdtemp(prefix="aq_q4_0_"), "model-q4_0.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(gguf_path.encode(), out.encode(), ctypes.byref(params))
+    if rc != 0:
+        return {"skipped": f"llama_model_quantize returned {rc}"}
+    llm = llama_cpp.Llama(model_path=out, n_threads=threads, n_ctx=256, verbose=False)
+    prompt = llm.tokenize(b"The capital of France is")
+    llm.eval(prompt)
+    t = time.perf_counter()
+    n = 0
+    for _ in llm.generate(prompt, temp=0.0, reset=True):
+        n += 1
+        if n >= tokens:
+            break
+    dt = time.perf_counter() - t
+    return {"tokens_per_s": round(n / dt, 2), "file": "SmolLM2 Q4_1 GGUF requantized to Q4_0 (allow_requantize)",
+            "note": "includes one prompt evaluation (6 tokens)"}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="where", required=True)
+    g = sub.add_parser("gpu")
+    g.add_argument("--quick", action="store_true")
+    g.add_argument("--no-e2e", action="store_true")
+    g.add_argument("--layers", type=int, default=32)
+    c = sub.add_parser("cpu")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--tokens", type=int, default=64)
+    c.add_argument("--group-size", type=int, default=32)
+    c.add_argument("--reference", action="store_true", help="also time the torch reference path")
+    args = p.parse_args()
+    if args.where == "gpu":
+        if not torch.cuda.is_available():
+            raise SystemExit("the gpu benchmark needs CUDA")
+        gpu_main(args)
+    else:
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Choosing and launching a Triton kernel variant per call: ``quant_matmul(x, weight, bias)``.
+
+* ``KernelConfig`` is one variant (``fma`` / ``dot`` / ``dequant``) with its tile sizes,
+  split-K factor, warps and pipeline stages.
+* ``default_config`` is a shape heuristic, used when no tuner is given (tests, first calls
+  under CUDA-graph capture).
+* ``Tuner`` times the candidate variants for a shape on first use (``triton.testing.do_bench``,
+  median, L2 flushed between runs) and keeps the fastest per (weight format, dtype, M bucket,
+  N, K, device). A tuner belongs to whoever creates it (one per loaded model), not to the
+  process.
+* ``Workspace`` holds the zero-at-rest fp32 buffer and tile counters that split-K uses.
+  One workspace serves calls issued in order on one stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from auto_quant.kernels.pack import KernelWeight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str  # "fma" (M == 1 elementwise), "dot" (tensor cores), "dequant" (dequantize + cuBLAS)
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.kind not in ("fma", "dot", "dequant"):
+            raise ValueError(f"unknown kernel kind {self.kind!r}")
+        if self.kind == "fma" and self.block_m != 1:
+            raise ValueError("the fma kernel handles one row per program (block_m=1)")
+        if self.kind == "dot" and min(self.block_m, self.block_n, self.block_k) < 16:
+            raise ValueError("tl.dot needs block sizes >= 16")
+
+
+def codes_per_row(bits: int) -> int:
+    """Codes per packed word row in the kernel layout (3 bits: the 2-bit plane's 16)."""
+    return 16 if bits == 3 else 32 // bits
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def m_bucket(m: int) -> int:
+    b = 1
+    while b < m:
+        b *= 2
+    return b
+
+
+def auto_split(tiles: int, K: int, block_k: int, sms: int) -> int:
+    """Split K until the grid covers the machine, keeping at least two K tiles per split."""
+    split = 1
+    while tiles * split < sms and K >= block_k * 4 * split:
+        split *= 2
+    return split
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small grid
+
+
+def _cfg(kind, bm, bn, bkw, bits, split=1, warps=4, stages=2) -> KernelConfig:
+    return KernelConfig(kind, bm, bn, bkw * codes_per_row(bits), split, warps, stages)
+
+
+def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> KernelConfig:
+    """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
+    sms = _sms(device)
+    if M == 1:
+        bn, bkw = 256, 8
+        c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=3)
+        return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
+    if M <= 64:
+        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+        c = _cfg("dot", bm, 64, 16, bits, warps=4, stages=3)
+        return dataclasses.replace(c, split_k=auto_split(_cdiv(N, 64) * _cdiv(M, bm), K, c.block_k, sms))
+    if M < 256:
+        return _cfg("dot", 64, 128, 16, bits, warps=4, stages=3)
+    return _cfg("dequant", 1, 64, 4, bits)
+
+
+def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> list[KernelConfig]:
+    """Variants worth timing for one shape."""
+    sms = _sms(device)
+    out: list[KernelConfig] = []
+
+    def add(kind, bm, bn, bkw, warps, stages, splits=("auto",), fill=1):
+        for s in splits:
+            c = _cfg(kind, bm, bn, bkw, bits, 1, warps, stages)
+            tiles = _cdiv(N, bn) * (M if kind == "fma" else _cdiv(M, bm))
+            auto = auto_split(tiles, K, c.block_k, fill * sms)
+            split = {"auto": auto, "half": max(1, auto // 2), "double": auto * 2}.get(s, s)
+            if split > 1 and K < c.block_k * 2 * split:
+                continue
+            c = dataclasses.replace(c, split_k=split)
+            if c not in out:
+                out.append(c)
+
+    if M == 1:
+        for bn, bkw, w in ((256, 8, 4), (512, 8, 8), (256, 16, 8), (128, 16, 4), (512, 4, 4), (1024, 4, 8)):
+            add("fma", 1, bn, bkw, w, 3, splits=("auto", "double"), fill=2)
+        add("dot", 16, 64, 16, 4, 3)
+    elif M <= 16:
+        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (256, 16, 8), (64, 32, 4)):
+            add("dot", 16, bn, bkw, w, 3, splits=("auto", "double"))
+    elif M <= 64:
+        bm = 32 if M <= 32 else 64
+        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
+            add("dot", bm, bn, bkw, w, 3, splits=("auto", 1))
+    else:
+        for bm, bn, bkw, w, st in ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3), (128, 256, 16, 8, 3), (64, 64, 16, 4, 4)):
+            add("dot", bm, bn, bkw, w, st, splits=(1,))
+        out.append(_cfg("dequant", 1, 64, 4, bits))
+        out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))
+    return out
+
+
+class Workspace:
+    """Zero-at-rest fp32 scratch and int32 tile counters for split-K, per device."""
+
+    def __init__(self):
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, n_acc: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        acc, cnt = self._bufs.get(device, (None, None))
+        if acc is None or acc.numel() < n_acc or cnt.numel() < n_tiles:
+            n_acc = max(n_acc, 0 if acc is None else acc.numel())
+            n_tiles = max(n_tiles, 0 if cnt is None else cnt.numel())
+            acc = torch.zeros(n_acc, dtype=torch.float32, device=device)
+            cnt = torch.zeros(n_tiles, dtype=torch.int32, device=device)
+            self._bufs[device] = (acc, cnt)
+        return acc, cnt
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1``) computes bf16 ``tl.dot`` wrongly (triton 3.6)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _group_const(w: KernelWeight) -> int:
+    return 0 if w.group_size == -1 else w.group_size
+
+
+def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
+           ws: Workspace) -> torch.Tensor:
+    """Run one variant on a 2-D contiguous ``x2 [M, K]``; returns ``[M, N]`` in ``x2.dtype``."""
+    import triton
+
+    from auto_quant.kernels import triton_qmm as k
+
+    M, K = x2.shape
+    N = w.out_features
+    G = _group_const(w)
+    if cfg.kind == "dequant":
+        wt = torch.empty((K, N), dtype=x2.dtype, device=x2.device)
+        grid = (triton.cdiv(K, cfg.block_k), triton.cdiv(N, cfg.block_n))
+        k._dequant_kernel[grid](
+            w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
+            w.zeros if w.zeros is not None else w.scales, wt, N, K,
+            BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
+        )
+        if bias is None:
+            return x2 @ wt
+        return torch.addmm(bias.to(x2.dtype), x2, wt)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid_n = triton.cdiv(N, cfg.block_n)
+    grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
+    split = cfg.split_k
+    per = codes_per_row(w.bits)
+    bkw = cfg.block_k // per
+    rows_per_split = _cdiv(_cdiv(_cdiv(K, per), split), bkw) * bkw
+    if split > 1:
+        acc, cnt = ws.get(x2.device, M * N, grid_n * grid_m)
+    else:
+        acc, cnt = out, out
+    k._qmm_kernel[(grid_n, grid_m, split)](
+        x2, w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
+        w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out, out, acc, cnt,
+        M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split,
+        BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        EVEN_K=K % cfg.block_k == 0, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+class Tuner:
+    """Times candidate variants per shape on first use and remembers the fastest."""
+
+    def __init__(self, warmup_ms: float = 5.0, rep_ms: float = 25.0):
+        self.warmup_ms = warmup_ms
+        self.rep_ms = rep_ms
+        self.best: dict[tuple, KernelConfig] = {}
+        self.timings: dict[tuple, dict[KernelConfig, float]] = {}
+
+    @staticmethod
+    def key(x2: torch.Tensor, w: KernelWeight) -> tuple:
+        return (w.bits, w.group_size, w.zeros is not None, x2.dtype, m_bucket(x2.shape[0]), w.out_features,
+                w.in_features, x2.device)
+
+    def config(self, x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, ws: Workspace) -> KernelConfig:
+        key = self.key(x2, w)
+        cfg = self.best.get(key)
+        if cfg is not None:
+            return cfg
+        M, K = x2.shape
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return default_config(M, w.out_features, K, x2.device, w.bits)
+        from triton.testing import do_bench
+
+        times: dict[KernelConfig, float] = {}
+        for c in candidates(M, w.out_features, K, x2.device, w.bits):
+            try:
+                times[c] = do_bench(lambda c=c: launch(x2, w, bias, c, ws), warmup=self.warmup_ms, rep=self.rep_ms,
+                                    return_mode="median")
+            except Exception as e:  # a variant that does not compile or fit (shared memory) is skipped
+                log.debug("kernel variant %s failed: %s", c, e)
+        if not times:
+            cfg = default_config(M, w.out_features, K, x2.device, w.bits)
+        else:
+            cfg = min(times, key=times.get)
+        self.best[key] = cfg
+        self.timings[key] = times
+        log.debug("tuned %s -> %s", key, cfg)
+        return cfg
+
+
+def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = None, *,
+                 config: KernelConfig | None = None, tuner: Tuner | None = None,
+                 workspace: Workspace | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``x [..., K]`` in fp16/bf16; ``W`` in the kernel layout."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {w.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    ws = workspace if workspace is not None else Workspace()
+    if config is None:
+        config = (tuner.config(x2, w, bias, ws) if tuner is not None
+                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits))
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, w.out_features)
+    y = launch(x2, w, bias, config, ws)
+    return y.reshape(*lead, w.out_features)

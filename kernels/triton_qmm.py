@@ -1,0 +1,213 @@
+"""Triton kernels: W{2,3,4,8}A16 matmul with the weight dequantized in registers.
+
+``y[M, N] = x[M, K] @ W[K, N]`` with ``W`` in the :class:`~auto_quant.kernels.pack.KernelWeight`
+layout (codes packed along K; ``PER`` codes per int32 word row: 16 for 2 bits, 8 for 4 bits, 4 for
+8 bits, 16 for 3 bits whose high bit lives in a separate 1-bit plane).
+
+Each program loads a tile of packed words ``[BLOCK_K / PER, BLOCK_N]`` once (coalesced along N)
+and walks the ``PER`` codes of every word with a static loop: code ``j`` of word row ``r`` is
+input ``k = r * PER + j``, so the matching activations are the strided slice ``x[..., r * PER + j]``.
+No word is loaded twice and no reshape is needed.
+
+* ``fma`` (M == 1): ``part[r, n] += x[r*PER + j] * (code - zero)`` in fp32 registers, then
+  ``acc += part * scale`` once per word row (every word lies inside one quantization group), so
+  each weight costs a shift, a mask, a subtract and one FMA. One reduction at the end.
+* ``dot`` (M >= 2): ``PER`` tensor-core dots of depth ``BLOCK_K / PER`` per tile. When the tile
+  lies in one group, the exact integers ``code - zero`` go into the dots and the scale multiplies
+  the tile's partial product; otherwise each element is scaled before its dot.
+* split-K for both: ``SPLIT_K`` programs share an output tile; each adds its fp32 partial into a
+  zero-at-rest workspace with atomics and bumps a per-tile counter; the last to arrive reads the
+  sum back atomically, zeroes the workspace tile, adds the bias, writes the output and resets the
+  counter. One launch, no memset, CUDA-graph safe.
+* ``_dequant_kernel`` writes ``W^T`` in the activation dtype (dequantize + cuBLAS at large M).
+
+Integer codes become floats with the exponent trick ``bitcast(code | 0x4B000000) = 2**23 + code``;
+subtracting ``2**23 + zero`` (exact in fp32) gives ``code - zero`` without a conversion instruction.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _words(qw_ptr, qh_ptr, rows, offs_n, N, mask, BITS: tl.constexpr):
+    """Word tiles ``[R, BLOCK_N]`` for word rows ``rows``; for 3 bits also the matching high bits."""
+    lo = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if BITS == 3:
+        hi = tl.load(qh_ptr + (rows // 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        hi = hi >> ((rows % 2) * 16)[:, None]
+    else:
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _code(lo, hi, j: tl.constexpr, BITS: tl.constexpr):
+    """``2**23 + code`` (float32) of code ``j`` of every word."""
+    if BITS == 3:
+        q = ((lo >> (2 * j)) & 3) | (((hi >> j) & 1) << 2)
+    else:
+        q = (lo >> (j * BITS)) & ((1 << BITS) - 1)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qmm_kernel(
+    x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_groups, stride_xm, stride_om, rows_per_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # GROUP == 0: per-channel. One group per tile when GROUP % BLOCK_K == 0; else per word row.
+    # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
+    PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER
+    ONE_GROUP: tl.constexpr = GROUP != 0 and GROUP % BLOCK_K == 0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BKW)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    n_rows = tl.cdiv(K, PER)
+    r_lo = pid_k * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, n_rows)
+    MAGIC: tl.constexpr = 8388608.0
+
+    if GROUP == 0:
+        s_ch = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zz_ch = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + MAGIC
+        else:
+            zz_ch = tl.zeros((BLOCK_N,), tl.float32) + (MAGIC + (1 << (BITS - 1)))
+
+    if BLOCK_M == 1:
+        acc = tl.zeros((BKW, BLOCK_N), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+    for r0 in range(r_lo, r_hi, BKW):
+        rows = r0 + offs_r
+        if EVEN_K:
+            w_mask = n_mask[None, :]
+        else:
+            w_mask = (rows < n_rows)[:, None] & n_mask[None, :]
+        lo, hi = _words(qw_ptr, qh_ptr, rows, offs_n, N, w_mask, BITS)
+        # zero (as 2**23 + zero) and scale: per channel, per tile, or per word row
+        if GROUP == 0:
+            zz = zz_ch[None, :]
+        elif ONE_GROUP:
+            g = (r0 * PER) // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZERO:
+                zz = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :] + MAGIC
+            else:
+                zz = tl.zeros((1, BLOCK_N), tl.float32) + (MAGIC + (1 << (BITS - 1)))
+        else:
+            gr = (rows * PER) // GROUP
+            gm = (gr < n_groups)[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + gr[:, None] * N + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zz = tl.load(z_ptr + gr[:, None] * N + offs_n[None, :], mask=gm, other=0).to(tl.float32) + MAGIC
+            else:
+                zz = tl.zeros((BKW, BLOCK_N), tl.float32) + (MAGIC + (1 << (BITS - 1)))
+
+        if BLOCK_M == 1:
+            part = tl.zeros((BKW, BLOCK_N), tl.float32)
+            for j in tl.static_range(PER):
+                ks = rows * PER + j
+                if EVEN_K:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + ks).to(tl.float32)
+                else:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+                part += xj[:, None] * (_code(lo, hi, j, BITS) - zz)
+            if GROUP == 0:
+                acc += part
+            else:
+                acc += part * s
+        else:
+            part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for j in tl.static_range(PER):
+                ks = rows * PER + j
+                if EVEN_K:
+                    xm = m_mask[:, None]
+                else:
+                    xm = m_mask[:, None] & (ks < K)[None, :]
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=xm, other=0.0)
+                wq = _code(lo, hi, j, BITS) - zz
+                if not (GROUP == 0 or ONE_GROUP):
+                    wq = wq * s
+                if DOT_F32:
+                    part += tl.dot(xj.to(tl.float32), wq.to(xj.dtype).to(tl.float32))
+                else:
+                    part = tl.dot(xj, wq.to(xj.dtype), part)
+            if ONE_GROUP:
+                acc += part * s
+            else:
+                acc += part
+
+    if BLOCK_M == 1:
+        res = tl.sum(acc, axis=0)[None, :]
+    else:
+        res = acc
+    if GROUP == 0:
+        res = res * s_ch[None, :]
+
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        w_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(w_ptrs, res, mask=o_mask)  # acq_rel: performed before this thread goes on
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            tot = tl.atomic_add(w_ptrs, zero, mask=o_mask)  # read at L2, where the other splits added
+            tl.store(w_ptrs, zero, mask=o_mask)  # back to zero for the next call
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, N, K,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out[K, N] = W^T`` in ``out``'s dtype."""
+    PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER
+    MAGIC: tl.constexpr = 8388608.0
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_k * BKW + tl.arange(0, BKW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    mask = (rows < tl.cdiv(K, PER))[:, None] & n_mask[None, :]
+    lo, hi = _words(qw_ptr, qh_ptr, rows, offs_n, N, mask, BITS)
+    if GROUP == 0:
+        g = rows * 0
+    else:
+        g = (rows * PER) // GROUP
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zz = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32) + MAGIC
+    else:
+        zz = tl.zeros((BKW, BLOCK_N), tl.float32) + (MAGIC + (1 << (BITS - 1)))
+    for j in tl.static_range(PER):
+        ks = rows * PER + j
+        w = (_code(lo, hi, j, BITS) - zz) * s
+        tl.store(out_ptr + ks[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=(ks < K)[:, None] & n_mask[None, :])

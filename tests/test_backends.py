@@ -1,0 +1,170 @@
+"""Backend registry: selection as data, forcing, the install hint, and the CPU backends' numerics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from auto_quant.errors import BackendError
+from auto_quant.inference import backends as B
+from auto_quant.inference.cpu_int4 import kernel_group, pack_int4_cpu
+from auto_quant.inference.qlinear import QuantLinear
+from auto_quant.quant import QuantSpec, quantize_weight
+
+
+def make_layer(out_f=64, in_f=256, bits=4, group_size=32, sym=True, layout="gptq_v2", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    qw = quantize_weight(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+    b = torch.randn(out_f, generator=g) if bias else None
+    return QuantLinear.from_quantized(qw, b, layout=layout, bias_dtype=torch.float32)
+
+
+def key(**kw):
+    base = dict(in_features=256, out_features=64, bits=4, group_size=128, sym=True, layout="gptq")
+    base.update(kw)
+    return B.LayerKey(**base)
+
+
+def only(*names):
+    return lambda b: b.name in names
+
+
+# ----------------------------------------------------------------------------------- selection
+
+
+def test_selection_prefers_priority_among_installed():
+    k = key()
+    assert B.select_backend(k, "cpu", available=only("torch", "torch_cpu_int4")).name == "torch_cpu_int4"
+    assert B.select_backend(k, "cpu", available=only("torch")).name == "torch"
+    assert B.select_backend(k, "cuda", available=only("torch", "triton", "marlin")).name == "marlin"
+    assert B.select_backend(k, "cuda", available=only("torch", "triton")).name == "triton"
+    # marlin: symmetric only, in % 128, out % 64
+    assert B.select_backend(key(sym=False), "cuda", available=only("torch", "triton", "marlin")).name == "triton"
+    assert B.select_backend(key(in_features=192), "cuda", available=only("torch", "triton", "marlin")).name == "triton"
+    # triton takes half-precision activations only
+    assert B.select_backend(k, "cuda", act_dtype=torch.float32, available=only("torch", "triton")).name == "torch"
+
+
+def test_shape_and_format_constraints_are_declared():
+    int4 = next(b for b in B.BACKENDS if b.name == "torch_cpu_int4")
+    assert int4.serves(key(), "cpu")
+    assert not int4.serves(key(out_features=40), "cpu")  # out % 16
+    assert not int4.serves(key(in_features=200), "cpu")  # in % 32
+    assert not int4.serves(key(bits=8), "cpu")
+    assert not int4.serves(key(group_size=48), "cpu")  # group must be a multiple of 32
+    assert int4.serves(key(in_features=576, group_size=128), "cpu")  # runs as kernel group 64
+    why = int4.mismatches(key(bits=8, out_features=40), "cuda")
+    assert any("cpu" in w for w in why) and any("8" in w for w in why) and any("16" in w for w in why)
+    triton = next(b for b in B.BACKENDS if b.name == "triton")
+    assert not triton.serves(key(bits=5), "cuda") and not triton.serves(key(group_size=256), "cuda")
+    assert triton.serves(key(bits=3, group_size=-1, sym=False, layout="awq"), "cuda")
+
+
+def test_forcing_errors_are_clear():
+    k = key()
+    with pytest.raises(BackendError, match=r"unknown backend 'fast'.*torch_cpu_int4"):
+        B.select_backend(k, "cpu", forced="fast")
+    with pytest.raises(BackendError, match=r"'triton' cannot serve .* on cpu: it runs on cuda.*Backends that can: "
+                                           r"torch_cpu_int4, torch"):
+        B.select_backend(k, "cpu", forced="triton", available=only("torch", "torch_cpu_int4", "triton"))
+    with pytest.raises(BackendError, match=r"'marlin' is not available here; pip install gptqmodel"):
+        B.select_backend(k, "cuda", forced="marlin", available=only("torch", "triton"))
+    assert B.select_backend(k, "cpu", forced="auto_round:torch", available=only("torch")).name == "torch"
+
+
+def test_layer_no_installed_backend_serves_names_what_would():
+    table = tuple(b for b in B.BACKENDS if b.name != "torch")
+    with pytest.raises(BackendError) as e:
+        B.select_backend(key(), "cuda", table=table, available=only("torch_cpu_int4"))
+    msg = str(e.value)
+    assert "no installed backend serves a 4-bit g128 sym" in msg
+    assert "marlin (pip install gptqmodel" in msg and "triton (pip install triton)" in msg
+    with pytest.raises(BackendError, match=r"no backend serves a 7-bit .* re-quantize with bits in \[2, 3, 4, 5, 6, 8\]"):
+        B.select_backend(key(bits=7), "cpu")
+    with pytest.raises(BackendError, match=r"no backend serves a 5-bit .* it could run on cpu, hpu, xpu: move the model there"):
+        B.select_backend(key(bits=5), "cuda", table=table, available=only("torch_cpu_int4"))
+
+
+def test_better_backend_hint_and_choice_logged_once(caplog):
+    fast = dataclasses.replace(next(b for b in B.BACKENDS if b.name == "torch_cpu_int4"), name="fast_cpu",
+                               priority=99, requires=("no_such_package_for_auto_quant",), pip="pip install fast-cpu")
+    table = B.BACKENDS + (fast,)
+    model = torch.nn.Sequential(make_layer(seed=1), torch.nn.ReLU(), make_layer(in_f=64, seed=2),
+                                make_layer(bits=8, in_f=64, seed=3))
+    with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
+        chosen = B.attach_backends(model, table=table)
+    assert chosen == {"0": "torch_cpu_int4", "2": "torch_cpu_int4", "3": "torch"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("backend torch_cpu_int4 for 2 4-bit g32 sym layers on cpu" in m for m in lines) == 1
+    assert sum("backend torch for 1 8-bit" in m for m in lines) == 1
+    hint = [m for m in lines if "faster backends" in m]
+    assert len(hint) == 1 and "2 layers would use fast_cpu instead of torch_cpu_int4 (pip install fast-cpu)" in hint[0]
+
+
+def test_unimportable_package_is_not_installed():
+    broken = dataclasses.replace(B.BACKENDS[0], name="x", requires=("auto_quant._no_such_module",))
+    assert not broken.available()
+    assert dataclasses.replace(B.BACKENDS[0], name="y", requires=("torch",)).available()
+    assert not dataclasses.replace(B.BACKENDS[0], name="z", torch_ops=("_no_such_op",)).available()
+
+
+# ----------------------------------------------------------------------------------- CPU numerics
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_cpu_int4_matches_reference(bits, group_size, sym):
+    layouts = ["gptq_v2"] + (["gptq"] if sym else []) + (["awq"] if bits == 4 else [])
+    for layout in layouts:
+        layer = make_layer(out_f=48, in_f=192, bits=bits, group_size=group_size, sym=sym, layout=layout)
+        x = torch.randn(3, 5, 192)
+        ref = layer(x)  # reference path: nothing attached
+        B.attach_backends(layer, backend="torch_cpu_int4")
+        assert layer.backend == "torch_cpu_int4"
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            y = layer(x.to(dt))
+            assert y.dtype == dt and y.shape == (3, 5, 48)
+            assert rel_err(y, ref) < 1e-2, (layout, dt, rel_err(y, ref))
+        B.detach_backends(layer)
+
+
+def test_cpu_int4_kernel_group_splits_checkpoint_groups():
+    assert kernel_group(576, 128) == 64  # SmolLM2: 576 = 4.5 x 128
+    assert kernel_group(4096, -1) == 256 and kernel_group(4096, 512) == 256 and kernel_group(96, -1) == 32
+    assert kernel_group(200, -1) is None
+    layer = make_layer(out_f=32, in_f=576, group_size=128, sym=False)
+    x = torch.randn(2, 576)
+    ref = layer(x)
+    B.attach_backends(layer)
+    assert layer.backend == "torch_cpu_int4" and layer.kernel.run.group == 64
+    assert rel_err(layer(x), ref) < 1e-2
+    codes = torch.randint(0, 16, (40, 64))
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_int4_cpu(codes, torch.full((40, 2), 8), torch.ones(40, 2), 32)
+
+
+def test_dense_fallback_matches_reference():
+    from auto_quant.inference import dense
+
+    layer = make_layer(bits=8, group_size=64, sym=False)
+    x = torch.randn(4, 256)
+    run = dense.prepare(layer, B.AttachContext(act_dtype=torch.float32))
+    assert rel_err(run(x), layer(x)) < 1e-5
+
+
+def test_forward_dispatch_keeps_reference_path():
+    layer = make_layer(bits=8, group_size=64)
+    x = torch.randn(2, 256)
+    ref = layer.forward_reference(x)
+    assert torch.equal(layer(x), ref)  # nothing attached
+    B.attach_backends(layer)
+    assert layer.backend == "torch" and torch.equal(layer(x), ref)

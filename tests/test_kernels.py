@@ -1,0 +1,166 @@
+"""Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1), small shapes.
+
+Every declared combination (W2/W3/W4/W8, group 32/64/128/-1, sym/asym, fp16/bf16) runs each
+kernel variant (fma GEMV with and without split-K, tensor-core dot with and without split-K,
+dequantize + matmul) and is compared with the float64 product of the reference dequantized
+weight. Real shapes run on the GPU in test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from auto_quant.kernels import dequantize, from_quant_linear, pack_codes
+from auto_quant.quant import QuantSpec, quantize_weight
+
+triton = pytest.importorskip("triton")
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def quantized(N, K, bits, group_size, sym, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    return quantize_weight(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------ layout (pure torch)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_pack_round_trip(bits, group_size, sym):
+    qw = quantized(24, 200, bits, group_size, sym)
+    kw = pack_codes(qw.codes, qw.zero, qw.scale, bits, group_size, torch.float16)
+    from auto_quant.quant import dequantize as ref_dequantize
+
+    ref = ref_dequantize(qw.codes, qw.scale.to(torch.float16).float(), qw.zero, qw.spec)
+    assert torch.allclose(dequantize(kw), ref, atol=0, rtol=0)
+    assert (kw.zeros is None) == sym
+    if bits == 3:
+        assert kw.qweight_hi is not None and kw.qweight.shape[0] == -(-200 // 16)
+
+
+def test_from_quant_linear_reuses_gptq_qweight():
+    from auto_quant.inference.qlinear import QuantLinear
+
+    qw = quantized(64, 256, 4, 128, True)
+    for layout in ("gptq", "gptq_v2"):
+        m = QuantLinear.from_quantized(qw, None, layout=layout)
+        kw = from_quant_linear(m)
+        assert kw.qweight.data_ptr() == m.qweight.data_ptr() and kw.zeros is None
+        assert torch.equal(dequantize(kw), m.dequantize_weight())
+    for layout, bits in (("awq", 4), ("gptq_v2", 3)):
+        q = quantized(64, 256, bits, 32, False)
+        m = QuantLinear.from_quantized(q, None, layout=layout)
+        assert torch.equal(dequantize(from_quant_linear(m)), m.dequantize_weight())
+
+
+# ------------------------------------------------------------------------ kernels (interpreter)
+# Triton chooses interpreter or compiler when its modules are decorated, at import, and importing
+# auto_quant already imports triton; so the interpreted runs happen in one child process started
+# with TRITON_INTERPRET=1, and the tests below check its per-combination results.
+
+VARIANTS = [
+    # (M, kind, block_m, block_n, word rows per tile, split_k); block_k = rows x codes per word
+    (1, "fma", 1, 64, 2, 1),
+    (1, "fma", 1, 32, 4, 3),
+    (5, "dot", 16, 32, 16, 2),
+    (20, "dot", 16, 64, 16, 1),
+    (6, "dequant", 1, 64, 2, 1),
+]
+COMBOS = [(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (True, False)]
+TOL = 8e-3  # bf16 output rounding is ~4e-3
+
+
+def run_interpreter_checks() -> dict:
+    """Runs in the child process: every combination x dtype x variant; returns errors per combination."""
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.inference.triton_backend import prepare
+    from auto_quant.kernels.dispatch import Workspace, _cfg, quant_matmul
+
+    out = {}
+    N, K = 48, 160  # K not a multiple of 64 or 128: partial tiles and a partial last group
+    for bits, group_size, sym in COMBOS:
+        qw = quantized(N, K, bits, group_size, sym, seed=bits * 7 + group_size)
+        kw = pack_codes(qw.codes, qw.zero, qw.scale, bits, group_size, torch.float16)
+        W = dequantize(kw).double()
+        ws = Workspace()
+        g = torch.Generator().manual_seed(1)
+        errs = []
+        c = COMBOS.index((bits, group_size, sym))
+        for i, (M, kind, bm, bn, bkw, split) in enumerate(VARIANTS):  # fp16/bf16 alternate across combos
+            dt = torch.float16 if (i + c) % 2 == 0 else torch.bfloat16
+            x = torch.randn(M, K, generator=g).to(dt)
+            bias = torch.randn(N, generator=g).to(dt)
+            y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split), workspace=ws)
+            ref = x.double() @ W.t() + bias.double()
+            ok = y.dtype == dt and tuple(y.shape) == (M, N) and bool(torch.isfinite(y).all())
+            errs.append([str(dt), M, kind, split, rel_err(y, ref) if ok else 1e9])
+        clean = all(not a.any() and not c.any() for a, c in ws._bufs.values())
+        out[f"{bits},{group_size},{sym}"] = {"errors": errs, "workspace_clean": clean}
+    # defaults (no config), 3-D input, and a QuantLinear through the triton backend's prepare()
+    qw = quantized(32, 256, 4, 64, False)
+    kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
+    W = dequantize(kw).double()
+    extra = []
+    for M in (1, 3, 40, 300):
+        x = torch.randn(2, M, 256, dtype=torch.float16)
+        y = quant_matmul(x, kw)
+        extra.append(["default", M, list(y.shape), rel_err(y, x.double() @ W.t())])
+    qw = quantized(48, 192, 3, 32, False)
+    m = QuantLinear.from_quantized(qw, torch.randn(48), layout="gptq_v2", bias_dtype=torch.float16)
+    x = torch.randn(4, 192, dtype=torch.float16)
+    extra.append(["triton_backend", 4, [4, 48], rel_err(prepare(m)(x), m.forward_reference(x.float()))])
+    out["extra"] = extra
+    return out
+
+
+@pytest.fixture(scope="module")
+def interp():
+    code = ("import json, sys; sys.path.insert(0, %r); import test_kernels as t; "
+            "print('RESULT' + json.dumps(t.run_interpreter_checks()))" % TESTS_DIR)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    assert r.returncode == 0 and lines, r.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+@pytest.mark.parametrize("bits,group_size,sym", COMBOS)
+def test_kernels_match_reference(interp, bits, group_size, sym):
+    res = interp[f"{bits},{group_size},{sym}"]
+    assert len(res["errors"]) == len(VARIANTS)
+    bad = [e for e in res["errors"] if not e[-1] < TOL]
+    assert not bad, bad
+    assert res["workspace_clean"]  # split-K leaves its workspace zeroed and its counters reset
+
+
+def test_default_configs_3d_input_and_backend(interp):
+    for name, M, shape, err in interp["extra"]:
+        assert err < 5e-3, (name, M, err)
+        if name == "default":
+            assert shape == [2, M, 32]
+
+
+def test_default_config_choice_and_bad_input():
+    from auto_quant.kernels.dispatch import default_config, quant_matmul
+
+    cpu = torch.device("cpu")
+    assert default_config(1, 4096, 4096, cpu).kind == "fma"
+    assert default_config(16, 4096, 4096, cpu).kind == "dot"
+    assert default_config(512, 4096, 4096, cpu).kind == "dequant"
+    qw = quantized(32, 256, 4, 64, False)
+    kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
+    with pytest.raises(ValueError, match="takes 256"):
+        quant_matmul(torch.randn(2, 128, dtype=torch.float16), kw)
