@@ -322,7 +322,30 @@ def llama_cpp_q4_0(gguf_path: str, threads: int, tokens: int):
             "note": "includes one prompt evaluation (6 tokens)"}
 
 
+def summary(path: str) -> None:
+    """Print a compact table from a gpu JSON result (or the JSON lines the run streams to stderr)."""
+    rows, e2e = [], None
+    text = open(path).read()
+    try:
+        doc = json.loads(text)
+        rows, e2e = doc.get("matmul", []), doc.get("e2e")
+    except json.JSONDecodeError:
+        for line in text.splitlines():
+            if line.startswith("{") and '"speedup_vs_bf16"' in line:
+                rows.append(json.loads(line))
+    for r in rows:
+        c = r.get("config") or {}
+        print(f"W{r['bits']}g{r['group_size']}{'s' if r['sym'] else 'a'} {r['N']:>5}x{r['K']:<5} M={r['M']:<4} "
+              f"{r['us']:8.2f}us bf16 {r['bf16_us']:8.2f}us x{r['speedup_vs_bf16']:5.2f} {r['eff_TBps']:5.2f}TB/s "
+              f"{c.get('kind', '?')}:{c.get('block_m')}x{c.get('block_n')}x{c.get('block_k')}s{c.get('split_k')}"
+              f"w{c.get('num_warps')}")
+    if e2e:
+        print(json.dumps(e2e))
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "summary":
+        return summary(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="where", required=True)
     g = sub.add_parser("gpu")
