@@ -267,12 +267,13 @@ def test_hub_pile_10k_when_online(tok):
 
 def test_default_source_offline(tok, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    installed = [n for n in OFFLINE_DEFAULT_ORDER if CORPORA[n].available([DATA_DIR])]
     with caplog.at_level(logging.INFO, logger="auto_quant.calib"):
-        name = default_source([DATA_DIR])
-    assert name in OFFLINE_DEFAULT_ORDER and f"offline source {name!r}" in caplog.text
-    assert name == next(n for n in OFFLINE_DEFAULT_ORDER if CORPORA[n].available([DATA_DIR]))
-    cs = build(None, tok, nsamples=2)
-    assert cs.description == name
+        spec = default_source([DATA_DIR])
+    assert spec == ",".join(installed) and "offline corpora" in caplog.text
+    assert default_source([DATA_DIR], nsamples=1) == installed[0]
+    cs = build(None, tok, nsamples=len(installed) + 1)
+    assert cs.description == spec and [s.samples for s in cs.summaries][0] == 2  # equal shares, rest to the first
     for n in list(CORPORA):
         monkeypatch.setitem(CORPORA, n, replace(CORPORA[n], locate=lambda roots: None))
     with pytest.raises(CalibrationError, match="no calibration data is available") as ei:

