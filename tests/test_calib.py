@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from auto_quant.calib import CalibrationSet, build_calibration, default_source, parse_dataset_spec
+from auto_quant.calib import CalibrationSet, build_calibration, default_source
 from auto_quant.calib import sources as src_mod
 from auto_quant.calib.assemble import SpecialTokens, allocate, pack_documents
-from auto_quant.calib.hub import HUB_SOURCES, datasets_installed
+from auto_quant.calib.hub import datasets_installed
 from auto_quant.calib.sources import CORPORA, OFFLINE_DEFAULT_ORDER, file_split, split_sections
 from auto_quant.errors import CalibrationError, CalibrationSpecError
 
@@ -126,6 +126,10 @@ def test_folder_sources_by_path(tok, tmp_path):
     pydoc = need("pydoc")
     cs = build(pydoc.root, tok, nsamples=2)  # a Path needs no quoting
     _assert_shape(cs, 2, 64)
+    odd = tmp_path / "a,b:c=d"
+    odd.mkdir()
+    (odd / "t.txt").write_text("State of the Union text. " * 50)
+    _assert_shape(build(str(odd), tok, nsamples=1), 1, 64)  # an existing path needs no quoting
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="holds no .txt"):
         build(str(tmp_path / "empty"), tok)

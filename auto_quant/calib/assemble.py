@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,8 @@ def _to_spec(dataset) -> tuple[DatasetSpec | None, str, MemorySource | None]:
         s = SourceSpec(source=os.fspath(dataset))
         return DatasetSpec((s,)), str(s), None
     if isinstance(dataset, str):
-        if os.path.exists(os.path.expanduser(dataset)):  # a path with , : or = in it needs no quoting
+        if any(c in dataset for c in ",:=\"'") and os.path.exists(os.path.expanduser(dataset)):
+            # an existing path with spec characters in it needs no quoting
             s = SourceSpec(source=dataset)
             return DatasetSpec((s,)), str(s), None
         return parse_dataset_spec(dataset), dataset, None
