@@ -2,9 +2,10 @@
 
 Each sequence starts from one uniformly drawn ordinary token (after BOS when the tokenizer adds
 one) and continues by sampling the model's own next-token distribution at ``temperature``
-(0 = greedy), batched with a KV cache. Each sequence has its own seeded random generator, so
-the same seed gives the same text whatever the batch size (on the same device and dtype), and
-the process-wide random state is not touched.
+(0 = greedy), batched with a KV cache. Each sequence has its own seeded random generators (the
+first token drawn on the CPU, the rest on the model's device), so the same seed gives the same
+text whatever the batch size (on the same kind of device and dtype), and the process-wide random
+state is not touched.
 """
 
 from __future__ import annotations
@@ -59,14 +60,17 @@ def generate_token_documents(model, tokenizer, count: int, length: int, temperat
     try:
         for start in range(0, count, batch):
             b = min(batch, count - start)
-            # one generator per sequence: the text does not depend on the batch size
-            gens = [torch.Generator().manual_seed((seed * 1_000_003 + start + r) % (2**63)) for r in range(b)]
-            first = torch.stack([cands[torch.randint(len(cands), (1,), generator=g)] for g in gens])
-            ids = first if bos is None else torch.cat([torch.full((b, 1), bos), first], dim=1)
-            res = model(input_ids=ids.to(device), use_cache=True)
+            # one generator per sequence, so the text does not depend on the batch size; sampling
+            # stays on the model's device (no host round trip per token)
+            seeds = [(seed * 1_000_003 + start + r) % (2**63) for r in range(b)]
+            first = torch.stack([cands[torch.randint(len(cands), (1,), generator=torch.Generator().manual_seed(sd))]
+                                 for sd in seeds]).to(device)
+            gens = [torch.Generator(device=device).manual_seed(sd + 1) for sd in seeds]
+            ids = first if bos is None else torch.cat([torch.full((b, 1), bos, device=device), first], dim=1)
+            res = model(input_ids=ids, use_cache=True)
             toks = [first]
             for _ in range(length - 1):
-                logits = res.logits[:, -1, :vocab].float().cpu()
+                logits = res.logits[:, -1, :vocab].float()
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)
                 else:
@@ -74,7 +78,7 @@ def generate_token_documents(model, tokenizer, count: int, length: int, temperat
                     nxt = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(b)])
                 toks.append(nxt)
                 past = res["cache"] if "cache" in res else res["past_key_values"]
-                res = model(input_ids=nxt.to(device), use_cache=True, **{cache_kw: past})
+                res = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
             out.extend(torch.cat(toks, dim=1).tolist())
     finally:
         model.train(was_training)
