@@ -366,15 +366,19 @@ def build_calibration(dataset, tokenizer, nsamples: int, seqlen: int, seed: int 
     key = None
     if cache_dir is not None and tokenizer is not None and all(src.kind in ("corpus", "folder", "file", "hub") for _, src in items):
         cache_dir = cache_mod.default_cache_dir() if cache_dir == "auto" else Path(cache_dir)
-        try:
-            stamps = [src.stamp(data_dirs) if src.kind in ("corpus", "folder", "hub") else src.stamp() for _, src in items]
-        except CalibrationError as e:
-            raise _positioned(e, text, items[0][0].position) from None
+        stamps = []
+        for item, src in items:
+            try:
+                stamps.append(src.stamp(data_dirs) if src.kind in ("corpus", "folder", "hub") else src.stamp())
+            except CalibrationError as e:
+                raise _positioned(e, text, item.position) from None
         key = cache_mod.cache_key(dict(tok=cache_mod.tokenizer_fingerprint(tokenizer), spec=str(spec), seqlen=seqlen,
                                        nsamples=nsamples, seed=seed, stamps=stamps))
         entry = cache_mod.load_entry(cache_dir, key)
         if entry is not None:
             result = _from_entry(entry)
+            for summary in result.summaries:
+                log.info("%s (cached)", summary.line())
             log.info("calibration: %s -> %d samples x %d tokens (from the cache %s)", result.description, len(result),
                      seqlen, cache_dir)
             return result
