@@ -1,0 +1,115 @@
+"""One benchmark run in its own process (clean peak-memory accounting): load, quantize one way, score.
+
+Invoked by ``benchmarks/quality.py``; prints one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+SCHEMES = {
+    "w4g128": dict(bits=4, group_size=128, sym=True),
+    "w4g128asym": dict(bits=4, group_size=128, sym=False),
+    "w3g128": dict(bits=3, group_size=128, sym=True),
+    "w2g64": dict(bits=2, group_size=64, sym=True),
+}
+# auto_quant recipes (see recipes/*.yaml) and their Intel auto-round counterparts at the same settings
+RECIPES = {
+    "light": dict(iters=50, lr=5e-3),
+    "default": dict(iters=200),
+    "best": dict(iters=1000),
+}
+
+
+def load(model_path, device, dtype):
+    from auto_quant.models.loading import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model(model_path)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tok, time.perf_counter() - t0
+
+
+def run_auto_quant(model, tok, scheme, recipe, samples, args, device):
+    from auto_quant import AutoRound
+
+    r = dict(RECIPES[recipe]) if recipe != "rtn" else dict(iters=0)
+    if args.iters is not None and recipe != "rtn":
+        r["iters"] = args.iters
+    ar = AutoRound(model, tok, **SCHEMES[scheme], **r, nsamples=len(samples), seqlen=samples[0].numel(),
+                   batch_size=args.batch_size, dataset=[s.tolist() for s in samples], seed=args.seed,
+                   device=str(device), progress=False, init_search=not args.no_init_search)
+    t0 = time.perf_counter()
+    ar.quantize()
+    return time.perf_counter() - t0
+
+
+def run_intel(model, tok, scheme, recipe, samples, args, device):
+    from auto_round import AutoRound as IntelAutoRound
+
+    r = dict(RECIPES[recipe])
+    if args.iters is not None:
+        r["iters"] = args.iters
+    ar = IntelAutoRound(model, tok, **SCHEMES[scheme], **r, nsamples=len(samples), seqlen=samples[0].numel(),
+                        batch_size=args.batch_size, dataset=[s.reshape(1, -1) for s in samples], seed=args.seed,
+                        enable_torch_compile=args.intel_compile, device_map=str(device))
+    t0 = time.perf_counter()
+    ar.quantize()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--method", required=True, help="float | rtn | auto_quant:<recipe> | auto_round:<recipe>")
+    p.add_argument("--scheme", default="w4g128", choices=sorted(SCHEMES))
+    p.add_argument("--data", required=True, help=".pt with 'calib' and 'eval' token tensors")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--intel_compile", action="store_true")
+    p.add_argument("--no_init_search", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    data = torch.load(args.data)
+    model, tok, load_s = load(args.model, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    kind, _, recipe = args.method.partition(":")
+    tune_s = 0.0
+    if kind == "rtn":
+        tune_s = run_auto_quant(model, tok, args.scheme, "rtn", data["calib"], args, device)
+    elif kind == "auto_quant":
+        tune_s = run_auto_quant(model, tok, args.scheme, recipe, data["calib"], args, device)
+    elif kind == "auto_round":
+        tune_s = run_intel(model, tok, args.scheme, recipe, data["calib"], args, device)
+    elif kind != "float":
+        raise SystemExit(f"unknown method {args.method}")
+    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    from auto_quant.eval.perplexity import perplexity
+
+    model.to(device)
+    windows = [{"input_ids": w} for w in data["eval"]]
+    ppl = perplexity(model, windows, batch_size=4, progress=False).ppl
+    out = {
+        "method": args.method, "scheme": args.scheme if kind != "float" else "float", "ppl": ppl,
+        "tune_seconds": round(tune_s, 2), "load_seconds": round(load_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": None if peak_gpu is None else round(peak_gpu / 2**20, 1),
+        "iters": args.iters, "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
+    }
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
