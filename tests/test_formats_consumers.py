@@ -29,7 +29,7 @@ DOWN0 = "model.layers.0.mlp.down_proj"
 
 # name: (format, AutoRound kwargs, edge zeros group or None, consumer dtype, ct dequantize path)
 CASES = {
-    "gptq_sym4_g32_tuned": ("auto_gptq", dict(bits=4, group_size=32, sym=True, iters=2), None, "float16", False),
+    "gptq_sym4_g32": ("auto_gptq", dict(bits=4, group_size=32, sym=True), None, "float16", False),
     "gptq_asym4_g32_edges": ("auto_gptq", dict(bits=4, group_size=32, sym=False), 32, "float16", False),
     "gptq_sym3_g64": ("auto_gptq", dict(bits=3, group_size=64, sym=True), None, "float16", False),
     "gptq_asym2_g32_edges": ("auto_gptq", dict(bits=2, group_size=32, sym=False), 32, "float16", False),
@@ -63,8 +63,7 @@ def consumed(tmp_path_factory):
         model = tiny_llama(seed=len(made))
         if edge is not None:
             force_edge_zeros(model, group=edge)
-        ar = AutoRound(model, None, nsamples=4, seqlen=32, batch_size=2, progress=False,
-                       dataset=[ids(1, 64, s)[0].tolist() for s in range(4)], **{"iters": 0, **kw})
+        ar = AutoRound(model, None, iters=0, progress=False, **kw)  # RTN: the formats, not the tuner, are tested
         ar.quantize()
         with torch.no_grad():
             ref = model(x).logits
@@ -111,7 +110,7 @@ def test_gptq_sym_is_legacy_with_signed_scales_and_asym_is_v2(consumed):
     from safetensors.torch import load_file
 
     made, _ = consumed
-    sym = made["gptq_sym4_g32_tuned"]["dir"]
+    sym = made["gptq_sym4_g32"]["dir"]
     qc = json.loads((sym / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq" and qc["sym"] is True and qc["quant_method"] == "gptq"
     assert json.loads((sym / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
