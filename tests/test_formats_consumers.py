@@ -123,6 +123,15 @@ def test_gptq_sym_is_legacy_with_signed_scales_and_asym_is_v2(consumed):
     assert z[0, 0] == 0 and z[1, 0] == 15, "the edge zeros the test relies on"
 
 
+def test_ct_sym_keeps_signed_scales_and_no_zero_point(consumed):
+    from safetensors.torch import load_file
+
+    made, _ = consumed
+    sd = load_file(str(made["ct_sym4_g32"]["dir"] / "model.safetensors"))
+    assert any(bool((v < 0).any()) for k, v in sd.items() if k.endswith(".weight_scale"))
+    assert not any(k.endswith(".weight_zero_point") for k in sd)
+
+
 def test_awq_scales_are_positive_even_for_signed_sym(consumed):
     from safetensors.torch import load_file
 

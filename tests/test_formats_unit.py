@@ -92,6 +92,10 @@ def test_harmonise_policies():
     assert out[K] == out[V] == s8 and out["model.layers.0.self_attn.o_proj"] == s4
     assert harmonise({Q: None, K: s4, V: s4})[K] is None  # 16 bits is the most precise
     assert harmonise({Q: QuantSpec(4, 32, True), K: QuantSpec(4, 128, False), V: s4})[V] == QuantSpec(4, 32, True)
+    # a layer_config rule's setting wins over the scheme default, even when less precise
+    s3a = QuantSpec(3, 32, False)
+    out = harmonise({"m.0.mlp.gate_proj": s4, "m.0.mlp.up_proj": s3a}, explicit={"m.0.mlp.up_proj"})
+    assert out["m.0.mlp.gate_proj"] == s3a
     assert harmonise(specs, "off") == specs
     with pytest.raises(LayerConfigError, match="fuse"):
         harmonise(specs, "error")

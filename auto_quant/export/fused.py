@@ -8,9 +8,9 @@ refuses "some but not all shards" of a fused layer, or mis-decodes it).
 
 ``FUSED_RULES`` is the declarative table of what is fused. ``fused_sets`` groups concrete
 layer names by it; ``harmonise`` makes every set consistent before any tuning time is spent:
-policy ``"harmonise"`` gives the whole set the most precise spec present in it (16 bits
-beats any integer; then more bits, then the smaller group, then asymmetric) and logs a
-warning; ``"error"`` raises :class:`~auto_quant.errors.LayerConfigError` naming the set and
+policy ``"harmonise"`` gives the whole set the setting a ``layer_config`` rule asked for in
+it (several rules: the most precise of them; 16 bits beats any integer, then more bits, then
+the smaller group, then asymmetric) and logs a warning; ``"error"`` raises :class:`~auto_quant.errors.LayerConfigError` naming the set and
 the fix; ``"off"`` leaves the specs alone (for checkpoints only transformers will run).
 """
 
@@ -113,8 +113,12 @@ def inconsistent_sets(specs: dict[str, QuantSpec | None]) -> list[list[str]]:
             if not any(_llama_cpp_grid(specs[n]) for n in g) and any(not _same(specs[g[0]], specs[n]) for n in g[1:])]
 
 
-def harmonise(specs: dict[str, QuantSpec | None], policy: str = "harmonise") -> dict[str, QuantSpec | None]:
-    """``specs`` with every fused set consistent (see the module doc for the policies)."""
+def harmonise(specs: dict[str, QuantSpec | None], policy: str = "harmonise",
+              explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, QuantSpec | None]:
+    """``specs`` with every fused set consistent (see the module doc for the policies).
+
+    ``explicit``: layers whose spec a ``layer_config`` rule set; their setting wins in their set.
+    """
     if policy not in FUSED_POLICIES:
         raise ConfigError(f"fused_layers={policy!r} is not a policy; use one of {', '.join(FUSED_POLICIES)}")
     if policy == "off":
@@ -131,7 +135,8 @@ def harmonise(specs: dict[str, QuantSpec | None], policy: str = "harmonise") -> 
                 "setting (e.g. a regex covering all of them), or pass fused_layers='harmonise' to use the most "
                 "precise setting for all, or fused_layers='off' if only transformers will run the checkpoint"
             )
-        best = max((specs[n] for n in group), key=_precision)
+        chosen = [n for n in group if n in explicit] or group
+        best = max((specs[n] for n in chosen), key=_precision)
         for n in group:
             out[n] = best
         log.warning("fused layers %s had different settings; all now use %s (serving engines fuse them)", detail,

@@ -61,7 +61,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str
         specs[name] = cfg.spec_for(name)
     if head_name is not None:
         specs[head_name] = cfg.spec_for(head_name, is_lm_head=True)
-    specs = harmonise_fused(specs, getattr(cfg, "fused_layers", "harmonise"))
+    explicit = {n for n in specs if any(r.matches(n) for r in cfg.layer_rules)}
+    specs = harmonise_fused(specs, getattr(cfg, "fused_layers", "harmonise"), explicit)
     return blist, specs, head_name
 
 
