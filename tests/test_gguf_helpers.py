@@ -117,6 +117,20 @@ def torch_ppl(model, windows) -> float:
     return math.exp(tot / cnt)
 
 
+class torch_threads:
+    """Run a block with ``n`` torch threads, restoring the previous count (real-model tests on shared cores)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
+
+
 def only_gguf(out_dir):
     files = sorted(p for p in out_dir.iterdir() if p.suffix == ".gguf")
     assert len(files) == 1, files

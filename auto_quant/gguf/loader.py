@@ -1,13 +1,13 @@
 """``from_gguf``: a GGUF file → a float transformers model and its tokenizer.
 
-For the architectures auto_quant writes (llama — which also holds Mistral —, qwen2, qwen3,
-gemma, gemma2, gemma3) auto_quant reads the file itself: the config from the ``<arch>.*``
-keys, every tensor dequantized with gguf-py, q/k rows un-permuted and Gemma's ``1 + w`` norm
-shift undone — the exact inverse of :mod:`auto_quant.export.gguf`. transformers' GGUF mapping
-misses keys these need (Qwen3's and Gemma's head_dim, Gemma's soft-capping, sliding-window
-pattern and local RoPE base; Gemma 1 is not mapped at all), so it is used for every other
-architecture it supports, and as the fallback (e.g. llama3 ``rope_freqs``). The tokenizer
-always comes from transformers' GGUF tokenizer converter.
+transformers' own GGUF loading is used where it reads a file exactly (llama — which also holds
+Mistral — and qwen2, and every architecture auto_quant does not write). For qwen3 and the Gemma
+family its GGUF mapping misses keys (Qwen3's and Gemma's head_dim, Gemma's soft-capping,
+sliding-window pattern, local RoPE base; Gemma 1 is not mapped at all), so auto_quant rebuilds
+those itself: the config from the ``<arch>.*`` keys, every tensor dequantized with gguf-py, q/k
+rows un-permuted and Gemma's ``1 + w`` norm shift undone — the exact inverse of
+:mod:`auto_quant.export.gguf`. It is also the fallback when transformers fails on a supported
+architecture. The tokenizer always comes from transformers' GGUF tokenizer converter.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from auto_quant.gguf.reader import field_value, open_gguf, tensor_array
 log = logging.getLogger(__name__)
 
 OWN_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+TRANSFORMERS_EXACT = ("llama", "qwen2")  # transformers' GGUF mapping reads these completely
 
 
 def _kv(reader, arch: str, key: str, default=None):
@@ -191,31 +192,27 @@ def tokenizer_from_gguf(reader, path):
 def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """``(model, tokenizer)`` of a GGUF file: a float transformers causal LM (weights dequantized).
 
-    ``backend``: ``"auto"`` (auto_quant's reader for the architectures it writes, transformers'
-    for the rest and as fallback), ``"auto_quant"`` or ``"transformers"``. Truncated or
-    corrupted files raise :class:`~auto_quant.errors.GGUFFileError`.
+    ``backend``: ``"auto"`` (transformers where it reads the file exactly — llama, qwen2 and the
+    architectures auto_quant does not write —, auto_quant's reader for qwen3 and the Gemma family
+    and as the fallback), ``"auto_quant"`` or ``"transformers"``. Truncated or corrupted files
+    raise :class:`~auto_quant.errors.GGUFFileError`.
     """
     if backend not in ("auto", "transformers", "auto_quant"):
         raise ModelLoadError(f"backend={backend!r}; use 'auto', 'transformers' or 'auto_quant'")
     p = Path(os.path.expanduser(str(path)))
     reader = open_gguf(p)
     arch = field_value(reader, "general.architecture")
-    model = None
-    if backend == "auto_quant" or (backend == "auto" and arch in OWN_ARCHS):
-        try:
-            model = model_from_gguf(reader, p, dtype)
-        except GGUFFileError:
-            raise
-        except ModelLoadError as e:
-            if backend == "auto_quant":
-                raise
-            log.info("from_gguf: %s; using transformers' GGUF loader", e)
+    own = backend == "auto_quant" or (backend == "auto" and arch in OWN_ARCHS and arch not in TRANSFORMERS_EXACT)
+    model = model_from_gguf(reader, p, dtype) if own else None
     if model is None:
         from transformers import AutoModelForCausalLM
 
         try:
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
         except Exception as e:
-            raise ModelLoadError(f"transformers could not load {str(p)!r}: {type(e).__name__}: {e}") from None
+            if backend == "transformers" or arch not in OWN_ARCHS:
+                raise ModelLoadError(f"transformers could not load {str(p)!r}: {type(e).__name__}: {e}") from None
+            log.info("from_gguf: transformers could not load %s (%s); using auto_quant's reader", p.name, e)
+            model = model_from_gguf(reader, p, dtype)
     model.eval()
     return model, tokenizer_from_gguf(reader, p)

@@ -50,10 +50,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype | str 
         kwargs["dtype"] = dtype
     try:
         if path.is_file() and path.suffix == ".gguf":
-            kwargs.setdefault("dtype", torch.float32)
-            m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            return m, tok
+            from auto_quant.gguf import from_gguf  # typed errors for broken files; gemma/qwen3 read exactly
+
+            return from_gguf(path, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{str(path)!r} is a directory without config.json; it is not a transformers model")
