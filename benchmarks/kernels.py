@@ -11,7 +11,8 @@ GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N]
     one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend.
 CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32]
   * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
-    (RTN, ``torch_cpu_int4`` backend) vs llama.cpp Q4_0 (llama-cpp-python, when installed).
+    (RTN, ``torch_cpu_int4`` backend), with the tied lm_head left float and with it quantized
+    too, vs llama.cpp Q4_0 (llama-cpp-python, when installed) on the same model.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 qw = quantize_weight(child.weight.detach().float(), spec)
-                q = QuantLinear.from_quantized(qw, None, layout="gptq", bias_dtype=torch.bfloat16)
+                q = QuantLinear.from_quantized(qw, None, layout="gptq", bias_dtype=torch.bfloat16).to(dev)
                 qbytes += sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
                 setattr(mod, child_name, q)
                 del child
@@ -221,12 +222,13 @@ def gpu_main(args):
     ms = [1, 16, 256] if args.quick else MS
     shapes = SHAPES[:2] if args.quick else SHAPES
     formats = [dict(bits=4, group_size=128, sym=True),
-               dict(bits=2, group_size=64, sym=True, ms=[1, 16, 256]),
-               dict(bits=8, group_size=128, sym=True, ms=[1, 16, 256]),
-               dict(bits=3, group_size=128, sym=True, ms=[1, 16]),
-               dict(bits=4, group_size=128, sym=False, ms=[1, 16])]
+               dict(bits=2, group_size=64, sym=True, ms=[1]),
+               dict(bits=8, group_size=128, sym=True, ms=[1])]
+    if args.all_formats:
+        formats += [dict(bits=2, group_size=64, sym=True, ms=[16, 256]), dict(bits=8, group_size=128, sym=True, ms=[16, 256]),
+                    dict(bits=3, group_size=128, sym=True, ms=[1, 16]), dict(bits=4, group_size=128, sym=False, ms=[1, 16])]
     if args.quick:
-        formats = formats[:3]
+        formats = formats[:1]
     t = time.time()
     result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0))
     result["matmul_seconds"] = round(time.time() - t, 1)
@@ -265,28 +267,34 @@ def cpu_main(args):
     model.eval()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     res["float32_tokens_per_s"] = round(decode_tps(model, ids, args.tokens), 2)
-    tmp = tempfile.mkdtemp(prefix="aq_bench_")
-    try:
-        ar = AutoRound(model, tok, bits=4, group_size=args.group_size, sym=True, iters=0, progress=False)
-        ar.quantize_and_save(tmp)
-        del model, ar
-        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        backends = sorted({getattr(m, "backend", None) for m in qm.modules() if hasattr(m, "kernel")})
-        res[f"w4g{args.group_size}_backends"] = backends
-        res[f"w4g{args.group_size}_tokens_per_s"] = round(decode_tps(qm, ids, args.tokens), 2)
-        from auto_quant.inference.backends import detach_backends
+    gs = args.group_size
+    for head in (False, True):
+        label = f"w4g{gs}" + ("_lm_head_w4" if head else "")
+        tmp = tempfile.mkdtemp(prefix="aq_bench_")
+        try:
+            if head:  # quantize() leaves the in-memory model fake-quantized: start again from the float one
+                model, tok = load_model(None)
+            ar = AutoRound(model, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False, quant_lm_head=head)
+            ar.quantize_and_save(tmp)
+            del ar
+            qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            res[f"{label}_backends"] = sorted({m.backend for m in qm.modules() if hasattr(m, "kernel")})
+            res[f"{label}_tokens_per_s"] = round(decode_tps(qm, ids, args.tokens), 2)
+            res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in __import__("pathlib").Path(tmp).glob("*.safetensors")) / 2**20, 1)
+            if args.reference and not head:
+                from auto_quant.inference.backends import detach_backends
 
-        if args.reference:
-            detach_backends(qm)
-            res[f"w4g{args.group_size}_torch_reference_tokens_per_s"] = round(decode_tps(qm, ids, 8), 2)
-        del qm
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res["quantized_vs_float"] = round(res[f"w4g{args.group_size}_tokens_per_s"] / res["float32_tokens_per_s"], 3)
+                detach_backends(qm)
+                res[f"{label}_torch_reference_tokens_per_s"] = round(decode_tps(qm, ids, 8), 2)
+            del qm
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        res[f"{label}_vs_float"] = round(res[f"{label}_tokens_per_s"] / res["float32_tokens_per_s"], 3)
     res["llama_cpp"] = llama_cpp_q4_0(str(default_model_path()), args.threads, args.tokens)
     if isinstance(res["llama_cpp"], dict) and "tokens_per_s" in res["llama_cpp"]:
-        res["quantized_vs_llama_cpp_q4_0"] = round(
-            res[f"w4g{args.group_size}_tokens_per_s"] / res["llama_cpp"]["tokens_per_s"], 3)
+        for head in ("", "_lm_head_w4"):
+            res[f"w4g{gs}{head}_vs_llama_cpp_q4_0"] = round(
+                res[f"w4g{gs}{head}_tokens_per_s"] / res["llama_cpp"]["tokens_per_s"], 3)
     print(json.dumps(res, indent=1))
     del auto_quant
 
@@ -352,6 +360,7 @@ def main():
     g.add_argument("--quick", action="store_true")
     g.add_argument("--no-e2e", action="store_true")
     g.add_argument("--layers", type=int, default=32)
+    g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--tokens", type=int, default=64)

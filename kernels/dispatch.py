@@ -82,8 +82,8 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4) 
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
     if M == 1:
-        bn, bkw = 256, 8
-        c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=3)
+        bn, bkw = 512, 4
+        c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
     if M <= 64:
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -104,7 +104,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> l
             c = _cfg(kind, bm, bn, bkw, bits, 1, warps, stages)
             tiles = _cdiv(N, bn) * (M if kind == "fma" else _cdiv(M, bm))
             auto = auto_split(tiles, K, c.block_k, fill * sms)
-            split = {"auto": auto, "half": max(1, auto // 2), "double": auto * 2}.get(s, s)
+            split = {"auto": auto, "half": max(1, auto // 2), "quarter": max(1, auto // 4),
+                     "double": auto * 2}.get(s, s)
             if split > 1 and K < c.block_k * 2 * split:
                 continue
             c = dataclasses.replace(c, split_k=split)
@@ -112,20 +113,18 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> l
                 out.append(c)
 
     if M == 1:
-        for bn, bkw, w in ((256, 8, 4), (512, 8, 8), (256, 16, 8), (128, 16, 4), (512, 4, 4), (1024, 4, 8)):
-            add("fma", 1, bn, bkw, w, 3, splits=("auto", "double"), fill=2)
-        add("dot", 16, 64, 16, 4, 3)
+        for bn, bkw, w in ((512, 4, 4), (256, 8, 4), (512, 8, 8), (1024, 4, 8)):
+            add("fma", 1, bn, bkw, w, 1, splits=("auto", "half", "quarter"), fill=2)
     elif M <= 16:
-        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (256, 16, 8), (64, 32, 4)):
+        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
             add("dot", 16, bn, bkw, w, 3, splits=("auto", "double"))
     elif M <= 64:
         bm = 32 if M <= 32 else 64
-        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
+        for bn, bkw, w in ((64, 16, 4), (128, 16, 8)):
             add("dot", bm, bn, bkw, w, 3, splits=("auto", 1))
     else:
-        for bm, bn, bkw, w, st in ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3), (128, 256, 16, 8, 3), (64, 64, 16, 4, 4)):
+        for bm, bn, bkw, w, st in ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3), (128, 256, 16, 8, 3)):
             add("dot", bm, bn, bkw, w, st, splits=(1,))
-        out.append(_cfg("dequant", 1, 64, 4, bits))
         out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))
     return out
 
@@ -194,9 +193,9 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
     k._qmm_kernel[(grid_n, grid_m, split)](
         x2, w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
         w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out, out, acc, cnt,
-        M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split,
+        M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split, split,
         BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         EVEN_K=K % cfg.block_k == 0, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -4,18 +4,20 @@
 layout (codes packed along K; ``PER`` codes per int32 word row: 16 for 2 bits, 8 for 4 bits, 4 for
 8 bits, 16 for 3 bits whose high bit lives in a separate 1-bit plane).
 
-Each program loads a tile of packed words ``[BLOCK_K / PER, BLOCK_N]`` once (coalesced along N)
-and walks the ``PER`` codes of every word with a static loop: code ``j`` of word row ``r`` is
-input ``k = r * PER + j``, so the matching activations are the strided slice ``x[..., r * PER + j]``.
-No word is loaded twice and no reshape is needed.
+Each program loads a tile of packed words ``[BLOCK_K / PER, BLOCK_N]`` once (coalesced along N);
+code ``j`` of word row ``r`` is input ``k = r * PER + j``, so the matching activations are the
+strided slice ``x[..., r * PER + j]``. No word is loaded twice.
 
 * ``fma`` (M == 1): ``part[r, n] += x[r*PER + j] * (code - zero)`` in fp32 registers, then
   ``acc += part * scale`` once per word row (every word lies inside one quantization group), so
-  each weight costs a shift, a mask, a subtract and one FMA. One reduction at the end.
-* ``dot`` (M >= 2): ``PER`` tensor-core dots of depth ``BLOCK_K / PER`` per tile. When the tile
-  lies in one group, the exact integers ``code - zero`` go into the dots and the scale multiplies
-  the tile's partial product; otherwise each element is scaled before its dot.
-* split-K for both: ``SPLIT_K`` programs share an output tile; each adds its fp32 partial into a
+  each weight costs a shift, a mask, a subtract and one FMA. The next word tile is loaded before
+  the current one is used (software prefetch). One reduction at the end.
+* ``dot`` (M >= 2): the tile's codes are expanded to ``[PER, BLOCK_K / PER, BLOCK_N]`` and
+  flattened to ``[BLOCK_K, BLOCK_N]`` in (code, word row) order, the activations are gathered in
+  the same order, and one tensor-core dot consumes the tile. When the tile lies in one group,
+  the exact integers ``code - zero`` go into the dot and the scale multiplies the tile's partial
+  product; otherwise each element is scaled first.
+* split-K for both: ``n_splits`` programs share an output tile; each adds its fp32 partial into a
   zero-at-rest workspace with atomics and bumps a per-tile counter; the last to arrive reads the
   sum back atomically, zeroes the workspace tile, adds the bias, writes the output and resets the
   counter. One launch, no memset, CUDA-graph safe.
@@ -56,12 +58,12 @@ def _code(lo, hi, j: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_groups, stride_xm, stride_om, rows_per_split,
+    M, N, K, n_groups, stride_xm, stride_om, rows_per_split, n_splits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # GROUP == 0: per-channel. One group per tile when GROUP % BLOCK_K == 0; else per word row.
+    # SPLIT: n_splits > 1 programs share each output tile (grid axis 2). GROUP == 0: per-channel. One group per tile when GROUP % BLOCK_K == 0; else per word row.
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
@@ -91,13 +93,23 @@ def _qmm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 
+    if BLOCK_M == 1:  # the GEMV prefetches the next word tile while it computes on this one
+        rows = r_lo + offs_r
+        lo_next, hi_next = _words(qw_ptr, qh_ptr, rows, offs_n, N, (rows < r_hi)[:, None] & n_mask[None, :], BITS)
+
     for r0 in range(r_lo, r_hi, BKW):
         rows = r0 + offs_r
-        if EVEN_K:
-            w_mask = n_mask[None, :]
+        if BLOCK_M == 1:
+            lo = lo_next
+            hi = hi_next
+            nxt = rows + BKW
+            lo_next, hi_next = _words(qw_ptr, qh_ptr, nxt, offs_n, N, (nxt < r_hi)[:, None] & n_mask[None, :], BITS)
         else:
-            w_mask = (rows < n_rows)[:, None] & n_mask[None, :]
-        lo, hi = _words(qw_ptr, qh_ptr, rows, offs_n, N, w_mask, BITS)
+            if EVEN_K:
+                w_mask = n_mask[None, :]
+            else:
+                w_mask = (rows < n_rows)[:, None] & n_mask[None, :]
+            lo, hi = _words(qw_ptr, qh_ptr, rows, offs_n, N, w_mask, BITS)
         # zero (as 2**23 + zero) and scale: per channel, per tile, or per word row
         if GROUP == 0:
             zz = zz_ch[None, :]
@@ -131,21 +143,28 @@ def _qmm_kernel(
             else:
                 acc += part * s
         else:
-            part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for j in tl.static_range(PER):
-                ks = rows * PER + j
-                if EVEN_K:
-                    xm = m_mask[:, None]
-                else:
-                    xm = m_mask[:, None] & (ks < K)[None, :]
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=xm, other=0.0)
-                wq = _code(lo, hi, j, BITS) - zz
-                if not (GROUP == 0 or ONE_GROUP):
-                    wq = wq * s
-                if DOT_F32:
-                    part += tl.dot(xj.to(tl.float32), wq.to(xj.dtype).to(tl.float32))
-                else:
-                    part = tl.dot(xj, wq.to(xj.dtype), part)
+            # one dot per tile: codes as [PER, BKW, BN] (code j of word row r is input r*PER + j), flattened
+            # to [BLOCK_K, BN] in (j, r) order; the activations are gathered in the same order
+            jj = tl.arange(0, PER)
+            ks = rows[None, :] * PER + jj[:, None]  # [PER, BKW]
+            xk = tl.reshape(ks, (BLOCK_K,))
+            if EVEN_K:
+                xm = m_mask[:, None]
+            else:
+                xm = m_mask[:, None] & (xk < K)[None, :]
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=xm, other=0.0)
+            if BITS == 3:
+                q3 = ((lo[None, :, :] >> (2 * jj)[:, None, None]) & 3) | (((hi[None, :, :] >> jj[:, None, None]) & 1) << 2)
+            else:
+                q3 = (lo[None, :, :] >> (jj * BITS)[:, None, None]) & ((1 << BITS) - 1)
+            wq3 = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - zz[None, :, :]
+            if not (GROUP == 0 or ONE_GROUP):
+                wq3 = wq3 * s[None, :, :]
+            wq = tl.reshape(wq3, (BLOCK_K, BLOCK_N))
+            if DOT_F32:
+                part = tl.dot(xt.to(tl.float32), wq.to(xt.dtype).to(tl.float32))
+            else:
+                part = tl.dot(xt, wq.to(xt.dtype))
             if ONE_GROUP:
                 acc += part * s
             else:
@@ -160,7 +179,7 @@ def _qmm_kernel(
 
     o_mask = m_mask[:, None] & n_mask[None, :]
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -170,7 +189,7 @@ def _qmm_kernel(
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == SPLIT_K - 1:
+        if arrived == n_splits - 1:
             zero = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             tot = tl.atomic_add(w_ptrs, zero, mask=o_mask)  # read at L2, where the other splits added
             tl.store(w_ptrs, zero, mask=o_mask)  # back to zero for the next call

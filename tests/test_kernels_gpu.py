@@ -116,7 +116,8 @@ def test_attach_triton_backend_on_cuda_model():
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
                 qw = quantize_weight(child.weight.float(), QuantSpec(bits=4, group_size=64, sym=False))
-                setattr(mod, cname, QuantLinear.from_quantized(qw, None, layout="gptq_v2", bias_dtype=torch.float16))
+                q = QuantLinear.from_quantized(qw, None, layout="gptq_v2", bias_dtype=torch.float16)
+                setattr(mod, cname, q.to("cuda"))
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
