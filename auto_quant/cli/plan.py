@@ -47,6 +47,18 @@ class Plan:
     notes: tuple[str, ...] = ()
 
 
+def _layer_config_ok(data) -> bool:
+    if not isinstance(data, dict):
+        return False
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if any(v is None or ":" in str(k) for k, v in value.items()):
+                return False
+        elif not isinstance(value, int) or isinstance(value, bool):
+            return False
+    return True
+
+
 def parse_layer_config_arg(text: str) -> dict:
     """``--layer_config``: a JSON/YAML file, inline JSON/YAML, or auto-round's ``{name:{bits:8}}`` shorthand."""
     if os.path.isfile(text):
@@ -62,9 +74,9 @@ def parse_layer_config_arg(text: str) -> dict:
                 data = yaml.safe_load(candidate)
             except yaml.YAMLError:
                 continue
-            if isinstance(data, dict) and all(isinstance(v, (dict, int)) for v in data.values()):
+            if _layer_config_ok(data):
                 break
-    if not isinstance(data, dict) or not all(isinstance(v, (dict, int)) for v in data.values()):
+    if not _layer_config_ok(data):
         raise ConfigError(
             f"--layer_config {text!r} is neither a file nor a mapping like "
             "'{\"model.layers.0.mlp.down_proj\": {\"bits\": 8}}'"

@@ -3,8 +3,8 @@
 Protocol
 --------
 1. Text is tokenized **without** special tokens; documents are joined with the EOS token
-   into one stream (the calibration assembler's packing, so ``ppl:<spec>`` accepts every
-   calibration spec).
+   into one stream (the calibration assembler's packing with ``concat=True`` unless the spec sets
+   ``concat`` itself, so ``ppl:<spec>`` accepts every calibration spec).
 2. The stream is cut into consecutive, non-overlapping windows of ``seqlen`` tokens; a tail
    shorter than ``seqlen`` is dropped. At most ``nsamples`` windows are used, the first ones
    in the source's order for the given seed (deterministic).
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,22 @@ def perplexity(model: nn.Module, windows, batch_size: int = 1, progress: bool = 
                             seqlen=max(lengths))
 
 
+def packed_spec(spec):
+    """``spec`` with ``concat=True`` on every source that does not set ``concat`` itself, so documents are
+    joined with EOS and cut into consecutive windows (protocol step 1-2) instead of truncated one by one."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    try:
+        from auto_quant.calib.spec import DatasetSpec, SourceSpec, parse_dataset_spec
+    except ImportError:  # a calibration package without the spec language packs by default
+        return spec
+    text = os.fspath(spec)
+    if os.path.exists(os.path.expanduser(text)):
+        return DatasetSpec((SourceSpec(source=text, concat=True),))
+    parsed = parse_dataset_spec(text)
+    return DatasetSpec(tuple(s if s.concat is not None else replace(s, concat=True) for s in parsed.sources))
+
+
 def windows_for_spec(tokenizer, spec, seqlen: int, nsamples: int, seed: int = 0) -> tuple[list[dict], str]:
     """The evaluation windows of any calibration spec (a source name, a file or folder, a list of texts),
     assembled by the calibration assembler (protocol steps 1-3); returns them and the data description."""
@@ -127,7 +144,7 @@ def windows_for_spec(tokenizer, spec, seqlen: int, nsamples: int, seed: int = 0)
 
     if tokenizer is None and isinstance(spec, str):
         raise ConfigError("perplexity on text needs a tokenizer; the model has none (save one with the model)")
-    calib = build_calibration(spec, tokenizer, nsamples, seqlen, seed)
+    calib = build_calibration(packed_spec(spec), tokenizer, nsamples, seqlen, seed)
     samples = calib.as_model_inputs()
     log.info("perplexity data: %s, %d windows x %d tokens (seed %d)", calib.description, len(samples), seqlen, seed)
     return samples, calib.description
