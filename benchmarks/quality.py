@@ -12,6 +12,13 @@ excludes model loading, which is reported separately.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# run as a script, this folder is sys.path[0]; its benchmark scripts (gguf.py, kernels.py) must
+# not shadow the packages of the same names
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _os.path.dirname(_os.path.abspath(__file__))]
+
 import argparse
 import json
 import os
