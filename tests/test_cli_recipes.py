@@ -86,3 +86,25 @@ def test_layer_config_forms(tmp_path):
     assert parse_layer_config_arg(str(f)) == {"lm_head": {"bits": 8}}
     with pytest.raises(ConfigError, match="neither a file nor a mapping"):
         parse_layer_config_arg("[1, 2]")
+
+
+def _plan(argv, tmp_path):
+    from auto_quant.cli.args import build_parser, parse
+    from auto_quant.cli.plan import plan_quantize
+
+    args = parse(build_parser("auto-round", "default"), [*argv, "--output_dir", str(tmp_path / "o"), "--disable_eval"])
+    return plan_quantize(args, "auto-round", "default")
+
+
+def test_scheme_flag(tmp_path):
+    p = _plan(["--scheme", "W3A16"], tmp_path)
+    assert p.settings["bits"] == 3 and p.origin["bits"] == "flag"
+    with pytest.raises(ConfigError, match="conflicting --scheme W3A16 and --bits 4"):
+        _plan(["--scheme", "W3A16", "--bits", "4"], tmp_path)
+    with pytest.raises(ConfigError, match="not supported"):
+        _plan(["--scheme", "MXFP4"], tmp_path)
+    from auto_quant.cli.plan import _accepts_scheme
+
+    if _accepts_scheme():  # as auto-round: a gguf:<type> format implies that scheme
+        p = _plan(["--format", "gguf:q4_k_m"], tmp_path)
+        assert p.settings["scheme"] == "gguf:q4_k_m" and p.origin["scheme"] == "implied by --format"
