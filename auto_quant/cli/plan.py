@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -144,30 +144,59 @@ def _installed_corpora() -> tuple[list[str], list[str]]:
     return [n for n in calib_order if n in installed], [n for n in EVAL_PREFERENCE if n in installed]
 
 
+def _corpora_in(calibration) -> dict[str, tuple | None] | None:
+    """Offline corpora a calibration spec draws from, with their split (None = every file);
+    None when the spec is unknown (no dataset given)."""
+    if calibration is None:
+        return None
+    try:
+        from auto_quant.calib.spec import parse_dataset_spec
+
+        if os.path.exists(os.path.expanduser(str(calibration))):
+            return {}
+        return {src.source: src.split for src in parse_dataset_spec(str(calibration)).sources}
+    except Exception:
+        return {}
+
+
 def default_eval_spec(calibration: str | None) -> tuple[str, str | None]:
-    """The data of the default ``ppl`` task: an installed offline corpus other than the calibration data
-    (its ``validation`` split); the calibration corpus's own validation split only when nothing else is
-    installed. Returns the spec and a warning for that case."""
-    calib_order, eval_order = _installed_corpora()
-    if calibration is None:  # what the calibration assembler picks offline (the hub's pile-10k is disjoint anyway)
-        calibration = calib_order[0] if calib_order else None
-    calib_name = calibration.split(":", 1)[0] if isinstance(calibration, str) else None
-    others = [n for n in eval_order if n != calib_name]
-    if others:
-        return f"{others[0]}:split=validation", None
+    """The data of the default ``ppl`` task: the ``validation`` split of an installed offline corpus
+    (prose preferred) that calibration does not draw from, or draws from only through ``split=train``.
+    Returns the spec and a warning when no such corpus exists."""
+    _, eval_order = _installed_corpora()
+    used = _corpora_in(calibration)
+    if used is not None:
+        for name in eval_order:
+            if name not in used or used[name] == ("train",):
+                return f"{name}:split=validation", None
     spec = f"{eval_order[0] if eval_order else 'stdlib'}:split=validation"
-    note = (f"the only offline corpus installed is also the calibration data, so the default perplexity uses its "
-            f"validation split ({spec}), which calibration may have seen too; run .ci/fetch_data.sh for held-out "
-            "text or pass --tasks ppl:<other text>")
+    note = (f"the default perplexity data {spec} may overlap the calibration data; calibrate with "
+            f"split=train (e.g. --dataset {spec.split(':')[0]}:split=train) or pass --tasks ppl:<other text>")
     return spec, note
 
 
-def _tasks(args, calibration: str | None) -> tuple[list[TaskSpec], list[str]]:
+def held_out_default_dataset(nsamples: int) -> tuple[str | None, str]:
+    """The calibration default (``calib.default_source``) with ``split=train`` on every offline corpus, so
+    that the default perplexity on a ``validation`` split is held out. (None, reason) when unavailable."""
+    try:
+        from auto_quant.calib import default_source
+        from auto_quant.calib.spec import DatasetSpec, parse_dataset_spec
+        from auto_quant.calib.sources import CORPORA
+    except ImportError as e:
+        return None, f"calibration package without corpora ({e})"
+    spec = default_source(nsamples=nsamples)
+    parsed = parse_dataset_spec(spec)
+    items = tuple(replace(src, split=("train",)) if src.source in CORPORA and src.split is None else src
+                  for src in parsed.sources)
+    return str(DatasetSpec(items)), spec
+
+
+def _tasks(args, calibration: str | None, quantizing: bool = True) -> tuple[list[TaskSpec], list[str]]:
     notes = []
     if getattr(args, "disable_eval", False):
         return [], notes
     if args.tasks in (None, ""):
-        spec, note = default_eval_spec(calibration)
+        spec, note = default_eval_spec(calibration if quantizing else "")
         if note:
             notes.append(note)
         tasks = parse_tasks(f"ppl:{spec}")
@@ -244,6 +273,11 @@ def plan_quantize(args, prog: str, implicit_recipe: str) -> Plan:
            else f"w{scheme.bits}g{scheme.group_size}{'' if scheme.sym else '-asym'}")
     out = Path(args.output_dir) if args.output_dir else Path("tmp_autoround") / f"{_model_label(args.model)}-{tag}"
     check_output_dir(out)
+    if s.get("dataset") is None and not args.disable_eval and args.tasks in (None, ""):
+        dataset, base = held_out_default_dataset(s["nsamples"])
+        if dataset is not None:
+            s["dataset"] = dataset
+            origin["dataset"] = "default, train split (validation held out for perplexity)"
     tasks, notes = _tasks(args, s.get("dataset"))
     baseline = args.eval_baseline if args.eval_baseline is not None else (bool(tasks) and all(t.kind == "ppl" for t in tasks))
     return Plan(
@@ -256,7 +290,7 @@ def plan_quantize(args, prog: str, implicit_recipe: str) -> Plan:
 
 def plan_eval(args, prog: str) -> Plan:
     device = _device(args)
-    tasks, notes = _tasks(args, None)
+    tasks, notes = _tasks(args, None, quantizing=False)
     out = Path(args.output_dir) if args.output_dir else Path("eval_results")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {str(out)!r} exists and is not a directory; choose another path")
