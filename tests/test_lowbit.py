@@ -85,13 +85,17 @@ def test_every_qtype_quantizes_while_loading_with_sane_ordering(tiny):
         assert m.hf_quantizer.plan is not None
         kinds = {type(mod) for mod in m.modules()}
         assert not any(isinstance(mod, (nn.Linear, PendingLayer)) for mod in m.modules()), name
-        assert (QuantLinear in kinds) == (qt.kind in ("int", "ggml", "mix"))  # k-quants fall back on down_proj (320)
+        planned = {t.qtype.kind for t in m.hf_quantizer.plan.linears.values()}
+        assert (QuantLinear in kinds) == ("int" in planned)  # integer layers are QuantLinear (backend registry)
+        if qt.kind == "ggml":  # down_proj rows (320) are not a multiple of 256: llama.cpp's fallback type
+            assert m.hf_quantizer.plan.linears["model.layers.0.mlp.down_proj"].qtype.kind != "ggml"
         err[name] = rel(logits(m, ids), ref)
-        assert err[name] < 0.5, (name, err[name])
+        assert err[name] < (1.0 if qt.bits == 2 else 0.5), (name, err[name])
     assert err["fp16"] < err["sym_int8"] < err["sym_int5"] < err["sym_int4"]
     assert err["asym_int5"] < err["asym_int4"]
     assert err["fp8_e4m3"] < err["fp6"] < err["fp4"] and err["nf4"] < err["nf3"]
-    assert err["q6_k"] < err["q5_k"] < err["q4_k"]
+    assert err["q6_k"] < err["q5_k"] < err["q4_k"] < err["q2_k"]
+    assert err["q4_k"] < err["iq2_xs"] < err["iq2_xxs"]
     assert err["sym_int8"] < err["nf4"] and err["fp6"] < err["nf3"]
 
 
@@ -276,8 +280,8 @@ def test_bad_input_errors(tiny, tmp_path):
     path, _, _ = tiny
     with pytest.raises(ConfigError, match="unknown low-bit type 'int3'.*sym_int4"):
         AutoModelForCausalLM.from_pretrained(path, load_in_low_bit="int3")
-    with pytest.raises(ConfigError, match="gguf_iq2_xxs.*not supported.*llama-quantize"):
-        AutoModelForCausalLM.from_pretrained(path, load_in_low_bit="gguf_iq2_xxs")
+    with pytest.raises(ConfigError, match="gguf_iq1_s.*not supported.*llama-quantize.*Supported: .*gguf_iq2_xxs"):
+        AutoModelForCausalLM.from_pretrained(path, load_in_low_bit="gguf_iq1_s")
     with pytest.raises(ConfigError, match="load_in_4bit=True conflicts with load_in_low_bit='sym_int8'"):
         AutoModelForCausalLM.from_pretrained(path, load_in_4bit=True, load_in_low_bit="sym_int8")
     with pytest.raises(ConfigError, match="modules_to_not_convert entry 'lm_haed' names no module"):
@@ -322,3 +326,20 @@ def test_settings_are_frozen_and_described():
         s.qtype = resolve_qtype("fp4")
     assert s.to_dict()["qtype"] == "nf4"
     assert resolve_qtype("FP8").name == "fp8_e4m3"
+
+
+@pytest.mark.gpu
+def test_quantize_on_load_onto_cuda(tiny, tmp_path):
+    path, ids, ref = tiny
+    for q in ("sym_int4", "nf4", "q4_k", "fp8_e4m3"):
+        m = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=q, device_map="cuda", cpu_embedding=True)
+        assert m.model.layers[0].mlp.up_proj.qweight.device.type == "cuda"
+        assert m.model.embed_tokens.weight.device.type == "cpu"
+        with torch.no_grad():
+            out = m(ids.cuda()).logits.float().cpu()
+        assert rel(out, ref) < 0.5, q
+    m.save_low_bit(tmp_path / "g")
+    m2 = AutoModelForCausalLM.load_low_bit(tmp_path / "g").to("cuda")
+    assert m2.model.embed_tokens.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(m2(ids.cuda()).logits.float().cpu(), out)

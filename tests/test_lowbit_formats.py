@@ -108,7 +108,8 @@ def test_importance_weighted_scale_search_helps():
     assert rel_err(weighted, w, imp) < rel_err(plain, w, imp)
 
 
-@pytest.mark.parametrize("t,gt", [("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("q6_k", "Q6_K")])
+@pytest.mark.parametrize("t,gt", [("q2_k", "Q2_K"), ("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("q6_k", "Q6_K"),
+                                  ("iq2_xxs", "IQ2_XXS"), ("iq2_xs", "IQ2_XS")])
 def test_kquants_read_by_gguf_reference(t, gt):
     gguf = pytest.importorskip("gguf")
     from gguf.quants import dequantize
@@ -128,12 +129,14 @@ def test_kquant_error_ordering_and_imatrix():
     torch.manual_seed(5)
     w = torch.randn(16, 512)
     err = {t: rel_err(ggml_quants.dequantize_rows(ggml_quants.quantize_rows(w, t), t, 512), w)
-           for t in ("q4_k", "q5_k", "q6_k")}
+           for t in ("q2_k", "q4_k", "q5_k", "q6_k", "iq2_xxs", "iq2_xs")}
     assert err["q6_k"] < err["q5_k"] < err["q4_k"] < 0.01
+    assert err["q4_k"] < err["q2_k"] < 0.15 and err["q4_k"] < err["iq2_xs"] < err["iq2_xxs"] < 0.15
     imp = torch.rand(512) ** 4 * 10
-    plain = ggml_quants.dequantize_rows(ggml_quants.quantize_rows(w, "q4_k"), "q4_k", 512)
-    weighted = ggml_quants.dequantize_rows(ggml_quants.quantize_rows(w, "q4_k", imp), "q4_k", 512)
-    assert rel_err(weighted, w, imp) < rel_err(plain, w, imp)
+    for t in ("q4_k", "iq2_xxs"):
+        plain = ggml_quants.dequantize_rows(ggml_quants.quantize_rows(w, t), t, 512)
+        weighted = ggml_quants.dequantize_rows(ggml_quants.quantize_rows(w, t, imp), t, 512)
+        assert rel_err(weighted, w, imp) < rel_err(plain, w, imp), t
 
 
 def test_kquant_rejects_short_rows():
@@ -168,3 +171,8 @@ def test_gguf_mix_rules():
     assert mix_layer_type("gguf_q4k_s", "attn_v", 2, n) == "q5_k"
     assert mix_layer_type("gguf_q4k_s", "attn_v", 5, n) == "q4_k"
     assert mix_layer_type("gguf_q4k_s", "output", None, n) == "q6_k"
+    assert mix_layer_type("gguf_iq2_xxs", "attn_q", 9, n) == "iq2_xxs"
+    assert mix_layer_type("gguf_iq2_xs", "ffn_down", 1, n) == "q2_k"
+    assert mix_layer_type("gguf_iq2_xs", "attn_v", 9, n, n_gqa=4) == "q4_k"
+    assert mix_layer_type("gguf_iq2_xxs", "attn_v", 9, n, n_gqa=2) == "q2_k"
+    assert mix_layer_type("gguf_iq2_xxs", "output", None, n) == "q5_k"

@@ -114,6 +114,14 @@ def _target(qt: QType, settings: LowBitSettings, in_features: int) -> LayerTarge
     return LayerTarget(qt, gs, settings.scale_dtype, settings.search)
 
 
+def _n_gqa(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    return max(1, heads // kv)
+
+
 def _tied(model: nn.Module, head: nn.Module | None, emb: nn.Module | None) -> bool:
     """Whether the output head shares the input embedding's weight (now, or once transformers ties them)."""
     if head is None or emb is None or getattr(emb, "weight", None) is None:
@@ -140,13 +148,15 @@ def plan_model(model: nn.Module, settings: LowBitSettings) -> Plan:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     plan.tied_head = _tied(model, head[1] if head else None, emb)
     qt = settings.qtype
+    n_gqa = _n_gqa(model)
     for name, mod in model.named_modules():
         if not _is_linear(mod) or _skipped(name, settings.modules_to_not_convert):
             continue
         out_f, in_f = _shape(mod)
         is_head = name == plan.head_name
         if qt.kind == "mix":
-            layer_qt = QTYPES[mix_layer_type(qt.name, gguf_role(name, is_head), _layer_index(name, block_prefix), n_layer)]
+            layer_qt = QTYPES[mix_layer_type(qt.name, gguf_role(name, is_head), _layer_index(name, block_prefix), n_layer,
+                                             n_gqa)]
         elif is_head and settings.mixed_precision and qt.kind != "float" and qt.bits <= 4:
             layer_qt = QTYPES["sym_int8"]
         else:
@@ -165,6 +175,16 @@ def plan_model(model: nn.Module, settings: LowBitSettings) -> Plan:
     if not plan.linears and plan.embedding is None:
         raise ConfigError("no layer of this model is left to quantize; check modules_to_not_convert")
     return plan
+
+
+NEEDS_IMATRIX = ("iq2_xxs", "iq2_xs")
+
+
+def warn_without_imatrix(plan: Plan, importance: "Importance") -> None:
+    """llama.cpp refuses its IQ2 types without an importance matrix; we encode them but say so."""
+    if not importance.table and any(t.qtype.name in NEEDS_IMATRIX for t in plan.linears.values()):
+        log.warning("auto_quant: IQ2 types without an imatrix lose much more accuracy (llama.cpp refuses them); "
+                    "pass imatrix=... (compute_imatrix + write_imatrix_dat make one)")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -225,6 +245,7 @@ def untie_config(model: nn.Module) -> None:
 def convert_in_place(model: nn.Module, plan: Plan, importance: Importance | None = None) -> nn.Module:
     """Quantize a loaded float model layer by layer (each float weight is freed as soon as it is encoded)."""
     importance = importance or Importance(None)
+    warn_without_imatrix(plan, importance)
     emb_dtype = _float_dtype(model)
     modules = dict(model.named_modules())
     for name, target in plan.linears.items():
@@ -317,6 +338,7 @@ class PendingLayer(nn.Module):
 def install_pending(model: nn.Module, plan: Plan, importance: Importance, settings: LowBitSettings) -> dict[str, PendingLayer]:
     """Swap every planned layer of a meta-device skeleton for a :class:`PendingLayer`."""
     dtype = _float_dtype(model)
+    warn_without_imatrix(plan, importance)
     modules = dict(model.named_modules())
     pending: dict[str, PendingLayer] = {}
     for name, target in plan.linears.items():

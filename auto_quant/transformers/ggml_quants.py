@@ -1,9 +1,10 @@
-"""llama.cpp's k-quant block formats (Q4_K, Q5_K, Q6_K) as pure torch functions.
+"""llama.cpp's k-quant (Q2_K, Q4_K, Q5_K, Q6_K) and 2-bit lattice (IQ2_XXS, IQ2_XS) block formats as pure
+torch functions.
 
 Rows are stored exactly as llama.cpp / GGUF store them (super-blocks of 256 weights, the same
 bytes), so ``gguf``'s reference dequantizers read what these encoders write (tested). The
 encoders follow llama.cpp's reference quantizers (``quantize_row_q4_K_ref`` & co.):
-``make_qkx2_quants`` (weighted least-squares scale + min search) for Q4_K/Q5_K and
+``make_qkx2_quants`` (weighted least-squares scale + min search) for Q2_K/Q4_K/Q5_K and
 ``make_qx_quants`` (symmetric scale search) for Q6_K; an importance vector (imatrix) weights the
 search as llama.cpp's ``*_impl`` variants do. All math is vectorised over super-blocks.
 """
@@ -28,9 +29,12 @@ class GGMLType:
 
 
 GGML_TYPES = {
+    "q2_k": GGMLType("q2_k", 84, "llama.cpp Q2_K: 2-bit asym, 16×16 sub-blocks, 4-bit scales/mins (2.625 bpw)"),
     "q4_k": GGMLType("q4_k", 144, "llama.cpp Q4_K: 4-bit asym, 8×32 sub-blocks, 6-bit scales/mins (4.5 bpw)"),
     "q5_k": GGMLType("q5_k", 176, "llama.cpp Q5_K: 5-bit asym, 8×32 sub-blocks, 6-bit scales/mins (5.5 bpw)"),
     "q6_k": GGMLType("q6_k", 210, "llama.cpp Q6_K: 6-bit sym, 16×16 sub-blocks, 8-bit scales (6.56 bpw)"),
+    "iq2_xxs": GGMLType("iq2_xxs", 66, "llama.cpp IQ2_XXS: 8-weight groups on a 256-point E8 grid, 4-bit scale per 32 (2.06 bpw)"),
+    "iq2_xs": GGMLType("iq2_xs", 74, "llama.cpp IQ2_XS: 8-weight groups on a 512-point E8 grid, 4-bit scale per 16 (2.31 bpw)"),
 }
 
 
@@ -242,6 +246,45 @@ def dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------
+# Q2_K
+# ------------------------------------------------------------------------------------------
+
+
+def quantize_q2_k(x: torch.Tensor, imp: torch.Tensor | None = None) -> torch.Tensor:
+    """``[nb, 256]`` float → ``[nb, 84]`` uint8 Q2_K blocks (2-bit asym, 16×16 sub-blocks, 4-bit scales/mins)."""
+    nb = x.shape[0]
+    xb = x.reshape(nb * 16, 16)
+    w = xb.abs() if imp is None else imp.reshape(nb * 16, 16) * (x.pow(2).mean(-1).repeat_interleave(16)[:, None] + xb * xb).sqrt()
+    scales, mins, _ = make_qkx2_quants(xb, w, 3, -0.5, 0.1, 15)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    max_scale, max_min = scales.amax(-1), mins.amax(-1)
+    ls = torch.where(max_scale[:, None] > 0, _nearest(15 / max_scale.clamp(min=1e-30)[:, None] * scales), torch.zeros_like(scales))
+    lm = torch.where(max_min[:, None] > 0, _nearest(15 / max_min.clamp(min=1e-30)[:, None] * mins), torch.zeros_like(mins))
+    ls, lm = ls.clamp(0, 15), lm.clamp(0, 15)
+    d = (max_scale / 15).to(torch.float16).to(torch.float32)
+    dmin = (max_min / 15).to(torch.float16).to(torch.float32)
+    dl = (d[:, None] * ls)[..., None]
+    ml = (dmin[:, None] * lm)[..., None]
+    xs = x.reshape(nb, 16, 16)
+    L = _nearest((xs + ml) / torch.where(dl > 0, dl, torch.ones_like(dl))).clamp(0, 3)
+    L = torch.where(dl > 0, L, torch.zeros_like(L)).reshape(nb, 2, 4, 32).to(torch.int32)
+    qs = (L << torch.tensor([0, 2, 4, 6], device=x.device, dtype=torch.int32).reshape(1, 1, 4, 1)).sum(2).reshape(nb, 64)
+    sc = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)).to(torch.uint8)
+    return torch.cat([sc, qs.to(torch.uint8), _fp16_bytes(d), _fp16_bytes(dmin)], -1)
+
+
+def dequantize_q2_k(b: torch.Tensor) -> torch.Tensor:
+    nb = b.shape[0]
+    sc = b[:, 0:16].to(torch.int32)
+    qs = b[:, 16:80].to(torch.int32).reshape(nb, 2, 1, 32)
+    d, dmin = _fp16_from(b[:, 80:82]), _fp16_from(b[:, 82:84])
+    q = ((qs >> torch.tensor([0, 2, 4, 6], device=b.device).reshape(1, 1, 4, 1)) & 3).reshape(nb, 16, 16).to(torch.float32)
+    dl = (d[:, None] * (sc & 0xF))[..., None]
+    ml = (dmin[:, None] * (sc >> 4))[..., None]
+    return (dl * q - ml).reshape(nb, QK_K)
+
+
+# ------------------------------------------------------------------------------------------
 # Q6_K
 # ------------------------------------------------------------------------------------------
 
@@ -290,8 +333,160 @@ def dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     return ((d[:, None] * sc)[..., None] * q).reshape(nb, QK_K)
 
 
-_QUANTIZE = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
-_DEQUANTIZE = {"q4_k": dequantize_q4_k, "q5_k": dequantize_q5_k, "q6_k": dequantize_q6_k}
+# ------------------------------------------------------------------------------------------
+# IQ2_XXS / IQ2_XS: groups of 8 weights on an E8-lattice grid (values 8, 25, 43) with even-parity signs
+# ------------------------------------------------------------------------------------------
+
+_IQ2 = {  # name: (gguf-py class name, grid entries, weights per 4-bit sub-scale)
+    "iq2_xxs": ("IQ2_XXS", 256, 32),
+    "iq2_xs": ("IQ2_XS", 512, 16),
+}
+IQ2_SCALE_CANDIDATES = tuple(0.5 + 0.0625 * i for i in range(17))  # max|x| / (43 c): 0.5 … 1.5
+
+
+def _iq2_grid(name: str, device) -> torch.Tensor:
+    """The lattice grid ``[K, 8]`` as llama.cpp decodes it (from gguf-py's tables)."""
+    from gguf import quants
+
+    cls = getattr(quants, _IQ2[name][0])
+    cls.init_grid()
+    return torch.from_numpy(cls.grid.reshape(-1, 8).copy()).to(device=device, dtype=torch.float32)
+
+
+def _as_signed(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values (int64) → the signed int tensor with the same bit pattern."""
+    dt = {16: torch.int16, 32: torch.int32}[bits]
+    return torch.where(v >= 2 ** (bits - 1), v - 2**bits, v).to(dt)
+
+
+def _ksign_index(neg: torch.Tensor) -> torch.Tensor:
+    """8 sign bits with even parity → llama.cpp's 7-bit ``ksigns`` index (the 8th bit is the parity)."""
+    bits = (neg.to(torch.int32) << torch.arange(8, device=neg.device, dtype=torch.int32)).sum(-1)
+    return bits & 0x7F
+
+
+def _quantize_iq2(x: torch.Tensor, imp: torch.Tensor | None, name: str):
+    """Common IQ2 search: returns ``(d [nb], sub-scale codes [nb, n_sub], grid idx [nb, 32], sign idx [nb, 32])``.
+
+    Follows llama.cpp's ``quantize_row_iq2_*_impl``: per group of 8 the signs are taken from the
+    weights (the least important one flipped to make the parity even), the magnitudes are matched to
+    the nearest grid point under the importance weights ``imp * sqrt(sigma2 + x^2)``, the sub-block
+    scale is the best of a grid of candidates refined by least squares, and the sub-block scales are
+    stored as 4 bits against one fp16 scale per super-block.
+    """
+    nb = x.shape[0]
+    grid = _iq2_grid(name, x.device)
+    per_scale = _IQ2[name][2] // 8  # groups of 8 per sub-scale
+    sigma2 = x.pow(2).mean(-1, keepdim=True)
+    w = (sigma2 + x * x).sqrt()
+    if imp is not None:
+        w = w * imp
+    xg, wg = x.reshape(nb, 32, 8), w.reshape(nb, 32, 8)
+    neg = xg < 0
+    a = xg.abs()
+    odd = (neg.sum(-1) % 2) == 1
+    imin = (wg * xg * xg).argmin(-1, keepdim=True)
+    flip = torch.zeros_like(neg).scatter_(-1, imin, True) & odd[..., None]
+    neg = neg ^ flip
+    a = torch.where(flip, -a, a)  # that weight's sign is lost: its target magnitude becomes -|x|
+    wa_g = torch.einsum("bgi,ki->bgk", wg * a, grid)  # sum w a g   [nb, 32, K]
+    w_g2 = torch.einsum("bgi,ki->bgk", wg, grid * grid)  # sum w g^2
+    n_sub = 32 // per_scale
+    amax = a.reshape(nb, n_sub, per_scale * 8).amax(-1).clamp(min=1e-30)  # [nb, n_sub]
+
+    def pick(scale):  # scale [nb, n_sub] → best grid index and error per group
+        s = scale.repeat_interleave(per_scale, dim=1)[..., None]  # [nb, 32, 1]
+        err = s * s * w_g2 - 2 * s * wa_g
+        best, idx = err.min(-1)
+        return idx, best.reshape(nb, n_sub, per_scale).sum(-1)
+
+    best_err = best_scale = best_idx = None
+    for c in IQ2_SCALE_CANDIDATES:
+        scale = amax / (43.0 * c)
+        idx, err = pick(scale)
+        if best_err is None:
+            best_err, best_scale, best_idx = err, scale, idx
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_idx = torch.where(better.repeat_interleave(per_scale, dim=1), idx, best_idx)
+    g = grid[best_idx]  # [nb, 32, 8]
+    num = (wg * a * g).reshape(nb, n_sub, -1).sum(-1)
+    den = (wg * g * g).reshape(nb, n_sub, -1).sum(-1).clamp(min=1e-30)
+    scale = torch.where(num > 0, num / den, best_scale)  # least-squares refinement
+    max_s = scale.amax(-1)
+    d = (max_s / (0.25 * 15.5)).to(torch.float16).to(torch.float32)
+    dsafe = torch.where(d > 0, d, torch.ones_like(d))
+    ls = _nearest(scale / (0.25 * dsafe[:, None]) - 0.5).clamp(0, 15)
+    sq = d[:, None] * (0.5 + ls) * 0.25
+    idx, _ = pick(sq)  # final grid points against the stored scales
+    return d, ls.to(torch.int32), idx.to(torch.int32), _ksign_index(neg)
+
+
+def quantize_iq2_xxs(x: torch.Tensor, imp: torch.Tensor | None = None) -> torch.Tensor:
+    """``[nb, 256]`` float → ``[nb, 66]`` uint8 IQ2_XXS blocks (2.06 bpw)."""
+    nb = x.shape[0]
+    d, ls, idx, sg = _quantize_iq2(x, imp, "iq2_xxs")
+    idx = idx.reshape(nb, 8, 4)
+    sg = sg.reshape(nb, 8, 4)
+    aux0 = (idx << torch.tensor([0, 8, 16, 24], device=x.device, dtype=torch.int32)).sum(-1)
+    aux1 = (sg << torch.tensor([0, 7, 14, 21], device=x.device, dtype=torch.int32)).sum(-1) | (ls << 28)
+    words = _as_signed(torch.stack([aux0, aux1], -1).reshape(nb, 16).to(torch.int64), 32)  # uint32 patterns
+    return torch.cat([_fp16_bytes(d), words.contiguous().view(torch.uint8).reshape(nb, 64)], -1)
+
+
+def quantize_iq2_xs(x: torch.Tensor, imp: torch.Tensor | None = None) -> torch.Tensor:
+    """``[nb, 256]`` float → ``[nb, 74]`` uint8 IQ2_XS blocks (2.31 bpw)."""
+    nb = x.shape[0]
+    d, ls, idx, sg = _quantize_iq2(x, imp, "iq2_xs")
+    qs = _as_signed((idx | (sg << 9)).to(torch.int64), 16)  # uint16 bit patterns
+    ls = ls.reshape(nb, 8, 2)
+    sc = (ls[..., 0] | (ls[..., 1] << 4)).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), qs.contiguous().view(torch.uint8).reshape(nb, 64), sc], -1)
+
+
+def _iq2_signs(sign_idx: torch.Tensor) -> torch.Tensor:
+    """7-bit ksigns index → ``[..., 8]`` of ±1 (the 8th sign restores even parity)."""
+    i = sign_idx.to(torch.int32)
+    parity = torch.zeros_like(i)
+    for b in range(7):
+        parity ^= (i >> b) & 1
+    mask = i | (parity << 7)
+    bits = (mask[..., None] >> torch.arange(8, device=i.device, dtype=torch.int32)) & 1
+    return 1.0 - 2.0 * bits.to(torch.float32)
+
+
+def dequantize_iq2_xxs(b: torch.Tensor) -> torch.Tensor:
+    nb = b.shape[0]
+    d = _fp16_from(b[:, 0:2])
+    words = b[:, 2:66].contiguous().view(torch.int32).reshape(nb, 8, 2).to(torch.int64) & 0xFFFFFFFF
+    ls = (words[..., 1] >> 28).to(torch.float32)
+    db = d[:, None] * (0.5 + ls) * 0.25  # [nb, 8]
+    idx = (words[..., 0:1] >> torch.tensor([0, 8, 16, 24], device=b.device)) & 0xFF  # [nb, 8, 4]
+    sg = (words[..., 1:2] >> torch.tensor([0, 7, 14, 21], device=b.device)) & 0x7F
+    vals = _iq2_grid("iq2_xxs", b.device)[idx] * _iq2_signs(sg)  # [nb, 8, 4, 8]
+    return (db[..., None, None] * vals).reshape(nb, QK_K)
+
+
+def dequantize_iq2_xs(b: torch.Tensor) -> torch.Tensor:
+    nb = b.shape[0]
+    d = _fp16_from(b[:, 0:2])
+    qs = b[:, 2:66].contiguous().view(torch.int16).reshape(nb, 32).to(torch.int32) & 0xFFFF
+    sc = b[:, 66:74].to(torch.int32)
+    ls = torch.stack([sc & 0xF, sc >> 4], -1).reshape(nb, 16).to(torch.float32)
+    db = (d[:, None] * (0.5 + ls) * 0.25).repeat_interleave(2, dim=1)  # per group of 8
+    vals = _iq2_grid("iq2_xs", b.device)[qs & 511] * _iq2_signs(qs >> 9)  # [nb, 32, 8]
+    return (db[..., None] * vals).reshape(nb, QK_K)
+
+
+# super-blocks encoded at a time (bounds the [blocks, 32, grid] search tensors of the IQ2 types)
+ROW_CHUNK_BLOCKS = {"iq2_xxs": 256, "iq2_xs": 128}
+
+_QUANTIZE = {"q2_k": quantize_q2_k, "q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k,
+             "iq2_xxs": quantize_iq2_xxs, "iq2_xs": quantize_iq2_xs}
+_DEQUANTIZE = {"q2_k": dequantize_q2_k, "q4_k": dequantize_q4_k, "q5_k": dequantize_q5_k, "q6_k": dequantize_q6_k,
+               "iq2_xxs": dequantize_iq2_xxs, "iq2_xs": dequantize_iq2_xs}
 
 
 @torch.no_grad()
@@ -304,7 +499,9 @@ def quantize_rows(w: torch.Tensor, ggml_type: str, importance: torch.Tensor | No
     imp = None
     if importance is not None:
         imp = importance.to(torch.float32).to(w.device).reshape(1, n).expand(rows, n).reshape(-1, QK_K)
-    return _QUANTIZE[ggml_type](x, imp).reshape(rows, -1).contiguous()
+    step = ROW_CHUNK_BLOCKS.get(ggml_type, x.shape[0]) or x.shape[0]
+    out = [_QUANTIZE[ggml_type](x[i:i + step], None if imp is None else imp[i:i + step]) for i in range(0, x.shape[0], step)]
+    return torch.cat(out).reshape(rows, -1).contiguous()
 
 
 def dequantize_rows(blocks: torch.Tensor, ggml_type: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -177,15 +177,24 @@ class _BaseAutoModelClass:
         qt = resolve_qtype(low_bit)
         if dtype is None:
             dtype = qt.float_dtype if qt.kind == "float" else torch.float32
-        model = _load_gguf_float(cls.HF_Model, p, dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model, tokenizer = _load_gguf_float(cls.HF_Model, p, dtype)
         model = quantize_model(model, settings, imatrix=imatrix, optimize_model=optimize_model)
         return model, tokenizer
 
 
-def _load_gguf_float(hf_auto_cls, path: Path, dtype: torch.dtype) -> nn.Module:
-    """The one seam to the float GGUF reader: today transformers' own ``gguf_file=`` loading."""
-    return hf_auto_cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+def _load_gguf_float(hf_auto_cls, path: Path, dtype: torch.dtype):
+    """The one seam to the float GGUF readers: ``(float model, tokenizer)``.
+
+    Causal LMs go through :func:`auto_quant.gguf.from_gguf` (transformers' GGUF loading, with
+    auto_quant's own reader for architectures transformers does not map); other Auto classes use
+    transformers' ``gguf_file=`` loading directly.
+    """
+    if hf_auto_cls is transformers.AutoModelForCausalLM:
+        from auto_quant.gguf import from_gguf as float_from_gguf
+
+        return float_from_gguf(path, dtype=dtype)
+    model = hf_auto_cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model, transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _auto(name: str):

@@ -66,11 +66,16 @@ QTYPES: dict[str, QType] = {
         _cb("iq4_nl", "iq4_nl", 4, 32, 4.5, "llama.cpp's IQ4_NL non-linear 4-bit grid, absmax scale per 32"),
         QType("fp16", "float", 16, 16.0, -1, "weights stored in float16", float_dtype=torch.float16),
         QType("bf16", "float", 16, 16.0, -1, "weights stored in bfloat16", float_dtype=torch.bfloat16),
+        QType("q2_k", "ggml", 2, 2.625, 256, "llama.cpp Q2_K blocks (rows must be a multiple of 256)", sym=False, ggml_type="q2_k"),
+        QType("iq2_xxs", "ggml", 2, 2.0625, 256, "llama.cpp IQ2_XXS: 8-weight groups on a 256-point E8 lattice grid", ggml_type="iq2_xxs"),
+        QType("iq2_xs", "ggml", 2, 2.3125, 256, "llama.cpp IQ2_XS: 8-weight groups on a 512-point E8 lattice grid", ggml_type="iq2_xs"),
         QType("q4_k", "ggml", 4, 4.5, 256, "llama.cpp Q4_K blocks (rows must be a multiple of 256)", sym=False, ggml_type="q4_k"),
         QType("q5_k", "ggml", 5, 5.5, 256, "llama.cpp Q5_K blocks (rows must be a multiple of 256)", sym=False, ggml_type="q5_k"),
         QType("q6_k", "ggml", 6, 6.5625, 256, "llama.cpp Q6_K blocks (rows must be a multiple of 256)", ggml_type="q6_k"),
         QType("gguf_q4k_s", "mix", 4, 4.6, 256, "llama.cpp's Q4_K_S file type: Q4_K, Q5_K for the first attn_v / ffn_down, Q6_K output"),
         QType("gguf_q4k_m", "mix", 4, 4.9, 256, "llama.cpp's Q4_K_M file type: Q4_K, Q6_K for half of attn_v / ffn_down and the output"),
+        QType("gguf_iq2_xxs", "mix", 2, 2.2, 256, "llama.cpp's IQ2_XXS file type: IQ2_XXS, Q2_K/Q4_K attn_v, Q2_K first ffn_down, Q5_K output"),
+        QType("gguf_iq2_xs", "mix", 2, 2.4, 256, "llama.cpp's IQ2_XS file type: IQ2_XS, Q2_K/Q4_K attn_v, Q2_K first ffn_down, Q5_K output"),
     )
 }
 
@@ -78,18 +83,35 @@ ALIASES = {"fp8": "fp8_e4m3", "int4": "sym_int4", "int8": "sym_int8", "q4_0": "s
 
 # Named by IPEX-LLM but refused here, with the reason.
 REFUSED = {
-    "gguf_iq2_xxs": "IQ2_XXS needs llama.cpp's E8-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "gguf_iq2_xs": "IQ2_XS needs llama.cpp's E8-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "gguf_iq1_s": "IQ1_S needs llama.cpp's ternary-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "iq2_xxs": "IQ2_XXS needs llama.cpp's E8-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "iq2_xs": "IQ2_XS needs llama.cpp's E8-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "iq1_s": "IQ1_S needs llama.cpp's ternary-lattice search; quantize with llama.cpp's llama-quantize instead",
-    "q2_k": "Q2_K is not implemented; use gguf_q4k_s, nf3 or sym_int4",
+    "gguf_iq1_s": "IQ1_S needs llama.cpp's ternary-lattice search with an importance matrix; quantize with llama.cpp's "
+                  "llama-quantize, or use gguf_iq2_xxs",
+    "iq1_s": "IQ1_S needs llama.cpp's ternary-lattice search with an importance matrix; quantize with llama.cpp's "
+             "llama-quantize, or use iq2_xxs",
     "mixed_fp4": "mixed_fp4 is an IPEX-LLM heuristic; use fp4 with mixed_precision=True",
     "mixed_fp8": "mixed_fp8 is an IPEX-LLM heuristic; use fp8_e4m3 with mixed_precision=True",
     "woq_int4": "woq_int4 is an IPEX-LLM XPU kernel layout; use sym_int4",
     "torch_fp8": "use fp8_e4m3",
 }
+
+
+def backends_for(qt: QType) -> tuple[str, ...]:
+    """Names of the inference backends that can run a qtype's linears (from the backend registry)."""
+    if qt.kind != "int":
+        return ("torch",)  # LowBitLinear: decode + F.linear on any device
+    from auto_quant.inference.backends import BACKENDS
+
+    out = []
+    for b in BACKENDS:
+        if qt.bits not in b.bits or "gptq_v2" not in b.layouts:
+            continue
+        if (qt.sym and not b.sym) or (not qt.sym and not b.asym):
+            continue
+        if b.group_sizes is not None and qt.group_size not in b.group_sizes:
+            continue
+        if qt.group_size % getattr(b, "group_multiple", 1):
+            continue
+        out.append(b.name)
+    return tuple(out)
 
 
 def supported_names() -> list[str]:
@@ -127,7 +149,8 @@ GGUF_ROLES = (
 )
 
 # llama.cpp: when a row length is not a multiple of 256 the k-quant falls back to a legacy type
-KQUANT_FALLBACK = {"q4_k": "sym_int5", "q5_k": "asym_int5", "q6_k": "sym_int8"}
+KQUANT_FALLBACK = {"q4_k": "sym_int5", "q5_k": "asym_int5", "q6_k": "sym_int8",
+                   "q2_k": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl"}
 
 
 def gguf_role(name: str, is_output: bool = False) -> str | None:
@@ -143,8 +166,16 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_layer_type(mix: str, role: str | None, i_layer: int | None, n_layer: int) -> str:
-    """The ggml type llama.cpp gives a tensor under ``gguf_q4k_s`` / ``gguf_q4k_m``."""
+def mix_layer_type(mix: str, role: str | None, i_layer: int | None, n_layer: int, n_gqa: int = 1) -> str:
+    """The ggml type llama.cpp gives a tensor under a file type (``gguf_q4k_s``, ``gguf_iq2_xxs``, ...)."""
+    if mix.startswith("gguf_iq2"):
+        if role == "output":
+            return "q5_k"
+        if role == "attn_v":
+            return "q4_k" if n_gqa >= 4 else "q2_k"
+        if role == "ffn_down" and i_layer is not None and i_layer < n_layer // 8:
+            return "q2_k"
+        return mix.removeprefix("gguf_")
     if role == "output":
         return "q6_k"
     if mix == "gguf_q4k_m" and role in ("attn_v", "ffn_down") and i_layer is not None:
@@ -171,6 +202,7 @@ def gguf_tensor_name(name: str, is_output: bool = False) -> str | None:
 __all__ = [
     "ALIASES",
     "GGUF_ROLES",
+    "backends_for",
     "KQUANT_FALLBACK",
     "QTYPES",
     "QType",
