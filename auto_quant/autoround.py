@@ -57,6 +57,7 @@ class AutoRound:
         progress: bool = True,
         fused_layers: str = "harmonise",
         scheme: str | None = None,
+        device_map=None,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_COMPAT
@@ -78,7 +79,16 @@ class AutoRound:
             quant_lm_head=quant_lm_head, device=device or "auto", low_gpu_mem_usage=low_gpu_mem_usage,
             fused_layers=fused_layers,
         )
-        self.device = resolve_device(self.config.device)
+        if device_map is None and isinstance(device, str) and "," in device:
+            device_map = device  # "0,1": the CLI's --device list
+        from auto_quant.tuning.placement import parse_device_map
+
+        self.device_request = parse_device_map(device_map)  # None: everything on the one tuning device
+        if self.device_request is not None and (device in (None, "auto") or device_map is device):
+            self.device = torch.device(self.device_request.devices[0])
+        else:
+            self.device = resolve_device(self.config.device)
+        self.placement = None  # the PlacementPlan of the last quantize() with a device_map
         if not isinstance(model, nn.Module):
             from auto_quant.models.loading import load_model
 
@@ -112,19 +122,42 @@ class AutoRound:
         self.calibration_description = calib.description
         return calib.as_model_inputs()
 
+    def placement_plan(self):
+        """The memory plan over the ``device_map`` devices (None without one); raises PlacementError when
+        the tuning cannot fit, naming what would."""
+        if self.device_request is None:
+            return None
+        from auto_quant.tuning import placement as pl
+
+        primary = str(self.device if self.device.index is not None or self.device.type == "cpu"
+                      else torch.device(self.device.type, 0))
+        devices = list(dict.fromkeys([primary, *self.device_request.devices]))
+        t = self.config.tuning
+        dtype = next(self.model.parameters()).dtype
+        settings = pl.PlanSettings(nsamples=t.nsamples, seqlen=t.seqlen, batch_size=t.batch_size, dtype=dtype,
+                                   group_size=self.config.scheme.group_size, tune_minmax=t.enable_minmax_tuning,
+                                   cache="cpu" if self.config.low_gpu_mem_usage else "auto")
+        plan = pl.plan_placement(pl.ModelShape.from_model(self.model), settings, pl.device_budgets(devices),
+                                 pl.available_cpu_bytes(), self.device_request.rules)
+        log.info("%s", plan.describe())
+        return plan
+
     def quantize(self):
         """Run the tuning (or RTN when ``iters == 0``); returns ``(model, layer_config)`` like auto-round."""
+        tuned = self.config.tuning.iters > 0 or (self.config.tuning.init_search and self.scheme is not None)
+        self.placement = self.placement_plan() if tuned else None
         if self.config.tuning.iters == 0 and not self.config.tuning.init_search:
             self.outcome = quantize_rtn(self.model, self.config)
         elif self.config.tuning.iters == 0 and self.scheme is not None:
             # importance-weighted RTN (imatrix-style): calibration activations weight the clipping search
             self.outcome = quantize_tuned(self.model, self.config, self.calibration_samples(), self.device,
-                                          progress=self.progress)
+                                          progress=self.progress, placement=self.placement)
         elif self.config.tuning.iters == 0:
             self.outcome = quantize_rtn(self.model, self.config)
         else:
             samples = self.calibration_samples()
-            self.outcome = quantize_tuned(self.model, self.config, samples, self.device, progress=self.progress)
+            self.outcome = quantize_tuned(self.model, self.config, samples, self.device, progress=self.progress,
+                                          placement=self.placement)
         layer_config = {n: (s.to_dict() if s else {"bits": 16}) for n, s in self.outcome.specs.items()}
         return self.model, layer_config
 

@@ -57,3 +57,7 @@ class CalibrationSpecError(CalibrationError, ValueError):
 
 class GGUFFileError(CheckpointError, ModelLoadError):
     """A GGUF file is truncated, corrupted or not a GGUF file at all (names the file and what is wrong)."""
+
+
+class PlacementError(DeviceError, ConfigError):
+    """The tuning does not fit the given devices (names what would fit), or a device_map is inconsistent."""

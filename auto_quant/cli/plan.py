@@ -38,6 +38,7 @@ class Plan:
     output_dir: Path | None = None
     formats: tuple[str, ...] = ()
     device: str = "cpu"
+    device_map: str | None = None  # "0,1": tune over these devices (auto_quant.tuning.placement)
     tasks: tuple[TaskSpec, ...] = ()
     eval_baseline: bool = False
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
@@ -228,9 +229,17 @@ def _eval_settings(args, seqlen: int | None, device: str) -> EvalSettings:
 
 def _device(args) -> str:
     dev = resolve_device(args.device)
-    if args.device and "," in str(args.device):
-        log.warning("--device %s: multi-GPU tuning is not implemented here; using %s", args.device, dev)
     return str(dev)
+
+
+def _device_map(args) -> str | None:
+    """A device list (``--device 0,1``) is validated here and spread by the placement planner."""
+    if not (args.device and "," in str(args.device)):
+        return None
+    from auto_quant.tuning.placement import parse_device_map
+
+    parse_device_map(str(args.device))
+    return str(args.device)
 
 
 def plan_quantize(args, prog: str, implicit_recipe: str) -> Plan:
@@ -282,7 +291,8 @@ def plan_quantize(args, prog: str, implicit_recipe: str) -> Plan:
     baseline = args.eval_baseline if args.eval_baseline is not None else (bool(tasks) and all(t.kind == "ppl" for t in tasks))
     return Plan(
         prog=prog, mode="quantize", model=args.model, recipes=tuple(recipes), settings=s, origin=origin,
-        output_dir=out, formats=formats, device=device, tasks=tuple(tasks), eval_baseline=baseline,
+        output_dir=out, formats=formats, device=device, device_map=_device_map(args), tasks=tuple(tasks),
+        eval_baseline=baseline,
         eval_settings=_eval_settings(args, s["seqlen"], device), report=not args.disable_report,
         model_dtype=args.model_dtype, trust_remote_code=bool(args.trust_remote_code), notes=tuple(notes),
     )
@@ -316,7 +326,7 @@ def describe(plan: Plan) -> str:
             rows.append((k, str(v), plan.origin.get(k, "")))
     rows.append(("model", str(plan.model or "(embedded SmolLM2-135M-Instruct)"), ""))
     rows.append(("output_dir", str(plan.output_dir), ""))
-    rows.append(("device", plan.device, ""))
+    rows.append(("device", plan.device_map or plan.device, ""))
     if plan.tasks:
         es = plan.eval_settings
         tasks = ", ".join(t.label for t in plan.tasks)

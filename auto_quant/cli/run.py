@@ -100,7 +100,8 @@ def quantize(plan: Plan, argv: list[str], out=sys.stdout) -> int:
     model, tok = _load(plan)
     s = dict(plan.settings)
     progress = plan.eval_settings.progress
-    ar = AutoRound(model, tok, device=plan.device, progress=progress, **_autoround_kwargs(s))
+    ar = AutoRound(model, tok, device=plan.device, device_map=plan.device_map, progress=progress,
+                   **_autoround_kwargs(s))
     fmt = ",".join(plan.formats)
     ar.check_save_target(plan.output_dir, fmt)
     prepared = prepare(tok, list(plan.tasks), plan.eval_settings) if plan.tasks else None

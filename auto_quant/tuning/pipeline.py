@@ -31,6 +31,7 @@ from auto_quant.quant import QuantSpec, quantize_weight
 from auto_quant.quant.search import search_clip_coef
 from auto_quant.tuning.capture import BlockCall, capture_block_inputs
 from auto_quant.tuning.loop import UnitData, UnitResult, block_forward, tune_unit
+from auto_quant.tuning.placement import PlacementPlan, hook_on, spread_block, unhook
 from auto_quant.tuning.wrapper import TunableLinear
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def rtn_layer(name: str, layer: nn.Module, spec: QuantSpec, importance: torch.Te
     """Quantize one layer in place without tuning (plain RTN, or RTN after the clipping search)."""
     w = weight_as_out_in(layer).detach().to(torch.float32)
     coef = search_clip_coef(w, spec, importance) if search else 1.0
-    qw = quantize_weight(w, spec, None, coef, coef)
+    cmin, cmax = coef if isinstance(coef, tuple) else (coef, coef)  # llama.cpp grids search both sides
+    qw = quantize_weight(w, spec, None, cmin, cmax)
     deq = qw.dequantize(torch.float32)
     layer.weight.data.copy_((deq.t() if _kind(layer) == "conv1d" else deq).to(layer.weight.dtype))
     return QuantizedLayer(name, QuantizedWeight_cpu(qw), _bias_of(layer), _kind(layer))
@@ -148,8 +150,12 @@ def _run_block(block, inputs, calls, device, dtype, batch_size) -> list[torch.Te
 
 
 def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], device: torch.device,
-                   progress: bool = True) -> QuantizationOutcome:
-    """Block-by-block sign-SGD tuning; the model is fake-quantized in place."""
+                   progress: bool = True, placement: PlacementPlan | None = None) -> QuantizationOutcome:
+    """Block-by-block sign-SGD tuning; the model is fake-quantized in place.
+
+    ``placement`` (from :mod:`auto_quant.tuning.placement`) may put some of a block's linears on other
+    devices than ``device`` and decide where the calibration cache lives; None keeps everything on ``device``.
+    """
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,6 +166,8 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
     was_training = model.training
     model.eval()
     store = torch.device("cpu") if cfg.low_gpu_mem_usage else device
+    if placement is not None:
+        store = placement.cache_device()
     dtype = next(blist.blocks[0].parameters()).dtype
 
     captured = capture_block_inputs(model, blist, samples)
@@ -175,6 +183,7 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
         orig_device = next(block.parameters()).device
         block.to(device)
         layers = quantizable_layers(block, bname)
+        hooked = spread_block(layers, placement, device)
         todo = {n: m for n, m in layers.items() if specs.get(n) is not None}
         hooks = _ImportanceHooks(todo) if tcfg.init_search else None
         targets = _run_block(block, x_fp, calls, device, dtype, tcfg.batch_size)
@@ -185,8 +194,13 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
             rtn_state = {}
             for name, layer in todo.items():
                 spec = specs[name]
-                coef = search_clip_coef(weight_as_out_in(layer).detach().float(), spec, importance.get(name)) if tcfg.init_search else None
-                w = TunableLinear(layer, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef).to(device)
+                home = torch.device(placement.device_for(name)) if hooked else device
+                imp = importance.get(name)
+                imp = imp.to(home) if imp is not None and hooked else imp
+                coef = search_clip_coef(weight_as_out_in(layer).detach().float(), spec, imp) if tcfg.init_search else None
+                w = TunableLinear(layer, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef).to(home)
+                if home != device:
+                    hook_on(w, home)
                 rtn_state[name] = (torch.zeros_like(w.v), torch.ones_like(w.min_coef), torch.ones_like(w.max_coef))
                 wrappers[name] = w
                 set_submodule(model, name, w)
@@ -210,6 +224,7 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
         else:
             x_q_next = [y.to(store) for y in _run_block(block, x_q, calls, device, dtype, tcfg.batch_size)]
         x_fp, x_q = targets, x_q_next
+        unhook(hooked)
         block.to(orig_device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
