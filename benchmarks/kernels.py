@@ -26,8 +26,11 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# benchmarks/gguf.py would shadow the `gguf` package for scripts run from this folder
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (6144, 4096), (28672, 4096)]  # (out N, in K)
 MS = [1, 4, 16, 64, 256, 1024]
@@ -240,71 +243,28 @@ def gpu_main(args):
 # ------------------------------------------------------------------------------------------ CPU
 
 
-def decode_tps(model, ids, tokens):
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        return tokens / (time.perf_counter() - t)
+def hf_decoder(model, ids):
+    """``run(n)``: greedy-decode n tokens after the prompt with the model's KV cache; returns seconds."""
+
+    def run(n):
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(n):
+                out = model(tok, past_key_values=cache, use_cache=True)
+                cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return time.perf_counter() - t
+
+    return run
 
 
-def cpu_main(args):
-    import shutil
-    import tempfile
-
-    from transformers import AutoModelForCausalLM
-
-    import auto_quant
-    from auto_quant import AutoRound
-    from auto_quant.models.loading import default_model_path, load_model
-
-    torch.set_num_threads(args.threads)
-    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                       "cores": os.cpu_count(), "torch": torch.__version__,
-                       "load_avg_at_start": os.getloadavg()},
-           "command": " ".join(["python"] + sys.argv), "model": "SmolLM2-135M-Instruct (embedded GGUF, as float32)"}
-    model, tok = load_model(None)
-    model.eval()
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    res["float32_tokens_per_s"] = round(decode_tps(model, ids, args.tokens), 2)
-    gs = args.group_size
-    for head in (False, True):
-        label = f"w4g{gs}" + ("_lm_head_w4" if head else "")
-        tmp = tempfile.mkdtemp(prefix="aq_bench_")
-        try:
-            if head:  # quantize() leaves the in-memory model fake-quantized: start again from the float one
-                model, tok = load_model(None)
-            ar = AutoRound(model, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False, quant_lm_head=head)
-            ar.quantize_and_save(tmp)
-            del ar
-            qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            res[f"{label}_backends"] = sorted({m.backend for m in qm.modules() if hasattr(m, "kernel")})
-            res[f"{label}_tokens_per_s"] = round(decode_tps(qm, ids, args.tokens), 2)
-            res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in __import__("pathlib").Path(tmp).glob("*.safetensors")) / 2**20, 1)
-            if args.reference and not head:
-                from auto_quant.inference.backends import detach_backends
-
-                detach_backends(qm)
-                res[f"{label}_torch_reference_tokens_per_s"] = round(decode_tps(qm, ids, 8), 2)
-            del qm
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        res[f"{label}_vs_float"] = round(res[f"{label}_tokens_per_s"] / res["float32_tokens_per_s"], 3)
-    res["llama_cpp"] = llama_cpp_q4_0(str(default_model_path()), args.threads, args.tokens)
-    if isinstance(res["llama_cpp"], dict) and "tokens_per_s" in res["llama_cpp"]:
-        for head in ("", "_lm_head_w4"):
-            res[f"w4g{gs}{head}_vs_llama_cpp_q4_0"] = round(
-                res[f"w4g{gs}{head}_tokens_per_s"] / res["llama_cpp"]["tokens_per_s"], 3)
-    print(json.dumps(res, indent=1))
-    del auto_quant
-
-
-def llama_cpp_q4_0(gguf_path: str, threads: int, tokens: int):
-    """Decode tokens/s of llama.cpp on the same model requantized to Q4_0 (None if not installed)."""
+def llama_cpp_decoder(gguf_path: str, threads: int):
+    """``(run, info)`` for llama.cpp on the same model requantized to Q4_0; run is None if unavailable."""
     try:
         import llama_cpp
     except Exception as e:
-        return {"skipped": f"llama-cpp-python not importable ({type(e).__name__})"}
+        return None, {"skipped": f"llama-cpp-python not importable ({type(e).__name__})"}
     import ctypes
     import tempfile
 
@@ -315,19 +275,90 @@ def llama_cpp_q4_0(gguf_path: str, threads: int, tokens: int):
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(gguf_path.encode(), out.encode(), ctypes.byref(params))
     if rc != 0:
-        return {"skipped": f"llama_model_quantize returned {rc}"}
-    llm = llama_cpp.Llama(model_path=out, n_threads=threads, n_ctx=256, verbose=False)
+        return None, {"skipped": f"llama_model_quantize returned {rc}"}
+    llm = llama_cpp.Llama(model_path=out, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     prompt = llm.tokenize(b"The capital of France is")
-    llm.eval(prompt)
-    t = time.perf_counter()
-    n = 0
-    for _ in llm.generate(prompt, temp=0.0, reset=True):
-        n += 1
-        if n >= tokens:
-            break
-    dt = time.perf_counter() - t
-    return {"tokens_per_s": round(n / dt, 2), "file": "SmolLM2 Q4_1 GGUF requantized to Q4_0 (allow_requantize)",
-            "note": "includes one prompt evaluation (6 tokens)"}
+
+    def run(n):
+        it = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
+        next(it)  # prompt evaluation and the first token
+        t = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        return time.perf_counter() - t
+
+    info = {"file": "SmolLM2 Q4_1 GGUF requantized to Q4_0 by llama.cpp (allow_requantize)",
+            "size_MB": round(os.path.getsize(out) / 2**20, 1), "llama_cpp_python": llama_cpp.__version__}
+    return run, info
+
+
+def cpu_main(args):
+    import pathlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRound
+    from auto_quant.models.loading import default_model_path, load_model
+
+    torch.set_num_threads(args.threads)
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                       "cores": os.cpu_count(), "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+           "command": " ".join(["python"] + sys.argv),
+           "model": "SmolLM2-135M-Instruct (embedded GGUF, loaded as float32)",
+           "method": f"{args.rounds} interleaved rounds of {args.tokens} greedy decode tokens per engine after a "
+                     "6-token prompt (HF: model forward with its KV cache; llama.cpp: Llama.generate); tokens/s of "
+                     "the best round and the median round"}
+    gs = args.group_size
+    engines, tmps = {}, []
+    model, tok = load_model(None)
+    model.eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    engines["float32"] = hf_decoder(model, ids)
+    for head in (False, True):
+        label = f"w4g{gs}" + ("_lm_head_w4" if head else "")
+        tmp = tempfile.mkdtemp(prefix="aq_bench_")
+        tmps.append(tmp)
+        m, _ = load_model(None)  # quantize() leaves its model fake-quantized: start from the float one each time
+        AutoRound(m, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False,
+                  quant_lm_head=head).quantize_and_save(tmp)
+        del m
+        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        res[f"{label}_backends"] = sorted({q.backend for q in qm.modules() if hasattr(q, "kernel")})
+        res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
+                                              / 2**20, 1)
+        engines[label] = hf_decoder(qm, ids)
+        if args.reference and not head:
+            ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            from auto_quant.inference.backends import detach_backends
+
+            detach_backends(ref)
+            t = hf_decoder(ref, ids)(4)
+            res[f"{label}_torch_reference_tokens_per_s"] = round(4 / t, 2)
+            del ref
+    run, info = llama_cpp_decoder(str(default_model_path()), args.threads)
+    res["llama_cpp_q4_0"] = info
+    if run is not None:
+        engines["llama_cpp_q4_0"] = run
+    for f in engines.values():  # warm-up
+        f(2)
+    times = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for k, f in engines.items():
+            times[k].append(f(args.tokens))
+    for k, ts in times.items():
+        res[f"{k}_tokens_per_s"] = {"best": round(args.tokens / min(ts), 2),
+                                    "median": round(args.tokens / statistics.median(ts), 2)}
+    for k in engines:
+        if k != "float32":
+            res[f"{k}_vs_float32"] = round(min(times["float32"]) / min(times[k]), 3)
+        if k.startswith("w4") and "llama_cpp_q4_0" in times:
+            res[f"{k}_vs_llama_cpp_q4_0"] = round(min(times["llama_cpp_q4_0"]) / min(times[k]), 3)
+    res["load_avg_at_end"] = os.getloadavg()
+    for t in tmps:
+        shutil.rmtree(t, ignore_errors=True)
+    print(json.dumps(res, indent=1))
 
 
 def summary(path: str) -> None:
@@ -363,7 +394,8 @@ def main():
     g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--tokens", type=int, default=64)
+    c.add_argument("--tokens", type=int, default=32)
+    c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--group-size", type=int, default=32)
     c.add_argument("--reference", action="store_true", help="also time the torch reference path")
     args = p.parse_args()

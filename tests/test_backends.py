@@ -168,3 +168,43 @@ def test_forward_dispatch_keeps_reference_path():
     assert torch.equal(layer(x), ref)  # nothing attached
     B.attach_backends(layer)
     assert layer.backend == "torch" and torch.equal(layer(x), ref)
+
+
+# ----------------------------------------------------------------------------------- through transformers
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    from tiny_models import tiny_model, token_data
+
+    from auto_quant import AutoRound
+
+    model = tiny_model("llama", intermediate_size=192)
+    out = tmp_path_factory.mktemp("q") / "tiny_w4"
+    AutoRound(model, None, bits=4, group_size=32, sym=False, iters=0, dataset=token_data(2, 32), nsamples=2,
+              seqlen=32, progress=False).quantize_and_save(str(out))
+    return out
+
+
+def test_from_pretrained_attaches_and_forcing_errors(saved_tiny, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRoundConfig
+
+    with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
+        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32)
+    qls = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert qls and {q.backend for q in qls} == {"torch_cpu_int4"}
+    assert any("backend torch_cpu_int4 for" in r.getMessage() for r in caplog.records)
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        fast = m(ids).logits
+        B.detach_backends(m)
+        ref = m(ids).logits
+    assert rel_err(fast, ref) < 2e-2
+    forced = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
+                                                  quantization_config=AutoRoundConfig(backend="torch"))
+    assert {q.backend for q in forced.modules() if isinstance(q, QuantLinear)} == {"torch"}
+    with pytest.raises(BackendError, match=r"backend 'triton' cannot serve .* runs on cuda, not cpu"):
+        AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
+                                             quantization_config=AutoRoundConfig(backend="triton"))
