@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from auto_quant.cli.main import main_best, main_default, main_light
 from auto_quant.recipes import load_recipe
 from test_cli_helpers import write_mc_task, write_texts, write_tiny_model
 
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None  # CI installs it (the test extra)
 TINY = ["--bits", "4", "--group_size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "32", "--batch_size", "2",
         "--device", "cpu", "-q"]
 
@@ -36,8 +38,9 @@ def assets(tmp_path_factory):
 def quantized(assets, tmp_path_factory):
     """One full `auto-round` run: tune, save, evaluate (ppl + local lm-eval task, with the float baseline), report."""
     out = tmp_path_factory.mktemp("runs") / "w4g32"
+    tasks = f"ppl:{assets['eval']}" + (f",{assets['task']}" if HAVE_LM_EVAL else "")
     argv = ["--model", str(assets["model"]), *TINY, "--dataset", str(assets["calib"]),
-            "--tasks", f"ppl:{assets['eval']},{assets['task']}", "--eval_baseline",
+            "--tasks", tasks, "--eval_baseline",
             "--ppl_seqlen", "32", "--ppl_nsamples", "4", "--output_dir", str(out)]
     return out, argv, main_default(argv)
 
@@ -67,11 +70,12 @@ def test_auto_round_end_to_end(quantized, assets, capsys):
     res = json.loads((out / "eval_results.json").read_text())
     ppl_task = f"ppl:{assets['eval']}"
     q, b = res["results"]["quantized"], res["results"]["baseline"]
-    assert set(q) == set(b) == {ppl_task, "tiny_mc"}
+    assert set(q) == set(b) == ({ppl_task, "tiny_mc"} if HAVE_LM_EVAL else {ppl_task})
     assert q[ppl_task]["info"]["windows"] == 4 and q[ppl_task]["info"]["tokens"] == 4 * 31
     assert 1 < q[ppl_task]["metrics"]["ppl"] < 10_000
     assert res["delta"][ppl_task]["ppl"] == pytest.approx(q[ppl_task]["metrics"]["ppl"] - b[ppl_task]["metrics"]["ppl"])
-    assert 0.0 <= q["tiny_mc"]["metrics"]["acc"] <= 1.0
+    if HAVE_LM_EVAL:
+        assert 0.0 <= q["tiny_mc"]["metrics"]["acc"] <= 1.0
 
     # plain transformers loads what the command saved
     from transformers import AutoModelForCausalLM
@@ -87,16 +91,18 @@ def test_eval_existing_checkpoint_matches_in_memory(quantized, assets, tmp_path,
     assert rc == 0
     capsys.readouterr()
     ppl_task = f"ppl:{assets['eval']}"
-    rc = main_default(["--eval", "--model", str(out), "--tasks", f"{ppl_task},{assets['task']}", "--ppl_seqlen", "32",
+    tasks = ppl_task + (f",{assets['task']}" if HAVE_LM_EVAL else "")
+    rc = main_default(["--eval", "--model", str(out), "--tasks", tasks, "--ppl_seqlen", "32",
                        "--ppl_nsamples", "4", "--output_dir", str(tmp_path / "ev"), "-q"])
     assert rc == 0
     stdout = capsys.readouterr().out
-    assert "tiny_mc" in stdout and "ppl" in stdout
+    assert ppl_task in stdout and ("tiny_mc" in stdout) == HAVE_LM_EVAL
     got = json.loads((tmp_path / "ev" / "eval_results.json").read_text())["results"]["model"]
     tuned = json.loads((out / "eval_results.json").read_text())["results"]["quantized"]
     # the reloaded checkpoint (packed weights, QuantLinear) scores what the in-memory fake-quantized model scored
     assert got[ppl_task]["metrics"]["ppl"] == pytest.approx(tuned[ppl_task]["metrics"]["ppl"], rel=1e-4)
-    assert got["tiny_mc"]["metrics"]["acc"] == tuned["tiny_mc"]["metrics"]["acc"]
+    if HAVE_LM_EVAL:
+        assert got["tiny_mc"]["metrics"]["acc"] == tuned["tiny_mc"]["metrics"]["acc"]
 
 
 def test_best_and_light_commands(assets, tmp_path):

@@ -138,3 +138,13 @@ def test_table_and_json(tmp_path):
     doc = results_document("m", parse_tasks("ppl:x"), EvalSettings(), {"quantized": quant, "baseline": base})
     assert doc["delta"] == {"ppl:x": {"ppl": 2.5}, "mc": {"acc": 0.25}}
     json.dumps(doc)  # JSON-ready
+
+
+def test_lm_eval_tasks_without_lm_eval_fail_early(monkeypatch, tmp_path):
+    from auto_quant.eval import lm_eval_adapter
+
+    monkeypatch.setattr(lm_eval_adapter, "lm_eval_available", lambda: False)
+    for text in ("hellaswag", str(write_mc_task(tmp_path))):
+        with pytest.raises(ConfigError, match=r"auto_quant\[eval\]"):
+            lm_eval_adapter.check_tasks(parse_tasks(text))
+    lm_eval_adapter.check_tasks(parse_tasks("ppl:stdlib"))  # the built-in task needs no lm-eval

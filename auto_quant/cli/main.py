@@ -35,6 +35,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(level)
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in ("lm-eval", "lm_eval"):  # its warnings about in-memory models are not actionable here
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
