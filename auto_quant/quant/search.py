@@ -23,7 +23,11 @@ def search_clip_coef(
     importance: torch.Tensor | None = None,
     grid: tuple[float, ...] = DEFAULT_GRID,
 ) -> torch.Tensor:
-    """Best clipping coefficient per group, ``[out, n_groups]`` (float32)."""
+    """Best clipping coefficient per group, ``[out, n_groups]`` (float32).
+
+    For a llama.cpp grid (``spec.fmt != "int"``) a ``(min_coef, max_coef)`` pair (see
+    :func:`auto_quant.quant.kquant.search_clip_coef`).
+    """
     if spec.fmt != "int":
         from auto_quant.quant import kquant
 

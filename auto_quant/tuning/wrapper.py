@@ -37,9 +37,12 @@ class TunableLinear(nn.Module):
         self.register_buffer("wmin", wmin, persistent=False)
         self.register_buffer("wmax", wmax, persistent=False)
         self.v = nn.Parameter(torch.zeros_like(wg))
-        coef = torch.ones_like(wmin) if init_coef is None else init_coef.to(wmin).clone()
-        self.min_coef = nn.Parameter(coef.clone(), requires_grad=tune_minmax)
-        self.max_coef = nn.Parameter(coef.clone(), requires_grad=tune_minmax)
+        if isinstance(init_coef, tuple):  # separate (min, max) starting points (llama.cpp grids' search)
+            cmin, cmax = (c.to(wmin).clone() for c in init_coef)
+        else:
+            cmin = cmax = torch.ones_like(wmin) if init_coef is None else init_coef.to(wmin).clone()
+        self.min_coef = nn.Parameter(cmin.clone(), requires_grad=tune_minmax)
+        self.max_coef = nn.Parameter(cmax.clone(), requires_grad=tune_minmax)
 
     def tunables(self) -> list[nn.Parameter]:
         return [p for p in (self.v, self.min_coef, self.max_coef) if p.requires_grad]
