@@ -299,7 +299,7 @@ def cpu_main(args):
 
     from transformers import AutoModelForCausalLM
 
-    from auto_quant import AutoRound
+    from auto_quant import AutoRound, AutoRoundConfig
     from auto_quant.models.loading import default_model_path, load_model
 
     torch.set_num_threads(args.threads)
@@ -324,7 +324,9 @@ def cpu_main(args):
         AutoRound(m, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False,
                   quant_lm_head=head).quantize_and_save(tmp)
         del m
-        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        # float32 models get the exact reference path by default; the int4 CPU kernel is forced here
+        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                  quantization_config=AutoRoundConfig(backend="torch_cpu_int4")).eval()
         res[f"{label}_backends"] = sorted({q.backend for q in qm.modules() if hasattr(q, "kernel")})
         res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
                                               / 2**20, 1)

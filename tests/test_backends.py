@@ -47,6 +47,14 @@ def test_selection_prefers_priority_among_installed():
     assert B.select_backend(key(in_features=192), "cuda", available=only("torch", "triton", "marlin")).name == "triton"
     # triton takes half-precision activations only
     assert B.select_backend(k, "cuda", act_dtype=torch.float32, available=only("torch", "triton")).name == "torch"
+    # the int4 CPU kernel computes in bf16: automatic for half-precision models only, forced for float32
+    cpu = only("torch", "torch_cpu_int4")
+    assert B.select_backend(k, "cpu", act_dtype=torch.bfloat16, available=cpu).name == "torch_cpu_int4"
+    assert B.select_backend(k, "cpu", act_dtype=torch.float32, available=cpu).name == "torch"
+    assert B.select_backend(k, "cpu", "torch_cpu_int4", act_dtype=torch.float32, available=cpu).name == "torch_cpu_int4"
+    # an end-of-life package is never recommended
+    torch_b = next(b for b in B.BACKENDS if b.name == "torch")
+    assert B.better_if_installed(k, "cpu", torch_b, act_dtype=torch.float32, available=only("torch")) is None
 
 
 def test_shape_and_format_constraints_are_declared():
@@ -192,19 +200,25 @@ def test_from_pretrained_attaches_and_forcing_errors(saved_tiny, caplog):
     from auto_quant import AutoRoundConfig
 
     with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
-        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16)
     qls = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
     assert qls and {q.backend for q in qls} == {"torch_cpu_int4"}
     assert any("backend torch_cpu_int4 for" in r.getMessage() for r in caplog.records)
+    assert not any("faster backends" in r.getMessage() for r in caplog.records)
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():
         fast = m(ids).logits
         B.detach_backends(m)
         ref = m(ids).logits
     assert rel_err(fast, ref) < 2e-2
+    # float32: the exact reference path unless forced
+    m32 = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32)
+    assert {q.backend for q in m32.modules() if isinstance(q, QuantLinear)} == {"torch"}
     forced = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
-                                                  quantization_config=AutoRoundConfig(backend="torch"))
-    assert {q.backend for q in forced.modules() if isinstance(q, QuantLinear)} == {"torch"}
+                                                  quantization_config=AutoRoundConfig(backend="torch_cpu_int4"))
+    assert {q.backend for q in forced.modules() if isinstance(q, QuantLinear)} == {"torch_cpu_int4"}
+    with torch.no_grad():
+        assert rel_err(forced(ids).logits, m32(ids).logits) < 2e-2
     with pytest.raises(BackendError, match=r"backend 'triton' cannot serve .* runs on cuda, not cpu"):
         AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
                                              quantization_config=AutoRoundConfig(backend="triton"))

@@ -68,6 +68,7 @@ class Backend:
     asym: bool = True
     layouts: frozenset[str] = ALL_LAYOUTS
     act_dtypes: frozenset[torch.dtype] = FLOATS
+    auto_act_dtypes: frozenset[torch.dtype] | None = None  # automatic selection only for these (None: act_dtypes)
     in_multiple: int = 1  # in_features must be a multiple of this
     out_multiple: int = 1  # out_features must be a multiple of this
     priority: int = 0  # higher wins
@@ -75,6 +76,7 @@ class Backend:
     torch_ops: tuple[str, ...] = ()  # torch.ops.aten operators that must exist
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
     pip: str = ""  # how to get ``requires`` ("pip install ...")
+    suggest: bool = True  # may the "a better backend would apply" line recommend installing it
     impl: str = ""  # "module:prepare"; "" = the QuantLinear reference forward
     summary: str = ""
 
@@ -84,8 +86,9 @@ class Backend:
             return False
         return all(hasattr(torch.ops.aten, op) for op in self.torch_ops)
 
-    def mismatches(self, layer: LayerKey, device: str, act_dtype: torch.dtype | None = None) -> list[str]:
-        """Why this backend cannot serve ``layer`` on ``device`` (empty: it can)."""
+    def mismatches(self, layer: LayerKey, device: str, act_dtype: torch.dtype | None = None,
+                   auto: bool = False) -> list[str]:
+        """Why this backend cannot serve ``layer`` on ``device`` (empty: it can); ``auto``: for automatic selection."""
         why = []
         if device not in self.devices:
             why.append(f"runs on {'/'.join(sorted(self.devices))}, not {device}")
@@ -105,6 +108,8 @@ class Backend:
         if act_dtype is not None and act_dtype not in self.act_dtypes:
             names = "/".join(sorted(str(d).replace("torch.", "") for d in self.act_dtypes))
             why.append(f"takes {names} activations, not {str(act_dtype).replace('torch.', '')}")
+        elif auto and act_dtype is not None and self.auto_act_dtypes is not None and act_dtype not in self.auto_act_dtypes:
+            why.append(f"is chosen automatically only for half-precision activations (force backend={self.name!r})")
         if layer.in_features % self.in_multiple:
             why.append(f"needs in_features divisible by {self.in_multiple} (got {layer.in_features})")
         if layer.out_features % self.out_multiple:
@@ -142,6 +147,9 @@ BACKENDS: tuple[Backend, ...] = (
         group_multiple=32,
         in_multiple=32,
         out_multiple=16,
+        # it computes in bf16 internally: chosen automatically only for half-precision activations,
+        # so a float32 model reloads exactly; backend="torch_cpu_int4" forces it for float32 too
+        auto_act_dtypes=HALFS,
         priority=20,
         torch_ops=("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
         impl="auto_quant.inference.cpu_int4:prepare",
@@ -183,6 +191,7 @@ BACKENDS: tuple[Backend, ...] = (
         bits=frozenset({2, 3, 4, 5, 6, 8}),
         priority=10,  # below torch_cpu_int4: IPEX is end-of-life and never needed
         requires=("intel_extension_for_pytorch",),
+        suggest=False,
         pip="pip install intel-extension-for-pytorch",
         impl="auto_quant.inference.dense:prepare",
         summary="with IPEX importable: dequantize once at load time, dense matmul on CPU/XPU",
@@ -193,6 +202,7 @@ BACKENDS: tuple[Backend, ...] = (
         bits=frozenset({2, 3, 4, 5, 6, 8}),
         priority=25,
         requires=("habana_frameworks.torch",),
+        suggest=False,
         pip="install the Intel Gaudi software stack (habana_frameworks)",
         impl="auto_quant.inference.dense:prepare",
         summary="Gaudi: dequantize once at load time, dense matmul on the HPU",
@@ -239,10 +249,11 @@ class Availability:
         return self._seen[b.name]
 
 
-def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None) -> list[Backend]:
+def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None,
+               auto: bool = True) -> list[Backend]:
     """Every backend that serves ``layer`` (installed or not), best first."""
     key = layer if isinstance(layer, LayerKey) else LayerKey.of(layer)
-    return sorted((b for b in table if not b.mismatches(key, device, act_dtype)), key=lambda b: -b.priority)
+    return sorted((b for b in table if not b.mismatches(key, device, act_dtype, auto)), key=lambda b: -b.priority)
 
 
 def select_backend(layer, device: str | torch.device, forced: str = "auto", table: tuple[Backend, ...] = BACKENDS,
@@ -256,7 +267,7 @@ def select_backend(layer, device: str | torch.device, forced: str = "auto", tabl
         b = next(x for x in table if x.name == forced)
         why = b.mismatches(key, dev.type, act_dtype)
         if why:
-            others = [x.name for x in candidates(key, dev.type, table, act_dtype) if available(x)]
+            others = [x.name for x in candidates(key, dev.type, table, act_dtype, auto=False) if available(x)]
             raise BackendError(
                 f"backend {forced!r} cannot serve a {key.describe()} layer on {dev.type}: it {'; it '.join(why)}. "
                 f"Backends that can: {', '.join(others) or 'none'}; pass backend='auto' or one of them"
@@ -294,7 +305,9 @@ def better_if_installed(layer, device: str, chosen: Backend, table: tuple[Backen
         if b.priority <= chosen.priority:
             return None
         if b.requires and not available(b):
-            return b
+            if b.suggest:
+                return b
+            continue
     return None
 
 
