@@ -71,10 +71,42 @@ def run_intel(model, tok, scheme, recipe, samples, args, device):
     return time.perf_counter() - t0
 
 
+def run_gptqmodel(model, tok, scheme, samples, args, device):
+    """GPTQModel's GPTQ on the same calibration tokens; returns (tuning seconds, quantized model)."""
+    import tempfile
+
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM
+
+    src = tempfile.mkdtemp(prefix="gptq_src_")
+    dst = tempfile.mkdtemp(prefix="gptq_out_")
+    model.hf_quantizer = None  # a GGUF-loaded model is plain float once dequantized
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except Exception:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    sch = SCHEMES[scheme]
+    cfg = QuantizeConfig(bits=sch["bits"], group_size=sch["group_size"], sym=sch["sym"], desc_act=False)
+    gm = GPTQModel.load(src, cfg, device=str(device))
+    calib = [{"input_ids": s.reshape(1, -1).tolist(), "attention_mask": [[1] * s.numel()]} for s in samples]
+    t0 = time.perf_counter()
+    gm.quantize(calib, batch_size=1)
+    tune = time.perf_counter() - t0
+    gm.save(dst)
+    q = AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
+    return tune, q
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
-    p.add_argument("--method", required=True, help="float | rtn | auto_quant:<recipe> | auto_round:<recipe>")
+    p.add_argument("--method", required=True, help="float | rtn | auto_quant:<recipe> | auto_round:<recipe> | gptqmodel:gptq")
     p.add_argument("--scheme", default="w4g128", choices=sorted(SCHEMES))
     p.add_argument("--data", required=True, help=".pt with 'calib' and 'eval' token tensors")
     p.add_argument("--device", default="cpu")
@@ -100,6 +132,8 @@ def main(argv=None):
         tune_s = run_auto_quant(model, tok, args.scheme, recipe, data["calib"], args, device)
     elif kind == "auto_round":
         tune_s = run_intel(model, tok, args.scheme, recipe, data["calib"], args, device)
+    elif kind == "gptqmodel":
+        tune_s, model = run_gptqmodel(model, tok, args.scheme, data["calib"], args, device)
     elif kind != "float":
         raise SystemExit(f"unknown method {args.method}")
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
