@@ -14,7 +14,7 @@ import yaml
 
 from auto_quant.cli.plan import Plan
 from auto_quant.errors import AutoQuantError
-from auto_quant.eval.runner import EvalSettings, PreparedData, evaluate, format_table, prepare, results_document, write_results
+from auto_quant.eval.runner import PreparedData, evaluate, format_table, prepare, results_document, write_results
 
 log = logging.getLogger("auto_quant.cli")
 
