@@ -14,8 +14,8 @@
   (``optimize_model=True``, the default) and without it; and whether the reloaded logits are identical.
 * from_gguf: greedy continuation of a chat prompt by ``from_gguf(path, low_bit)`` vs transformers'
   own GGUF loading at fp32 and bf16.
-* Memory (``--memory``): peak RSS of a fresh process loading the float model vs loading it with
-  ``load_in_low_bit='sym_int4'``.
+* Memory (``--memory``): anonymous memory of a fresh process loading the float checkpoint, loading it
+  with ``load_in_low_bit`` (sym_int4, nf4) and ``load_low_bit``; see :func:`memory_mb`.
 """
 
 from __future__ import annotations
@@ -74,24 +74,41 @@ def dir_bytes(path: Path) -> int:
 
 
 MEM_SNIPPET = """
-import sys, torch
+import ctypes, gc, sys, threading, time, torch
+torch.set_num_threads(1)
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) // 1024
+peak = [0]
+def watch():
+    while True:
+        peak[0] = max(peak[0], status("RssAnon"))
+        time.sleep(0.002)
+threading.Thread(target=watch, daemon=True).start()
 from auto_quant.transformers import AutoModelForCausalLM
 import transformers
 path, mode = sys.argv[1], sys.argv[2]
+base = status("RssAnon")
 if mode == "float":
     m = transformers.AutoModelForCausalLM.from_pretrained(path)
 elif mode == "load_low_bit":
     m = AutoModelForCausalLM.load_low_bit(path)
 else:
     m = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=mode)
-# VmHWM: peak resident set of this process image (ru_maxrss would carry the parent's peak across exec)
-print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) // 1024)
+time.sleep(0.05)
+after = status("RssAnon")
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(peak[0] - base, after - base, status("RssAnon") - base, status("VmHWM"))
 """
 
 
-def peak_rss_mb(path: Path, mode: str) -> int:
+def memory_mb(path: Path, mode: str) -> dict:
+    """Anonymous memory (MB above the imports) of a fresh process loading ``path``: peak (sampled every
+    2 ms), after loading, after ``malloc_trim`` (freed heap returned); and VmHWM (peak resident, file pages
+    of the memory-mapped checkpoint included)."""
     out = subprocess.run([sys.executable, "-c", MEM_SNIPPET, str(path), mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    peak, after, trimmed, hwm = map(int, out.stdout.strip().splitlines()[-1].split())
+    return {"anon_peak_mb": peak, "anon_after_mb": after, "anon_after_trim_mb": trimmed, "vmhwm_mb": hwm}
 
 
 def main() -> None:
@@ -205,11 +222,13 @@ def main() -> None:
     g["asym_int4_equals_fp32"] = g["from_gguf_asym_int4"] == g["transformers_fp32"]
     result["from_gguf_greedy"] = g
     if args.memory:
-        result["peak_rss_mb"] = {
-            "float_load": peak_rss_mb(float_dir, "float"),
-            "load_in_low_bit_sym_int4": peak_rss_mb(float_dir, "sym_int4"),
-            "load_low_bit_sym_int4": peak_rss_mb(work / "lb_sym_int4", "load_low_bit") if (work / "lb_sym_int4").exists() else None,
+        result["memory"] = {
+            "float_load": memory_mb(float_dir, "float"),
+            "load_in_low_bit_sym_int4": memory_mb(float_dir, "sym_int4"),
+            "load_in_low_bit_nf4": memory_mb(float_dir, "nf4"),
         }
+        if (work / "lb_sym_int4").exists():
+            result["memory"]["load_low_bit_sym_int4"] = memory_mb(work / "lb_sym_int4", "load_low_bit")
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

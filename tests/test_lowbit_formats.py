@@ -13,7 +13,7 @@ from auto_quant.quant.lowbit_formats import (
     quantize_codebook,
 )
 from auto_quant.transformers import ggml_quants
-from auto_quant.transformers.modules import LayerTarget, LowBitEmbedding, LowBitLinear, build_linear
+from auto_quant.transformers.modules import LayerTarget, LowBitEmbedding, build_linear
 from auto_quant.transformers.qtypes import QTYPES, mix_layer_type, resolve_qtype
 
 # QLoRA's published NF4 table (bitsandbytes)
@@ -176,3 +176,24 @@ def test_gguf_mix_rules():
     assert mix_layer_type("gguf_iq2_xs", "attn_v", 9, n, n_gqa=4) == "q4_k"
     assert mix_layer_type("gguf_iq2_xxs", "attn_v", 9, n, n_gqa=2) == "q2_k"
     assert mix_layer_type("gguf_iq2_xxs", "output", None, n) == "q5_k"
+
+
+def test_chunked_encoding_equals_whole_matrix(monkeypatch):
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.quant import QuantSpec, quantize_weight
+    from auto_quant.transformers import modules
+
+    torch.manual_seed(7)
+    w, b = torch.randn(2 * 64 + 37, 96), torch.randn(2 * 64 + 37)
+    monkeypatch.setattr(modules, "ROW_CHUNK", 64)  # three chunks, the last one short
+    for q in ("sym_int4", "asym_int5"):
+        qt = resolve_qtype(q)
+        got = build_linear(w, b, LayerTarget(qt, 32))
+        ref = QuantLinear.from_quantized(quantize_weight(w, QuantSpec(qt.bits, 32, qt.sym)), b, layout="gptq_v2",
+                                         bias_dtype=torch.float32)
+        for k in ("qweight", "qzeros", "scales", "bias"):
+            assert torch.equal(getattr(got, k), getattr(ref, k)), (q, k)
+    chunked = build_linear(w, None, LayerTarget(resolve_qtype("nf4"), 64))
+    monkeypatch.setattr(modules, "ROW_CHUNK", 10**6)
+    whole = build_linear(w, None, LayerTarget(resolve_qtype("nf4"), 64))
+    assert torch.equal(chunked.qweight, whole.qweight) and torch.equal(chunked.scales, whole.scales)

@@ -12,7 +12,7 @@ import transformers
 from torch import nn
 
 from auto_quant.errors import ConfigError, ModelLoadError
-from auto_quant.transformers.config import Request, resolve_request
+from auto_quant.transformers.config import resolve_request
 from auto_quant.transformers.convert import Importance, LowBitSettings, convert_in_place, plan_model, untie_config
 from auto_quant.transformers.imatrix import load_imatrix
 from auto_quant.transformers.lowbit_io import load_low_bit as _load_low_bit
@@ -52,7 +52,7 @@ def _prequantized_method(path, kwargs) -> dict | None:
     return qc if isinstance(qc, dict) else qc.to_dict()
 
 
-def _check_prequantized(qc: dict, settings: LowBitSettings) -> None:
+def _check_prequantized(qc: dict, settings: LowBitSettings, imatrix=None) -> None:
     method = str(qc.get("quant_method", "")).lower()
     if method not in PREQUANTIZED_METHODS:
         raise ConfigError(f"this checkpoint is already quantized with {method!r}; load it with from_pretrained(path) "
@@ -62,9 +62,10 @@ def _check_prequantized(qc: dict, settings: LowBitSettings) -> None:
     if qt.kind != "int" or qt.bits != bits:
         raise ConfigError(f"this checkpoint is already {bits}-bit {method}-quantized; its codes are kept as they are, so "
                           f"load it with load_in_4bit=True (4-bit) or without load_in_low_bit, not {qt.name!r}")
-    if settings.embedding_qtype is not None or settings.modules_to_not_convert or settings.mixed_precision:
-        raise ConfigError("embedding_qtype / modules_to_not_convert / mixed_precision do not apply to a checkpoint that "
-                          "is already quantized; drop them")
+    if (settings.embedding_qtype is not None or settings.modules_to_not_convert or settings.mixed_precision
+            or imatrix is not None):
+        raise ConfigError("embedding_qtype / modules_to_not_convert / mixed_precision / imatrix do not apply to a "
+                          "checkpoint that is already quantized; drop them")
 
 
 def _finish(model: nn.Module, settings: LowBitSettings | None) -> nn.Module:
@@ -132,12 +133,14 @@ class _BaseAutoModelClass:
             return _finish(model, None)
         prequant = _prequantized_method(path, kwargs)
         if prequant is not None:
-            _check_prequantized(prequant, settings)
+            _check_prequantized(prequant, settings, imatrix)
             log.info("auto_quant: %s checkpoint already quantized; keeping its codes", prequant.get("quant_method"))
             model = cls.HF_Model.from_pretrained(path, *args, **kwargs)
             if settings.cpu_embedding:
                 _apply_cpu_embedding(model)
-            return _finish(model, settings)
+            model = _finish(model, None)
+            model.lowbit_settings = {"kept_prequantized": prequant.get("quant_method")}
+            return model
         importance = _importance(imatrix)
         if kwargs.get("gguf_file") is not None:  # transformers cannot combine GGUF loading with a quantizer
             model = cls.HF_Model.from_pretrained(path, *args, **kwargs)
@@ -165,8 +168,9 @@ class _BaseAutoModelClass:
                   **lowbit_kwargs):
         """Load a GGUF file as a low-bit model: returns ``(model, tokenizer)``.
 
-        The float weights come from transformers' GGUF loader (``gguf_file=``); each layer is then
-        re-encoded to ``low_bit`` and its float copy freed. ``low_bit='bf16'``/``'fp16'`` load the
+        The float weights come from :func:`auto_quant.gguf.from_gguf` (transformers' GGUF loading,
+        auto_quant's own reader where transformers has no mapping); each layer is then re-encoded to
+        ``low_bit`` and its float copy freed. ``low_bit='bf16'``/``'fp16'`` load the
         whole model in that dtype; other types keep non-quantized parts in ``dtype`` (default fp32).
         """
         p = Path(os.path.expanduser(str(fpath)))

@@ -27,6 +27,9 @@ from auto_quant.transformers import ggml_quants
 from auto_quant.transformers.qtypes import QType, resolve_qtype
 
 
+ROW_CHUNK = 2048  # rows encoded at a time; a multiple of 32 so packed zero words never straddle chunks
+
+
 @dataclass(frozen=True)
 class LayerTarget:
     """What one layer becomes: a concrete (non-mix) qtype and its parameters."""
@@ -87,24 +90,30 @@ class _RowQuantized(nn.Module):
         return resolve_qtype(self.qtype)
 
     def _fill(self, w: torch.Tensor, importance: torch.Tensor | None, search: bool) -> None:
-        """Quantize the float ``w`` (``[rows, cols]``) into the buffers."""
+        """Quantize the float ``w`` (``[rows, cols]``) into the buffers, :data:`ROW_CHUNK` rows at a time
+        (the encoders' float and int64 temporaries stay a few times one chunk, not the whole matrix)."""
+        for r0 in range(0, w.shape[0], ROW_CHUNK):
+            self._fill_rows(r0, w[r0:r0 + ROW_CHUNK], importance, search)
+
+    def _fill_rows(self, r0: int, w: torch.Tensor, importance, search: bool) -> None:
         qt = self._qt
+        r1 = r0 + w.shape[0]
         w = w.detach().to(torch.float32)
         if qt.kind == "float":
-            self.fweight.copy_(w.to(qt.float_dtype))
+            self.fweight[r0:r1].copy_(w.to(qt.float_dtype))
         elif qt.kind == "ggml":
-            self.qweight.copy_(ggml_quants.quantize_rows(w, qt.ggml_type, importance))
+            self.qweight[r0:r1].copy_(ggml_quants.quantize_rows(w, qt.ggml_type, importance))
         elif qt.kind == "codebook":
             cw = quantize_codebook(w, qt.codebook, self.group_size, self.scale_dtype, importance, search)
-            self.qweight.copy_(packing.pack_bitstream(cw.codes, _storage_bits(qt), dim=1))
-            self.scales.copy_(cw.scale)
+            self.qweight[r0:r1].copy_(packing.pack_bitstream(cw.codes, _storage_bits(qt), dim=1))
+            self.scales[r0:r1].copy_(cw.scale)
         else:
             spec = self._spec()
             coef = search_clip_coef(w, spec, importance) if (search or importance is not None) else 1.0
             qw = quantize_weight(w, spec, None, coef, coef)
-            self.qweight.copy_(packing.pack_bitstream(qw.codes, qt.bits, dim=1))
-            self.scales.copy_(qw.scale)
-            self.qzeros.copy_(qw.zero)
+            self.qweight[r0:r1].copy_(packing.pack_bitstream(qw.codes, qt.bits, dim=1))
+            self.scales[r0:r1].copy_(qw.scale)
+            self.qzeros[r0:r1].copy_(qw.zero)
 
     def _spec(self) -> QuantSpec:
         qt = self._qt
@@ -230,16 +239,38 @@ def build_linear(weight: torch.Tensor, bias: torch.Tensor | None, target: LayerT
     device = weight.device
     bdt = bias_dtype or (bias.dtype if bias is not None else torch.float32)
     if qt.kind == "int":
-        w = weight.detach().to(torch.float32)
-        spec = QuantSpec(qt.bits, target.group_size, qt.sym, target.scale_dtype)
-        coef = search_clip_coef(w, spec, importance) if (target.search or importance is not None) else 1.0
-        qw = quantize_weight(w, spec, None, coef, coef)
-        mod = QuantLinear.from_quantized(qw, None if bias is None else bias.detach(), layout="gptq_v2", bias_dtype=bdt)
-        return mod.to(device)
+        return _build_quant_linear(weight, bias, target, importance, bdt)
     mod = LowBitLinear(in_f, out_f, qt.name, bias is not None, target.group_size, target.scale_dtype, bdt, device=device)
     mod._fill(weight, importance, target.search)
     if bias is not None:
         mod.bias.copy_(bias.detach().to(bdt))
+    return mod
+
+
+def _build_quant_linear(weight: torch.Tensor, bias, target: LayerTarget, importance, bias_dtype) -> QuantLinear:
+    """An integer linear in the ``gptq_v2`` layout (true zeros), encoded :data:`ROW_CHUNK` output rows at a time.
+
+    GPTQ packs codes along the input dimension, so a chunk of output rows is a column slice of
+    ``qweight``/``scales``; zeros pack along the output dimension, and a chunk that starts at a
+    multiple of 32 rows starts on a word boundary for every bit width.
+    """
+    qt = target.qtype
+    out_f, in_f = weight.shape
+    spec = QuantSpec(qt.bits, target.group_size, qt.sym, target.scale_dtype)
+    mod = QuantLinear(in_f, out_f, spec.bits, spec.group_size, spec.sym, bias is not None, layout="gptq_v2",
+                      scale_dtype=spec.scale_dtype, bias_dtype=bias_dtype, device=weight.device)
+    for r0 in range(0, out_f, ROW_CHUNK):
+        w = weight[r0:r0 + ROW_CHUNK].detach().to(torch.float32)
+        r1 = r0 + w.shape[0]
+        coef = search_clip_coef(w, spec, importance) if (target.search or importance is not None) else 1.0
+        qw = quantize_weight(w, spec, None, coef, coef)
+        t = packing.pack_gptq(qw.codes, qw.zero, qw.scale, spec.bits, 0, spec.scale_dtype)
+        mod.qweight[:, r0:r1].copy_(t["qweight"])
+        z0 = r0 * spec.bits // 32
+        mod.qzeros[:, z0:z0 + t["qzeros"].shape[1]].copy_(t["qzeros"])
+        mod.scales[:, r0:r1].copy_(t["scales"])
+    if bias is not None:
+        mod.bias.copy_(bias.detach().to(bias_dtype))
     return mod
 
 
