@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,15 +131,21 @@ def tune_unit(
     eval_idx = torch.randperm(n, generator=gen)[: min(n, cfg.eval_samples)].tolist()
     eval_bs = max(1, cfg.batch_size)
 
+    def evaluate() -> float:  # the weights do not change within an evaluation: quantize them once
+        with contextlib.ExitStack() as stack:
+            for w in wrappers.values():
+                stack.enter_context(w.frozen())
+            return eval_loss(unit, data, eval_idx, forward, eval_bs)
+
     loss_before = float("nan")
     if rtn_state is not None:  # loss of plain RTN, for the report
         saved = {k: w.snapshot() for k, w in wrappers.items()}
         for k, w in wrappers.items():
             w.restore(rtn_state[k])
-        loss_before = eval_loss(unit, data, eval_idx, forward, eval_bs)
+        loss_before = evaluate()
         for k, w in wrappers.items():
             w.restore(saved[k])
-    loss_init = eval_loss(unit, data, eval_idx, forward, eval_bs)
+    loss_init = evaluate()
     if math.isnan(loss_before):
         loss_before = loss_init
     best = (loss_init, 0, {k: w.snapshot() for k, w in wrappers.items()})
@@ -175,7 +183,7 @@ def tune_unit(
                 for w in wrappers.values():
                     w.clamp_()
             if (it + 1) % eval_every == 0 or it + 1 == iters:
-                cur = eval_loss(unit, data, eval_idx, forward, eval_bs)
+                cur = evaluate()
                 curve.append((it + 1, cur))
                 if cur < best[0]:
                     best = (cur, it + 1, {k: w.snapshot() for k, w in wrappers.items()})

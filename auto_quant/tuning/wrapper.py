@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,8 +66,19 @@ class TunableLinear(nn.Module):
         q = (round_ste(self.wg / s + self.v) + zero.unsqueeze(-1)).clamp(0, self.spec.maxq)
         return ungroup_weight((q - zero.unsqueeze(-1)) * s, self.in_features)
 
+    @contextlib.contextmanager
+    def frozen(self):
+        """Within the block, forwards reuse one fake-quantized weight (no-grad evaluation passes)."""
+        with torch.no_grad():
+            self._frozen_weight = self.qdq_weight()
+        try:
+            yield
+        finally:
+            self._frozen_weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qdq_weight().to(x.dtype)
+        frozen = getattr(self, "_frozen_weight", None)
+        w = (frozen if frozen is not None else self.qdq_weight()).to(x.dtype)
         bias = self.layer.bias
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
