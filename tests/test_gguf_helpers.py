@@ -58,6 +58,20 @@ def tiny_tokenizer():
     return tok
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_spm_tokenizer():
+    """A SentencePiece-style BPE with byte fallback (as Llama 2 / Gemma tokenizer.json files are), 500 tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator([calib_text()], trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def gguf_model(arch: str, seed: int = 0, **over):
     """A tiny random model of ``arch`` whose shapes llama.cpp's K-quants hold, with llama.cpp-representable settings."""
     dims = dict(GGUF_DIMS, **over)

@@ -1,5 +1,6 @@
 """The real consumer: llama.cpp (llama-cpp-python) loads auto_quant's GGUF files, generates, and agrees on perplexity."""
 
+import json
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from test_gguf_helpers import (
     llama_ppl,
     only_gguf,
     open_llama,
+    tiny_spm_tokenizer,
     tiny_tokenizer,
     token_windows,
     torch_ppl,
@@ -47,6 +49,25 @@ def test_metadata_makes_llama_cpp_compute_what_transformers_computes(tmp_path, a
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits[0].double().numpy()
     assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), arch
+
+
+def test_sentencepiece_style_vocabulary_tokenizes_like_transformers(tmp_path):
+    """The ``llama`` vocabulary (byte-fallback BPE with scores, as Llama 2 has) written from tokenizer.json."""
+    import gguf
+
+    tok = tiny_spm_tokenizer()
+    m = gguf_model("llama")
+    out = export(ExportContext(m, tok, {}, ["model.layers"], QuantSpec(), {}), tmp_path / "spm", "gguf:f32")["gguf:f32"]
+    path = only_gguf(out)
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.model"].contents() == "llama"
+    llm = open_llama(path)
+    try:
+        for text in ("def foo(x): return x", "  two  spaces\nnew line", "\u00fc \u00f1 \u65e5\u672c"):
+            assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
+    _, back = from_gguf(path)
+    assert back("def foo(x)", add_special_tokens=False)["input_ids"] == tok("def foo(x)", add_special_tokens=False)["input_ids"]
 
 
 def _tune(arch, scheme, iters, **kw):
@@ -117,6 +138,11 @@ def test_real_smollm2_q4_0_through_llama_cpp(tmp_path):
         windows = [ids[i * 128:(i + 1) * 128] for i in range(3)]
         ppl_ours = torch_ppl(ar.model, windows)
     path = only_gguf(out)
+    report = json.loads((out / "gguf_report.json").read_text())
+    assert any("token_embd" in note and "q8_0" in note for note in report["fallbacks"])  # hidden 576: no 256-blocks
+    import gguf
+
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
     llm = open_llama(path, n_ctx=256)
     try:
         ppl_cpp = llama_ppl(llm, windows)

@@ -159,6 +159,7 @@ def plan_gguf(model: nn.Module, gguf_type: str, untie_head: bool = False) -> Ggu
         embedding = ft.base if ft.is_float else fit(ft.base, row, "token_embd")
         output = fit(_output_type(ft, row), row, "output")
     plan = GgufPlan(ft, linears, embedding, output, head_name, notes)
-    for note in notes:
-        log.info("GGUF %s fallback: %s", ft.name, note)
+    if notes:
+        log.info("GGUF %s: %d tensor(s) fall back to a type whose blocks fit their rows, e.g. %s", ft.name, len(notes),
+                 notes[0])
     return plan

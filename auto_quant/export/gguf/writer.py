@@ -219,8 +219,9 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
     }
     log.info("GGUF %s: wrote %s (%.1f MB; %s)", ft.name, path.name, report["bytes"] / 1e6,
              ", ".join(f"{v}×{k}" for k, v in sorted(counts.items())))
-    for note in plan.notes:
-        log.warning("GGUF %s fallback: %s", ft.name, note)
+    if plan.notes:
+        log.warning("GGUF %s: %d tensor(s) written in a fallback type (their rows do not hold whole blocks), "
+                    "e.g. %s; all listed in gguf_report.json", ft.name, len(plan.notes), plan.notes[0])
     return report
 
 
