@@ -21,7 +21,7 @@ from auto_quant.tuning.placement import (
     plan_placement,
     transfer_bytes,
 )
-from tests.tiny_models import token_data, tiny_model
+from tiny_models import token_data, tiny_model
 
 
 def llama3_8b() -> ModelShape:
