@@ -189,10 +189,10 @@ def write_hparams(w: gguf.GGUFWriter, a: ArchSpec, model, n_vocab: int) -> None:
         if window:
             w.add_sliding_window(int(window))
             types = getattr(cfg, "layer_types", None)
-            if types:
-                w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+            if types:  # per-layer pattern (key spelled out: gguf-py < 0.18 has no helper for it)
+                w.add_array(f"{a.name}.attention.sliding_window_pattern", [t == "sliding_attention" for t in types])
         if rope.get("theta_swa") is not None:
-            w.add_rope_freq_base_swa(float(rope["theta_swa"]))
+            w.add_float32(f"{a.name}.rope.freq_base_swa", float(rope["theta_swa"]))
     if a.softcap:
         if getattr(cfg, "attn_logit_softcapping", None):
             w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))

@@ -74,7 +74,8 @@ class TokenizerMeta:
         if self.merges:
             w.add_token_merges(self.merges)
         for kind, tid in self.special.items():
-            getattr(w, f"add_{kind}_token_id")(tid)
+            key = {"unk": "unknown", "pad": "padding", "sep": "seperator"}.get(kind, kind)  # llama.cpp's key spellings
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(tid))
         if self.add_bos is not None:
             w.add_add_bos_token(self.add_bos)
         if self.add_eos is not None:
@@ -109,8 +110,7 @@ def _added(tok_json: dict) -> dict[int, dict]:
 def _specials(tokenizer) -> dict[str, int]:
     out = {}
     for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unk_token_id"),
-                       ("pad", "pad_token_id"), ("sep", "sep_token_id"), ("cls", "cls_token_id"),
-                       ("mask", "mask_token_id")):
+                       ("pad", "pad_token_id"), ("sep", "sep_token_id"), ("mask", "mask_token_id")):
         tid = getattr(tokenizer, attr, None)
         if isinstance(tid, int) and tid >= 0:
             out[kind] = tid
@@ -181,7 +181,9 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> TokenizerMeta:
             types.append(TT.UNUSED)
             score_list.append(-1000.0)
             continue
-        if i in added and added[i].get("special", False):
+        if text == f"[PAD{i}]":  # a padding slot (written so by llama.cpp's converter, read back by transformers)
+            kind = TT.UNUSED
+        elif i in added and added[i].get("special", False):
             kind = TT.CONTROL
         elif i in added:
             kind = TT.USER_DEFINED
@@ -204,8 +206,19 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> TokenizerMeta:
 
 
 def _adds_space_prefix(tok_json: dict) -> bool:
-    norm = json.dumps(tok_json.get("normalizer") or {}) + json.dumps(tok_json.get("pre_tokenizer") or {})
-    return '"prepend_scheme": "always"' in norm or '"Prepend", "prepend": "\\u2581"' in norm or "Prepend" in norm
+    """SentencePiece's "add dummy prefix": a ``Prepend("▁")`` normalizer or a prepending ``Metaspace``."""
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Prepend":
+                return True
+            if node.get("type") == "Metaspace":
+                return node.get("prepend_scheme", "always" if node.get("add_prefix_space", True) else "never") != "never"
+            return any(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return False
+
+    return walk(tok_json.get("normalizer")) or walk(tok_json.get("pre_tokenizer"))
 
 
 def raise_unsupported(tokenizer):
