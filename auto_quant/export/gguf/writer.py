@@ -118,7 +118,8 @@ def _rtn(w: torch.Tensor, type_name: str):
     """An untuned tensor (embedding, untuned head): RTN after the clipping search (plain RTN for Q8_0, as llama.cpp)."""
     spec = TENSOR_TYPES[type_name].spec
     w = w.detach().to(torch.float32)
-    cmin, cmax = (1.0, 1.0) if type_name == "q8_0" else search_clip_coef(w, spec)
+    coef = 1.0 if type_name == "q8_0" else search_clip_coef(w, spec)
+    cmin, cmax = coef if isinstance(coef, tuple) else (coef, coef)  # int grids give one coefficient
     return quantize_weight(w, spec, None, cmin, cmax)
 
 
