@@ -88,12 +88,13 @@ def test_gguf_rejects_query_scaling_llama_cpp_cannot_express():
 
 def test_scheme_tunes_each_layer_in_its_planned_grid(tmp_path):
     tok = tiny_tokenizer()
-    m = gguf_model("llama", num_hidden_layers=8)
-    data = token_windows(calib_text(), 4, 32)
-    ar = AutoRound(m, tok, scheme="gguf:q4_k_m", iters=1, nsamples=4, seqlen=32, batch_size=4, dataset=data,
+    m = gguf_model("llama")  # 2 layers: layer 1 gets Q6_K attn_v / ffn_down, the rest Q4_K
+    data = token_windows(calib_text(), 2, 32)
+    ar = AutoRound(m, tok, scheme="gguf:q4_k_m", iters=1, nsamples=2, seqlen=32, batch_size=2, dataset=data,
                    progress=False)
     plan = plan_gguf(m, "q4_k_m")
     assert {n: s.fmt for n, s in ar.specs.items() if s is not None} == plan.linears  # head stays untuned
+    assert set(plan.linears.values()) == {"q4_k", "q6_k"}
     ar.quantize()
     out = tmp_path / "q4km"
     ar.save_quantized(out, format="gguf:q4_k_m")

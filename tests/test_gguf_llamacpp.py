@@ -73,8 +73,8 @@ def test_sentencepiece_style_vocabulary_tokenizes_like_transformers(tmp_path):
 def _tune(arch, scheme, iters, **kw):
     tok = tiny_tokenizer()
     m = gguf_model(arch)
-    data = token_windows(calib_text(), 8, 48)
-    ar = AutoRound(m, tok, scheme=scheme, iters=iters, nsamples=8, seqlen=48, batch_size=4, dataset=data,
+    data = token_windows(calib_text(), 4, 32)
+    ar = AutoRound(m, tok, scheme=scheme, iters=iters, nsamples=4, seqlen=32, batch_size=4, dataset=data,
                    progress=False, **kw)
     ar.quantize()
     return ar
@@ -104,8 +104,8 @@ def test_plain_integer_tuning_exports_to_legacy_gguf(tmp_path):
     """No GGUF scheme: an ordinary sym 4-bit g32 tuning is Q4_0's grid and is written code for code."""
     tok = tiny_tokenizer()
     m = gguf_model("llama")
-    data = token_windows(calib_text(), 8, 48)
-    ar = AutoRound(m, tok, bits=4, group_size=32, sym=True, iters=2, nsamples=8, seqlen=48, batch_size=4,
+    data = token_windows(calib_text(), 4, 32)
+    ar = AutoRound(m, tok, bits=4, group_size=32, sym=True, iters=2, nsamples=4, seqlen=32, batch_size=4,
                    dataset=data, progress=False)
     ar.quantize()
     out = ar.save_quantized(tmp_path / "q40", format="gguf:q4_0")["gguf:q4_0"]

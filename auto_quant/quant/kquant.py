@@ -338,13 +338,15 @@ def quantize_weight(w: torch.Tensor, spec, v=None, min_coef=1.0, max_coef=1.0):
     return bake_grouped(wg, wmin, wmax, spec, w.shape[1], v, min_coef, max_coef)[0]
 
 
-def _lsq_asym(wg, a, codes):
-    """Weighted least-squares ``(scale, min)`` of ``w ≈ scale·code − min`` per sub-block; ``min ≥ 0``."""
-    A = (a * codes * codes).sum(-1)
-    B = (a * codes).sum(-1)
-    C = a.sum(-1)
-    D = (a * codes * wg).sum(-1)
-    E = (a * wg).sum(-1)
+def _lsq_asym(wg, a, codes, C, E):
+    """Weighted least-squares ``(scale, min)`` of ``w ≈ scale·code − min`` per sub-block; ``min ≥ 0``.
+
+    ``C = Σa`` and ``E = Σa·w`` do not depend on the codes and are passed in.
+    """
+    ac = a * codes
+    A = (ac * codes).sum(-1)
+    B = ac.sum(-1)
+    D = (ac * wg).sum(-1)
     det = A * C - B * B
     ok = det > 1e-20
     s = torch.where(ok, (C * D - B * E) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
@@ -355,34 +357,43 @@ def _lsq_asym(wg, a, codes):
     return s, m
 
 
+LSQ_STEPS_ASYM = tuple(-1.0 + 0.2 * i for i in range(11))  # scale offsets around 2^b - 1 (llama.cpp: -1 … 1)
+LSQ_STEPS_SYM = tuple(range(-9, 10, 2))  # tenths around 2^(b-1) (llama.cpp: -9 … 9)
+
+
 def _lsq_candidates(wg, wmin, wmax, f: NativeFormat, imp):
     """Clipping coefficients from llama.cpp-style candidate roundings refitted by weighted least squares.
 
-    Asymmetric grids: codes from 21 scales around ``range / (2^b − 1)``, then the optimal scale and
-    min for those codes; symmetric grids: codes from 19 scales around ``max / 2^(b−1)``, then the
+    Asymmetric grids: codes from scales around ``range / (2^b − 1)``, then the optimal scale and
+    min for those codes; symmetric grids: codes from scales around ``max / 2^(b−1)``, then the
     optimal scale. Each refit is expressed as ``(min_coef, max_coef)`` (clipped to ``[0, 1]``).
     """
     maxq = 2**f.bits - 1
     out = []
     if not f.sym:
         span = (wmax - wmin).clamp(min=1e-12).unsqueeze(-1)
-        for t in torch.linspace(-1.0, 1.0, 21).tolist():
-            iscale = (maxq + t) / span
-            codes = torch.round((wg - wmin.unsqueeze(-1)) * iscale).clamp(0, maxq)
-            sc, mn = _lsq_asym(wg, imp, codes)
-            lo, hi = -mn, -mn + sc * maxq
-            cmin = torch.where(wmin < 0, lo / torch.where(wmin < 0, wmin, -torch.ones_like(wmin)), torch.ones_like(wmin))
-            cmax = torch.where(wmax > 0, hi / torch.where(wmax > 0, wmax, torch.ones_like(wmax)), torch.ones_like(wmax))
+        shifted = wg - wmin.unsqueeze(-1)
+        C = imp.sum(-1)
+        E = (imp * wg).sum(-1)
+        neg_ok = wmin < 0
+        pos_ok = wmax > 0
+        safe_min = torch.where(neg_ok, wmin, -torch.ones_like(wmin))
+        safe_max = torch.where(pos_ok, wmax, torch.ones_like(wmax))
+        for t in LSQ_STEPS_ASYM:
+            codes = torch.round(shifted * ((maxq + t) / span)).clamp_(0, maxq)
+            sc, mn = _lsq_asym(wg, imp, codes, C, E)
+            cmin = torch.where(neg_ok, -mn / safe_min, torch.ones_like(wmin))
+            cmax = torch.where(pos_ok, (sc * maxq - mn) / safe_max, torch.ones_like(wmax))
             out.append((cmin.clamp(0, 1), cmax.clamp(0, 1)))
         return out
     half = 2 ** (f.bits - 1)
     amax = torch.maximum(-wmin, wmax).clamp(min=1e-12)
     dominant = torch.where(wmax < -wmin, wmin, wmax).unsqueeze(-1)
     dominant = torch.where(dominant == 0, torch.full_like(dominant, 1e-12), dominant)
-    for t in range(-9, 10):
-        iscale = -(half + 0.1 * t) / dominant
-        codes = torch.round(wg * iscale).clamp(-half, half - 1)
-        sc = (imp * codes * wg).sum(-1) / (imp * codes * codes).sum(-1).clamp(min=1e-20)
+    aw = imp * wg
+    for t in LSQ_STEPS_SYM:
+        codes = torch.round(wg * (-(half + 0.1 * t) / dominant)).clamp_(-half, half - 1)
+        sc = (aw * codes).sum(-1) / (imp * codes * codes).sum(-1).clamp(min=1e-20)
         c = (sc.abs() * half / amax).clamp(0, 1)
         out.append((c, c))
     return out
@@ -409,8 +420,10 @@ def search_clip_coef(w: torch.Tensor, spec, importance: torch.Tensor | None = No
         imp = group_weight(importance.to(torch.float32).reshape(1, -1).to(wg.device), f.group_size)[0]
         imp = imp + 1e-8 * imp.mean().clamp(min=1e-12)
     ones = torch.ones_like(wmin)
-    candidates = [(ones * c, ones * c) for c in grid]
-    if f.name != "q8_0":
+    if f.name == "q8_0":
+        candidates = [(ones * c, ones * c) for c in grid]
+    else:  # the refits cover the fine steps: every other clipping ratio is enough next to them
+        candidates = [(ones * c, ones * c) for c in grid[::2]]
         candidates += _lsq_candidates(wg, wmin, wmax, f, imp.expand_as(wg))
     best_err = None
     best_min, best_max = ones.clone(), ones.clone()
