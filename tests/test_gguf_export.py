@@ -142,3 +142,19 @@ def test_iters_0_with_a_gguf_scheme_uses_calibration_importance(tmp_path):
     AutoRound(plain, tok, bits=4, group_size=32, sym=True, iters=0, init_search=False, progress=False).quantize()
     name = "model.layers.0.mlp.down_proj"
     assert not torch.equal(dict(weighted.named_modules())[name].weight, dict(plain.named_modules())[name].weight)
+
+
+def test_a_tuned_row_without_whole_blocks_is_written_f16_and_reported(tmp_path):
+    """Plain int4 g32 on rows of 80 (last group padded): Q4_0 cannot hold them; F16 of the tuned values, reported."""
+    tok = tiny_tokenizer()
+    m = gguf_model("llama", intermediate_size=80)  # ffn_down rows of 80
+    ar = AutoRound(m, tok, bits=4, group_size=32, sym=True, iters=0, init_search=False, progress=False)
+    ar.quantize()
+    out = ar.save_quantized(tmp_path / "q40", format="gguf:q4_0")["gguf:q4_0"]
+    report = json.loads((out / "gguf_report.json").read_text())
+    assert report["tensors"]["blk.0.ffn_down.weight"] == "f16" and report["tensors"]["blk.0.ffn_up.weight"] == "q4_0"
+    assert any("down_proj" in n and "f16" in n for n in report["fallbacks"])
+    reader = gguf.GGUFReader(only_gguf(out))
+    t = next(x for x in reader.tensors if x.name == "blk.0.ffn_down.weight")
+    down = dict(m.named_modules())["model.layers.0.mlp.down_proj"].weight
+    np.testing.assert_array_equal(np.array(t.data), down.detach().numpy().astype(np.float16))

@@ -151,6 +151,7 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
     tok.write(w)
 
     written: dict[str, str] = {}
+    notes = list(plan.notes)
     tied = plan.output is None
     head_module = plan.head_name
     modules = dict(model.named_modules())
@@ -181,8 +182,15 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
         if module in ctx.layers and leaf == "weight" and not ft.is_float:
             q = ctx.layers[module]
             tname = tensor_type_of_spec(q.weight.spec)
-            qw = q.weight if idx is None else permute_rows(q.weight, idx)
-            add(gname, pack(qw, tname), tname)
+            if TENSOR_TYPES[tname].fits(tensor.shape[1]):
+                qw = q.weight if idx is None else permute_rows(q.weight, idx)
+                add(gname, pack(qw, tname), tname)
+                continue
+            # a row that holds no whole blocks (tuned without the GGUF scheme): its fake-quantized values as F16
+            notes.append(f"{module}: row length {tensor.shape[1]} is not a multiple of {TENSOR_TYPES[tname].block_size} "
+                         f"({tname}) -> f16 (the tuned values, unpacked)")
+            data = tensor if idx is None else tensor[idx]
+            add(gname, pack_float(data, "f16"), "f16")
             continue
         if gname == "token_embd.weight":
             tname = plan.embedding
@@ -215,14 +223,14 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
         "architecture": a.name,
         "bytes": path.stat().st_size,
         "tensor_types": counts,
-        "fallbacks": plan.notes,
+        "fallbacks": notes,
         "tensors": written,
     }
     log.info("GGUF %s: wrote %s (%.1f MB; %s)", ft.name, path.name, report["bytes"] / 1e6,
              ", ".join(f"{v}×{k}" for k, v in sorted(counts.items())))
-    if plan.notes:
+    if notes:
         log.warning("GGUF %s: %d tensor(s) written in a fallback type (their rows do not hold whole blocks), "
-                    "e.g. %s; all listed in gguf_report.json", ft.name, len(plan.notes), plan.notes[0])
+                    "e.g. %s; all listed in gguf_report.json", ft.name, len(notes), notes[0])
     return report
 
 
