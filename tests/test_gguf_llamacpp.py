@@ -96,8 +96,10 @@ def test_llama_cpp_runs_tuned_exports_and_agrees_on_perplexity(tmp_path, arch, s
     ppl_ours = torch_ppl(ar.model, windows)  # the in-framework fake-quantized model
     reread, _ = from_gguf(path)
     ppl_file = torch_ppl(reread, windows)  # the same file read back (embedding/head as written)
-    assert abs(ppl_cpp / ppl_ours - 1) < 0.01, (ppl_cpp, ppl_ours, ppl_file)
+    # llama.cpp computes what the file holds: tight.  The in-memory model keeps a float embedding (and, for
+    # gguf:q2_k, a float output head) where the file's type mix quantizes them, so it is compared more loosely.
     assert abs(ppl_cpp / ppl_file - 1) < 0.01, (ppl_cpp, ppl_ours, ppl_file)
+    assert abs(ppl_cpp / ppl_ours - 1) < 0.03, (ppl_cpp, ppl_ours, ppl_file)
 
 
 def test_plain_integer_tuning_exports_to_legacy_gguf(tmp_path):
