@@ -1,6 +1,7 @@
 """Load-time low-bit API on SmolLM2-135M: perplexity per qtype, reload speed, from_gguf; prints JSON.
 
-    python benchmarks/lowbit.py [--qtypes all|a,b,c] [--windows 16] [--seqlen 512] [--threads N] [--out FILE]
+    python benchmarks/lowbit.py [--qtypes all|a,b,c] [--windows 16] [--seqlen 512] [--threads N] [--memory] [--out FILE]
+    python benchmarks/lowbit.py --render FILE.json [TIMING.json]   # the markdown table of docs/bench/lowbit.md
 
 * The float reference is SmolLM2-135M-Instruct (the embedded default model, fp32, dequantized
   from its GGUF), saved once as a safetensors checkpoint; every qtype is then loaded with
@@ -111,13 +112,68 @@ def memory_mb(path: Path, mode: str) -> dict:
     return {"anon_peak_mb": peak, "anon_after_mb": after, "anon_after_trim_mb": trimmed, "vmhwm_mb": hwm}
 
 
+def from_gguf_greedy(gguf_path: Path, tok) -> dict:
+    """Greedy continuations: transformers' own GGUF loading (fp32, bf16) vs ``from_gguf(path, low_bit)``."""
+    import transformers
+
+    from auto_quant.transformers import AutoModelForCausalLM
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                            dtype=torch.float32).eval()
+    g = {"transformers_fp32": greedy(ref, tok)}
+    g["transformers_bf16"] = greedy(ref.to(torch.bfloat16), tok)  # = transformers' GGUF loading with dtype=bf16
+    del ref
+    for low_bit in ("bf16", "asym_int4", "sym_int4"):
+        m, tk = AutoModelForCausalLM.from_gguf(gguf_path, low_bit=low_bit)
+        g[f"from_gguf_{low_bit}"] = greedy(m, tk)
+        del m
+    g["bf16_equal"] = g["from_gguf_bf16"] == g["transformers_bf16"]
+    g["asym_int4_equals_fp32"] = g["from_gguf_asym_int4"] == g["transformers_fp32"]
+    return g
+
+
+TIMING_KEYS = ("quantize_on_load_s", "load_low_bit_s", "quantize_on_load_noopt_s", "load_low_bit_noopt_s",
+               "reload_speedup", "reload_speedup_noopt", "reload_identical_logits", "saved_bytes")
+
+
+def render_markdown(result: dict, timing: dict | None = None) -> str:
+    """The qtype table of docs/bench/lowbit.md from a result JSON (timings from a ``--timing-only`` run
+    when given)."""
+    from auto_quant.transformers.qtypes import QTYPES
+
+    if timing is not None:
+        result = json.loads(json.dumps(result))
+        for key, row in timing["qtypes"].items():
+            if key in result["qtypes"]:
+                result["qtypes"][key].update({k: v for k, v in row.items() if k in TIMING_KEYS})
+    lines = [f"float fp32: ppl {result['float_ppl']:.2f}, checkpoint {result['float_checkpoint_bytes'] / 2**20:.0f} MiB", "",
+             "| qtype | bpw | ppl | logit rel. err | saved MiB | quantize-on-load s | load_low_bit s | speedup | "
+             "speedup (no kernel prep) | identical logits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in result["qtypes"].items():
+        q = key.split("+")[0].split(" ")[0]
+        bpw = f"{QTYPES[q].bpw:g}" if q in QTYPES else ""
+        if "load_low_bit_s" in r:
+            rest = (f"{r['saved_bytes'] / 2**20:.0f} | {r['quantize_on_load_s']:.1f} | {r['load_low_bit_s']:.2f} | "
+                    f"{r['reload_speedup']:.1f}× | {r['reload_speedup_noopt']:.1f}× | {'yes' if r['reload_identical_logits'] else 'NO'}")
+        else:
+            rest = f" | {r['quantize_on_load_s']:.1f} | | | | "
+        lines.append(f"| {key} | {bpw} | {r['ppl']:.2f} | {r['logit_rel_err']:.3g} | {rest} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--render":
+        files = [json.loads(Path(f).read_text()) for f in sys.argv[2:]]
+        print(render_markdown(files[0], files[1] if len(files) > 1 else None))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--qtypes", default="all")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="skip perplexity and from_gguf (load/reload timings, memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -159,7 +215,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "model": "SmolLM2-135M-Instruct (fp32, dequantized from Q4_1 GGUF)",
         "eval": f"SOTU 2000-2021, {len(eval_w)} windows x {args.seqlen} tokens",
-        "float_ppl": ppl(ref, eval_w),
+        "float_ppl": None if args.timing_only else ppl(ref, eval_w),
         "float_checkpoint_bytes": dir_bytes(float_dir),
         "gguf_transformers_load_s": load_gguf_s,
         "qtypes": {},
@@ -179,7 +235,9 @@ def main() -> None:
         t = time.perf_counter()
         m = AutoModelForCausalLM.from_pretrained(float_dir, load_in_low_bit=q, **kw)
         quant_s = time.perf_counter() - t
-        row = {"quantize_on_load_s": quant_s, "ppl": ppl(m, eval_w)}
+        row = {"quantize_on_load_s": quant_s}
+        if not args.timing_only:
+            row["ppl"] = ppl(m, eval_w)
         with torch.no_grad():
             out = m(probe).logits
         row["logit_rel_err"] = float(((out - ref_logits) ** 2).sum() / (ref_logits**2).sum())
@@ -209,18 +267,8 @@ def main() -> None:
         print(key, json.dumps(row), file=sys.stderr, flush=True)
         del m
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                            dtype=torch.float32).eval()
-    g = {"transformers_fp32": greedy(ref, tok)}
-    g["transformers_bf16"] = greedy(ref.to(torch.bfloat16), tok)  # = transformers' GGUF loading with dtype=bf16
-    del ref
-    for low_bit in ("bf16", "asym_int4", "sym_int4"):
-        m, tk = AutoModelForCausalLM.from_gguf(gguf_path, low_bit=low_bit)
-        g[f"from_gguf_{low_bit}"] = greedy(m, tk)
-        del m
-    g["bf16_equal"] = g["from_gguf_bf16"] == g["transformers_bf16"]
-    g["asym_int4_equals_fp32"] = g["from_gguf_asym_int4"] == g["transformers_fp32"]
-    result["from_gguf_greedy"] = g
+    if not args.timing_only:
+        result["from_gguf_greedy"] = from_gguf_greedy(gguf_path, tok)
     if args.memory:
         result["memory"] = {
             "float_load": memory_mb(float_dir, "float"),

@@ -394,11 +394,13 @@ def _quantize_iq2(x: torch.Tensor, imp: torch.Tensor | None, name: str):
     n_sub = 32 // per_scale
     amax = a.reshape(nb, n_sub, per_scale * 8).amax(-1).clamp(min=1e-30)  # [nb, n_sub]
 
+    neg2_wa_g = wa_g.mul_(-2)  # in place: only -2 * sum(w a g) is needed from here on
+
     def pick(scale):  # scale [nb, n_sub] → best grid index and error per group
+        # err_j = s^2 sum(w g^2) - 2 s sum(w a g) = s * (s sum(w g^2) - 2 sum(w a g)); s > 0, so one fused pass
         s = scale.repeat_interleave(per_scale, dim=1)[..., None]  # [nb, 32, 1]
-        err = s * s * w_g2 - 2 * s * wa_g
-        best, idx = err.min(-1)
-        return idx, best.reshape(nb, n_sub, per_scale).sum(-1)
+        best, idx = torch.addcmul(neg2_wa_g, w_g2, s).min(-1)
+        return idx, (best * s[..., 0]).reshape(nb, n_sub, per_scale).sum(-1)
 
     best_err = best_scale = best_idx = None
     for c in IQ2_SCALE_CANDIDATES:
