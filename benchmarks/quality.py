@@ -56,6 +56,36 @@ def build_data(model_path, calib, evaluation, nsamples, seqlen, eval_seqlen, eva
     return c.description, e.description, len(c.samples), len(e.samples)
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def same_run_ratios(runs: list[dict]) -> list[dict]:
+    """auto_quant vs its peers measured in this run, per scheme: ΔPPL, tuning time and peak memory ratios.
+
+    Pairs: each ``auto_quant:<recipe>`` with ``auto_round:<recipe>`` (same settings), ``auto_quant:light``
+    with ``auto_round:default`` (issue 9's "light within 1.1x of auto-round default's ΔPPL at ≤ 0.3x its
+    time"), and each ``auto_quant:<recipe>`` with ``gptqmodel:gptq``.
+    """
+    ok = {(r["method"], r["scheme"]): r for r in runs if "delta_ppl" in r}
+    ratios = []
+    for (method, scheme), r in ok.items():
+        kind, _, recipe = method.partition(":")
+        if kind != "auto_quant":
+            continue
+        peers = ["auto_round:" + recipe, "gptqmodel:gptq"] + (["auto_round:default"] if recipe == "light" else [])
+        for peer_name in peers:
+            peer = ok.get((peer_name, scheme))
+            if peer is None:
+                continue
+            ratios.append({"scheme": scheme, "ours": method, "peer": peer_name,
+                           "delta_ppl_ratio": _ratio(r["delta_ppl"], peer["delta_ppl"]),
+                           "tune_time_ratio": _ratio(r["tune_seconds"], peer["tune_seconds"]),
+                           "peak_gpu_ratio": _ratio(r.get("peak_gpu_mb"), peer.get("peak_gpu_mb")),
+                           "peak_rss_ratio": _ratio(r.get("peak_rss_mb"), peer.get("peak_rss_mb"))})
+    return ratios
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model dir / .gguf (default: the embedded SmolLM2)")
@@ -120,18 +150,7 @@ def main(argv=None):
     for r in runs:
         if base is not None and "ppl" in r:
             r["delta_ppl"] = round(r["ppl"] - base, 4)
-    # ratios measured in this run: auto_quant vs Intel auto-round at the same scheme and recipe
-    ratios = []
-    for r in runs:
-        if r.get("method", "").startswith("auto_quant:") and "delta_ppl" in r:
-            peer = next((q for q in runs if q.get("method") == "auto_round:" + r["method"].split(":")[1]
-                         and q.get("scheme") == r["scheme"] and "delta_ppl" in q), None)
-            if peer:
-                ratios.append({"scheme": r["scheme"], "recipe": r["method"].split(":")[1],
-                               "delta_ppl_ratio": round(r["delta_ppl"] / peer["delta_ppl"], 3) if peer["delta_ppl"] else None,
-                               "tune_time_ratio": round(r["tune_seconds"] / peer["tune_seconds"], 3) if peer["tune_seconds"] else None,
-                               "peak_gpu_ratio": (round(r["peak_gpu_mb"] / peer["peak_gpu_mb"], 3)
-                                                  if r.get("peak_gpu_mb") and peer.get("peak_gpu_mb") else None)})
+    ratios = same_run_ratios(runs)
     report = {
         "benchmark": "quality", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "torch": torch.__version__, "command": " ".join(["python benchmarks/quality.py"] + (argv or sys.argv[1:])),

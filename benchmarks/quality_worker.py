@@ -75,7 +75,13 @@ def run_gptqmodel(model, tok, scheme, samples, args, device):
     """GPTQModel's GPTQ on the same calibration tokens; returns (tuning seconds, quantized model)."""
     import tempfile
 
+    import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
+
+    # GPTQModel 7.6 sizes its CPU pool as ceil(cores / 2) but always asks for a 2-worker loader pool on it,
+    # which fails on machines with fewer than 3 cores; give its pool 2 workers there (its numerics are unaffected)
+    _cpu_workers = gptqmodel._default_cpu_workers
+    gptqmodel._default_cpu_workers = lambda: max(2, _cpu_workers())
     from transformers import AutoModelForCausalLM
 
     src = tempfile.mkdtemp(prefix="gptq_src_")
