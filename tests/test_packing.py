@@ -44,6 +44,26 @@ def test_gptq_roundtrip(bits, offset):
     assert torch.allclose(s.float(), scale.half().float())
 
 
+@pytest.mark.parametrize("offset", [0, -1])
+@pytest.mark.parametrize("bits,in_f,gs", [(2, 96, 32), (4, 96, 32), (4, 128, -1), (4, 100, 32), (8, 64, 16),
+                                          (3, 96, 32)])
+def test_dequantize_gptq_equals_unpacked_codes(bits, in_f, gs, offset):
+    """The fast per-word dequantization (2/4/8 bits) and the generic one (3 bits, padded last groups) give the
+    float weight of the unpacked codes exactly, in float32 and after the cast to half precision."""
+    out_f = 40
+    g = in_f if gs == -1 else gs
+    n_groups = -(-in_f // g)
+    codes = torch.randint(0, 2**bits, (out_f, in_f))
+    zero = torch.randint(1, 2**bits, (out_f, n_groups))
+    scale = torch.rand(out_f, n_groups) - 0.5
+    t = packing.pack_gptq(codes, zero, scale, bits, offset)
+    idx = torch.arange(in_f) // g
+    want = (codes.float() - zero.float()[:, idx]) * scale.half().float()[:, idx]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = packing.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], bits, in_f, out_f, gs, offset, dtype)
+        assert got.shape == (out_f, in_f) and got.is_contiguous() and torch.equal(got, want.to(dtype))
+
+
 def test_gptq_legacy_refuses_zero_of_zero():
     with pytest.raises(ValueError, match="zero-1"):
         packing.pack_gptq(torch.zeros(8, 32, dtype=torch.long), torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1), 4, -1)

@@ -149,6 +149,33 @@ def unpack_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_featur
     return codes.contiguous(), zero.contiguous(), scales.t().contiguous()
 
 
+
+def dequantize_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_features: int, group_size: int,
+                    zero_offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight ``[out, in]`` of a GPTQ-layout tensor: ``(code - zero) * scale`` in float32, then ``dtype``.
+
+    Equal, element for element, to dequantizing the output of :func:`unpack_gptq`; for widths that divide
+    32 (2, 4, 8 bits) the codes are read with one shift per slot of a word, in the ``[in, out]`` order the
+    layout stores them, and zero/scale broadcast per group (no per-column gathers), which is an order of
+    magnitude faster on CPU.
+    """
+    gs = in_features if group_size == -1 else group_size
+    if 32 % bits or in_features % gs:
+        codes, zero, scale = unpack_gptq(qweight, qzeros, scales, bits, in_features, out_features, zero_offset)
+        idx = torch.arange(in_features, device=codes.device) // gs
+        w = (codes.to(torch.float32) - zero.to(torch.float32)[:, idx]) * scale.to(torch.float32)[:, idx]
+        return w.to(dtype)
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per_word, 1)
+    codes = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[-1])[:in_features]
+    zero = unpack_bitstream(qzeros, bits, out_features, dim=1)  # [groups, out]
+    if zero_offset:
+        zero = torch.remainder(zero - zero_offset, 2**bits)
+    groups = in_features // gs
+    w = codes.reshape(groups, gs, out_features).to(torch.float32)
+    w.sub_(zero.to(torch.float32)[:, None, :]).mul_(scales.to(torch.float32)[:, None, :])
+    return w.reshape(in_features, out_features).t().contiguous().to(dtype)
+
 def _awq_permute(x: torch.Tensor, order) -> torch.Tensor:
     n = x.shape[-1]
     pad = (-n) % 8

@@ -73,6 +73,10 @@ class QuantLinear(nn.Module):
         return packing.unpack_awq(self.qweight, self.qzeros, self.scales, self.in_features, self.out_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        family, offset = LAYOUTS[self.layout]
+        if family == "gptq":
+            return packing.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.bits, self.in_features,
+                                           self.out_features, self.group_size, offset, dtype)
         codes, zero, scale = self.unpack()
         gs = self.in_features if self.group_size == -1 else self.group_size
         idx = torch.arange(self.in_features, device=codes.device) // gs
