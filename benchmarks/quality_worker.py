@@ -82,8 +82,6 @@ def run_gptqmodel(model, tok, scheme, samples, args, device):
     # which fails on machines with fewer than 3 cores; give its pool 2 workers there (its numerics are unaffected)
     _cpu_workers = gptqmodel._default_cpu_workers
     gptqmodel._default_cpu_workers = lambda: max(2, _cpu_workers())
-    from transformers import AutoModelForCausalLM
-
     src = tempfile.mkdtemp(prefix="gptq_src_")
     dst = tempfile.mkdtemp(prefix="gptq_out_")
     model.hf_quantizer = None  # a GGUF-loaded model is plain float once dequantized
@@ -105,8 +103,12 @@ def run_gptqmodel(model, tok, scheme, samples, args, device):
     gm.quantize(calib, batch_size=1)
     tune = time.perf_counter() - t0
     gm.save(dst)
-    q = AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
-    return tune, q
+    # scored through auto_quant's exact dequantize-then-matmul loader (tests/test_foreign.py checks it against
+    # GPTQModel's own loader): GPTQModel's CPU kernel refuses g128 when K = 576 (SmolLM2)
+    from auto_quant.convert import load_quantized
+
+    q, _ = load_quantized(dst, dtype=next(model.parameters()).dtype, backend="torch")
+    return tune, q.to(device)
 
 
 def main(argv=None):
