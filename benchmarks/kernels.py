@@ -9,7 +9,7 @@ GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N]
   * effective TB/s = (weight + scale + zero bytes + activation in/out bytes) / time.
   * e2e: a Llama-3-8B-shaped transformers model (random weights) decoding with a static cache,
     one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend.
-CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32]
+CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32] [--reference] [--compile]
   * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
     (RTN, ``torch_cpu_int4`` backend), with the tied lm_head left float and with it quantized
     too, vs llama.cpp Q4_0 (llama-cpp-python, when installed) on the same model.
@@ -259,6 +259,23 @@ def hf_decoder(model, ids):
     return run
 
 
+def hf_compiled_decoder(model, ids):
+    """``run(n)`` for ``torch.compile(model.forward)`` decoding through ``generate`` with a static KV cache;
+    seconds of n decode tokens = a generate of n + 1 tokens minus one of 1 token (prompt and first token)."""
+    model.forward = torch.compile(model.forward)
+
+    def gen(n):
+        with torch.no_grad():
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+            return time.perf_counter() - t
+
+    def run(n):
+        return max(1e-9, gen(n + 1) - gen(1))
+
+    return run
+
+
 def llama_cpp_decoder(gguf_path: str, threads: int):
     """``(run, info)`` for llama.cpp on the same model requantized to Q4_0; run is None if unavailable."""
     try:
@@ -331,6 +348,10 @@ def cpu_main(args):
         res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
                                               / 2**20, 1)
         engines[label] = hf_decoder(qm, ids)
+        if args.compile and head:
+            qc = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                      quantization_config=AutoRoundConfig(backend="torch_cpu_int4")).eval()
+            engines[label + "_compiled"] = hf_compiled_decoder(qc, ids)
         if args.reference and not head:
             ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
             from auto_quant.inference.backends import detach_backends
@@ -400,6 +421,8 @@ def main():
     c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--group-size", type=int, default=32)
     c.add_argument("--reference", action="store_true", help="also time the torch reference path")
+    c.add_argument("--compile", action="store_true",
+                   help="also time the W4 model (lm_head W4) under torch.compile with a static cache")
     args = p.parse_args()
     if args.where == "gpu":
         if not torch.cuda.is_available():
