@@ -108,18 +108,6 @@ def test_importance_weighted_scale_search_helps():
     assert rel_err(weighted, w, imp) < rel_err(plain, w, imp)
 
 
-def test_row_chunked_quantization_equals_one_pass(monkeypatch):
-    """Large weights are quantized in row chunks (bounded memory): codes and scales equal one pass's."""
-    from auto_quant.quant import lowbit_formats
-
-    torch.manual_seed(4)
-    w, imp = torch.randn(50, 96), torch.rand(96)
-    whole = quantize_codebook(w, "nf4", 32, importance=imp)
-    monkeypatch.setattr(lowbit_formats, "ROW_CHUNK_ELEMENTS", 96 * 7)  # 7 rows per pass, a ragged last chunk
-    chunked = quantize_codebook(w, "nf4", 32, importance=imp)
-    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scale, whole.scale)
-
-
 @pytest.mark.parametrize("t,gt", [("q2_k", "Q2_K"), ("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("q6_k", "Q6_K"),
                                   ("iq2_xxs", "IQ2_XXS"), ("iq2_xs", "IQ2_XS")])
 def test_kquants_read_by_gguf_reference(t, gt):

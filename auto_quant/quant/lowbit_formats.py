@@ -133,9 +133,6 @@ class CodebookWeight:
         return dequantize_codebook(self.codes, self.scale, self.codebook, self.group_size, dtype)
 
 
-ROW_CHUNK_ELEMENTS = 1 << 22  # weights quantized per pass by quantize_codebook (16 MiB of float32)
-
-
 def nearest_codes(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of the sorted ``values`` for each element of ``x`` (ties go up)."""
     mids = (values[1:] + values[:-1]) / 2
@@ -167,12 +164,6 @@ def quantize_codebook(
     ``importance`` (``[in]``, non-negative) or ``search`` turns on a per-group scale search that
     minimises ``sum imp * (w - qdq(w))**2`` over shrink factors in ``grid``.
     """
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[1]))
-    if w.shape[0] > rows:  # bound the float32 temporaries (a 49k-row head would need GBs at once)
-        parts = [quantize_codebook(w[r : r + rows], codebook, group_size, scale_dtype, importance, search, grid)
-                 for r in range(0, w.shape[0], rows)]
-        return CodebookWeight(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
-                              codebook=codebook, group_size=group_size)
     book = get_codebook(codebook)
     vals = book.tensor(w.device)
     wf = w.detach().to(torch.float32)
