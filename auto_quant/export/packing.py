@@ -161,10 +161,11 @@ def dequantize_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_fe
     """
     gs = in_features if group_size == -1 else group_size
     if 32 % bits or in_features % gs:
+        from auto_quant.quant.integer import dequantize
+        from auto_quant.quant.spec import QuantSpec
+
         codes, zero, scale = unpack_gptq(qweight, qzeros, scales, bits, in_features, out_features, zero_offset)
-        idx = torch.arange(in_features, device=codes.device) // gs
-        w = (codes.to(torch.float32) - zero.to(torch.float32)[:, idx]) * scale.to(torch.float32)[:, idx]
-        return w.to(dtype)
+        return dequantize(codes, scale, zero, QuantSpec(bits, group_size), dtype)
     per_word = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per_word, 1)
     codes = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[-1])[:in_features]

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from auto_quant.export import packing
+from auto_quant.quant.integer import dequantize
+from auto_quant.quant.spec import QuantSpec
 
 # checkpoint layouts a QuantLinear can hold: name -> (packing family, stored zero offset)
 LAYOUTS = {
@@ -78,10 +80,7 @@ class QuantLinear(nn.Module):
             return packing.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.bits, self.in_features,
                                            self.out_features, self.group_size, offset, dtype)
         codes, zero, scale = self.unpack()
-        gs = self.in_features if self.group_size == -1 else self.group_size
-        idx = torch.arange(self.in_features, device=codes.device) // gs
-        w = (codes.to(torch.float32) - zero.to(torch.float32)[:, idx]) * scale.to(torch.float32)[:, idx]
-        return w.to(dtype)
+        return dequantize(codes, scale, zero, QuantSpec(self.bits, self.group_size, self.sym), dtype)
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None, layout: str, bias_dtype=None) -> "QuantLinear":
