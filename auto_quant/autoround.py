@@ -144,20 +144,16 @@ class AutoRound:
 
     def quantize(self):
         """Run the tuning (or RTN when ``iters == 0``); returns ``(model, layer_config)`` like auto-round."""
+        # iters == 0 with a GGUF scheme is importance-weighted RTN (imatrix-style): calibration activations
+        # weight the clipping search, so it runs through the tuning pipeline too
         tuned = self.config.tuning.iters > 0 or (self.config.tuning.init_search and self.scheme is not None)
-        self.placement = self.placement_plan() if tuned else None
-        if self.config.tuning.iters == 0 and not self.config.tuning.init_search:
-            self.outcome = quantize_rtn(self.model, self.config)
-        elif self.config.tuning.iters == 0 and self.scheme is not None:
-            # importance-weighted RTN (imatrix-style): calibration activations weight the clipping search
-            self.outcome = quantize_tuned(self.model, self.config, self.calibration_samples(), self.device,
-                                          progress=self.progress, placement=self.placement)
-        elif self.config.tuning.iters == 0:
+        if not tuned:
+            self.placement = None
             self.outcome = quantize_rtn(self.model, self.config)
         else:
-            samples = self.calibration_samples()
-            self.outcome = quantize_tuned(self.model, self.config, samples, self.device, progress=self.progress,
-                                          placement=self.placement)
+            self.placement = self.placement_plan()
+            self.outcome = quantize_tuned(self.model, self.config, self.calibration_samples(), self.device,
+                                          progress=self.progress, placement=self.placement)
         layer_config = {n: (s.to_dict() if s else {"bits": 16}) for n, s in self.outcome.specs.items()}
         return self.model, layer_config
 

@@ -310,6 +310,7 @@ def llama_cpp_decoder(gguf_path: str, threads: int):
 
 
 def cpu_main(args):
+    import copy
     import pathlib
     import shutil
     import tempfile
@@ -337,7 +338,7 @@ def cpu_main(args):
         label = f"w4g{gs}" + ("_lm_head_w4" if head else "")
         tmp = tempfile.mkdtemp(prefix="aq_bench_")
         tmps.append(tmp)
-        m, _ = load_model(None)  # quantize() leaves its model fake-quantized: start from the float one each time
+        m = copy.deepcopy(model)  # quantize() leaves its model fake-quantized: start from the float one each time
         AutoRound(m, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False,
                   quant_lm_head=head).quantize_and_save(tmp)
         del m

@@ -304,10 +304,8 @@ def better_if_installed(layer, device: str, chosen: Backend, table: tuple[Backen
     for b in candidates(layer, device, table, act_dtype):
         if b.priority <= chosen.priority:
             return None
-        if b.requires and not available(b):
-            if b.suggest:
-                return b
-            continue
+        if b.requires and not available(b) and b.suggest:
+            return b
     return None
 
 

@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import torch
 
-from auto_quant.quant.integer import group_weight, qparams_from_range, weight_range
+from auto_quant.quant.integer import group_weight, qparams_from_range, quantize_weight, weight_range
 from auto_quant.quant.spec import QuantSpec
 
 DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 … 0.6
+
+
+def coef_pair(coef):
+    """``(min_coef, max_coef)`` from :func:`search_clip_coef`'s result (integer grids give one coefficient)."""
+    return coef if isinstance(coef, tuple) else (coef, coef)
+
+
+@torch.no_grad()
+def rtn_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, search: bool = True):
+    """``w`` (float32 ``[out, in]``) rounded to ``spec``'s grid, after the clipping search when ``search``."""
+    coef = search_clip_coef(w, spec, importance) if search else 1.0
+    cmin, cmax = coef_pair(coef)
+    return quantize_weight(w, spec, None, cmin, cmax)
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from auto_quant.models.discovery import (
     untie_lm_head,
     weight_as_out_in,
 )
-from auto_quant.quant import QuantSpec, quantize_weight
-from auto_quant.quant.search import search_clip_coef
+from auto_quant.quant import QuantSpec
+from auto_quant.quant.search import rtn_weight, search_clip_coef
 from auto_quant.tuning.capture import BlockCall, capture_block_inputs
 from auto_quant.tuning.loop import UnitData, UnitResult, block_forward, tune_unit
 from auto_quant.tuning.placement import PlacementPlan, hook_on, spread_block, unhook
@@ -80,9 +80,7 @@ def rtn_layer(name: str, layer: nn.Module, spec: QuantSpec, importance: torch.Te
               search: bool = False) -> QuantizedLayer:
     """Quantize one layer in place without tuning (plain RTN, or RTN after the clipping search)."""
     w = weight_as_out_in(layer).detach().to(torch.float32)
-    coef = search_clip_coef(w, spec, importance) if search else 1.0
-    cmin, cmax = coef if isinstance(coef, tuple) else (coef, coef)  # llama.cpp grids search both sides
-    qw = quantize_weight(w, spec, None, cmin, cmax)
+    qw = rtn_weight(w, spec, importance, search)
     deq = qw.dequantize(torch.float32)
     layer.weight.data.copy_((deq.t() if _kind(layer) == "conv1d" else deq).to(layer.weight.dtype))
     return QuantizedLayer(name, QuantizedWeight_cpu(qw), _bias_of(layer), _kind(layer))
@@ -195,9 +193,8 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
             for name, layer in todo.items():
                 spec = specs[name]
                 home = torch.device(placement.device_for(name)) if hooked else device
-                imp = importance.get(name)
-                imp = imp.to(home) if imp is not None and hooked else imp
-                coef = search_clip_coef(weight_as_out_in(layer).detach().float(), spec, imp) if tcfg.init_search else None
+                coef = (search_clip_coef(weight_as_out_in(layer).detach().float(), spec, importance.get(name))
+                        if tcfg.init_search else None)
                 w = TunableLinear(layer, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef).to(home)
                 if home != device:
                     hook_on(w, home)

@@ -263,13 +263,6 @@ class PlacementPlan:
         return "\n".join(lines)
 
 
-def single_device_plan(device: torch.device | str, low_gpu_mem_usage: bool) -> PlacementPlan:
-    """The default: everything on the tuning device (the pipeline's historical behaviour)."""
-    dev = str(torch.device(device))
-    return PlacementPlan(primary=dev, devices=(dev,), cache="cpu" if low_gpu_mem_usage or dev == "cpu" else "device",
-                         assignment=(), peak=())
-
-
 def _pins_for(names: list[str], rules: Sequence[tuple[str, str]]) -> dict[str, str]:
     """The device each layer name is pinned to by ``rules`` (exact name first, else the last matching regex)."""
     out = {}
@@ -507,10 +500,10 @@ def parse_device_map(device_map, cuda_count: int | None = None) -> DeviceRequest
     None, "" and "auto" give None (the single tuning device). A dict's devices are listed in the order
     they first appear; layers no pattern matches are placed by the planner.
     """
-    if cuda_count is None:
-        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device_map is None or (isinstance(device_map, str) and device_map.strip().lower() in ("", "auto")):
         return None
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if isinstance(device_map, Mapping):
         if not device_map:
             raise DeviceError("device_map is an empty dict; give {layer-name pattern: device} entries or a device list")
@@ -565,7 +558,7 @@ def available_cpu_bytes() -> int | None:
 __all__ = [
     "CACHE_COPIES", "DEFAULT_RESERVE", "DeviceBudget", "DeviceRequest", "LinearCost", "LinearShape", "ModelShape",
     "PlacementPlan", "PlanSettings", "available_cpu_bytes", "block_base_bytes", "cache_bytes", "device_budgets",
-    "linear_cost", "parse_device_map", "plan_placement", "single_device_plan", "transfer_bytes",
+    "linear_cost", "parse_device_map", "plan_placement", "transfer_bytes",
 ]
 
 

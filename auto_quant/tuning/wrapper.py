@@ -10,6 +10,7 @@ from torch import nn
 
 from auto_quant.models.discovery import Conv1D, weight_as_out_in
 from auto_quant.quant import QuantSpec, QuantizedWeight, group_weight, qparams_from_range, round_ste, ungroup_weight, weight_range
+from auto_quant.quant.search import coef_pair
 
 V_BOUND = 0.5  # the rounding offset stays in [-V_BOUND, V_BOUND]
 COEF_RANGE = (0.0, 1.0)  # clipping coefficients of the min and the max side
@@ -39,10 +40,9 @@ class TunableLinear(nn.Module):
         self.register_buffer("wmin", wmin, persistent=False)
         self.register_buffer("wmax", wmax, persistent=False)
         self.v = nn.Parameter(torch.zeros_like(wg))
-        if isinstance(init_coef, tuple):  # separate (min, max) starting points (llama.cpp grids' search)
-            cmin, cmax = (c.to(wmin).clone() for c in init_coef)
-        else:
-            cmin = cmax = torch.ones_like(wmin) if init_coef is None else init_coef.to(wmin).clone()
+        self._frozen_weight = None  # set inside frozen(): the weight quantized once per evaluation pass
+        # separate (min, max) starting points for llama.cpp grids' search
+        cmin, cmax = (c.to(wmin).clone() for c in coef_pair(torch.ones_like(wmin) if init_coef is None else init_coef))
         self.min_coef = nn.Parameter(cmin.clone(), requires_grad=tune_minmax)
         self.max_coef = nn.Parameter(cmax.clone(), requires_grad=tune_minmax)
 
@@ -77,7 +77,7 @@ class TunableLinear(nn.Module):
             self._frozen_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = getattr(self, "_frozen_weight", None)
+        frozen = self._frozen_weight
         w = (frozen if frozen is not None else self.qdq_weight()).to(x.dtype)
         bias = self.layer.bias
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

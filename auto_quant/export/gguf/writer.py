@@ -25,8 +25,7 @@ from auto_quant.export.gguf.plan import GgufPlan, mix_type, plan_gguf
 from auto_quant.export.gguf.tokenizer import tokenizer_metadata
 from auto_quant.export.gguf.types import FILE_TYPES, TENSOR_TYPES, FileType, file_type, tensor_type_of_spec
 from auto_quant.models.discovery import find_block_list
-from auto_quant.quant import quantize_weight
-from auto_quant.quant.search import search_clip_coef
+from auto_quant.quant.search import rtn_weight
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +116,7 @@ def gguf_file_name(model, ft: FileType) -> str:
 def _rtn(w: torch.Tensor, type_name: str):
     """An untuned tensor (embedding, untuned head): RTN after the clipping search (plain RTN for Q8_0, as llama.cpp)."""
     spec = TENSOR_TYPES[type_name].spec
-    w = w.detach().to(torch.float32)
-    coef = 1.0 if type_name == "q8_0" else search_clip_coef(w, spec)
-    cmin, cmax = coef if isinstance(coef, tuple) else (coef, coef)  # int grids give one coefficient
-    return quantize_weight(w, spec, None, cmin, cmax)
+    return rtn_weight(w.detach().to(torch.float32), spec, search=type_name != "q8_0")
 
 
 @torch.no_grad()
@@ -154,7 +150,6 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
     notes = list(plan.notes)
     tied = plan.output is None
     head_module = plan.head_name
-    modules = dict(model.named_modules())
 
     def add(name: str, data: np.ndarray, tname: str):
         t = TENSOR_TYPES[tname]
