@@ -11,6 +11,7 @@ search as llama.cpp's ``*_impl`` variants do. All math is vectorised over super-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -344,6 +345,7 @@ _IQ2 = {  # name: (gguf-py class name, grid entries, weights per 4-bit sub-scale
 IQ2_SCALE_CANDIDATES = tuple(0.5 + 0.0625 * i for i in range(17))  # max|x| / (43 c): 0.5 … 1.5
 
 
+@functools.cache  # a constant table per (type, device): built once, never written to
 def _iq2_grid(name: str, device) -> torch.Tensor:
     """The lattice grid ``[K, 8]`` as llama.cpp decodes it (from gguf-py's tables)."""
     from gguf import quants
@@ -450,7 +452,13 @@ def quantize_iq2_xs(x: torch.Tensor, imp: torch.Tensor | None = None) -> torch.T
 
 def _iq2_signs(sign_idx: torch.Tensor) -> torch.Tensor:
     """7-bit ksigns index → ``[..., 8]`` of ±1 (the 8th sign restores even parity)."""
-    i = sign_idx.to(torch.int32)
+    return _iq2_sign_table(sign_idx.device)[sign_idx.to(torch.int64)]
+
+
+@functools.cache  # a constant table per device: built once, never written to
+def _iq2_sign_table(device) -> torch.Tensor:
+    """``[128, 8]`` of ±1: the signs of every 7-bit ksigns index."""
+    i = torch.arange(128, device=device, dtype=torch.int32)
     parity = torch.zeros_like(i)
     for b in range(7):
         parity ^= (i >> b) & 1
@@ -501,7 +509,7 @@ def quantize_rows(w: torch.Tensor, ggml_type: str, importance: torch.Tensor | No
     imp = None
     if importance is not None:
         imp = importance.to(torch.float32).to(w.device).reshape(1, n).expand(rows, n).reshape(-1, QK_K)
-    step = ROW_CHUNK_BLOCKS.get(ggml_type, x.shape[0]) or x.shape[0]
+    step = ROW_CHUNK_BLOCKS.get(ggml_type) or max(1, x.shape[0])
     out = [_QUANTIZE[ggml_type](x[i:i + step], None if imp is None else imp[i:i + step]) for i in range(0, x.shape[0], step)]
     return torch.cat(out).reshape(rows, -1).contiguous()
 

@@ -94,26 +94,6 @@ REFUSED = {
 }
 
 
-def backends_for(qt: QType) -> tuple[str, ...]:
-    """Names of the inference backends that can run a qtype's linears (from the backend registry)."""
-    if qt.kind != "int":
-        return ("torch",)  # LowBitLinear: decode + F.linear on any device
-    from auto_quant.inference.backends import BACKENDS
-
-    out = []
-    for b in BACKENDS:
-        if qt.bits not in b.bits or "gptq_v2" not in b.layouts:
-            continue
-        if (qt.sym and not b.sym) or (not qt.sym and not b.asym):
-            continue
-        if b.group_sizes is not None and qt.group_size not in b.group_sizes:
-            continue
-        if qt.group_size % getattr(b, "group_multiple", 1):
-            continue
-        out.append(b.name)
-    return tuple(out)
-
-
 def supported_names() -> list[str]:
     return sorted(QTYPES) + sorted(ALIASES)
 
@@ -202,7 +182,6 @@ def gguf_tensor_name(name: str, is_output: bool = False) -> str | None:
 __all__ = [
     "ALIASES",
     "GGUF_ROLES",
-    "backends_for",
     "KQUANT_FALLBACK",
     "QTYPES",
     "QType",
