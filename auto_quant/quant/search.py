@@ -35,7 +35,7 @@ def search_clip_coef(
     spec: QuantSpec,
     importance: torch.Tensor | None = None,
     grid: tuple[float, ...] = DEFAULT_GRID,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Best clipping coefficient per group, ``[out, n_groups]`` (float32).
 
     For a llama.cpp grid (``spec.fmt != "int"``) a ``(min_coef, max_coef)`` pair (see
