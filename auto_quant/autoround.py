@@ -17,7 +17,7 @@ from auto_quant.tuning.pipeline import QuantizationOutcome, plan_layers, quantiz
 
 log = logging.getLogger(__name__)
 
-_IGNORED_COMPAT = {"amp", "enable_torch_compile", "enable_norm_bias_tuning", "enable_quanted_input", "not_use_best_mse",
+_IGNORED_COMPAT = {"amp", "enable_norm_bias_tuning", "enable_quanted_input", "not_use_best_mse",
                    "dynamic_max_gap", "super_bits", "super_group_size", "to_quant_block_names", "disable_opt_rtn"}
 
 
@@ -58,6 +58,8 @@ class AutoRound:
         fused_layers: str = "harmonise",
         scheme: str | None = None,
         device_map=None,
+        enable_torch_compile: bool | None = None,
+        cuda_graphs: bool = False,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_COMPAT
@@ -73,6 +75,7 @@ class AutoRound:
             iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=min(batch_size, nsamples),
             gradient_accumulate_steps=gradient_accumulate_steps, lr=lr, minmax_lr=minmax_lr,
             enable_minmax_tuning=enable_minmax_tuning, init_search=init_search, seed=seed,
+            compile=bool(enable_torch_compile), cuda_graphs=bool(cuda_graphs),
         )
         self.config = QuantConfig(
             scheme=scheme, tuning=tuning, layer_rules=parse_layer_config(layer_config, scheme),

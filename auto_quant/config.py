@@ -33,8 +33,16 @@ class TuningConfig:
     eval_samples: int = 32  # fixed subset that judges the best iterate
     eval_points: int = 10  # how many times the subset is evaluated during tuning
     seed: int = 42
+    compile: bool = False  # torch.compile the fake-quantizer (fused kernels; a one-off compile per shape)
+    # True: record each block's training step as a CUDA graph and replay it (on other devices the
+    # same static step runs directly). Off by default: on an H200 it did not beat the eager loop
+    # for SmolLM2-sized blocks (docs/benchmarks.md).
+    cuda_graphs: bool = False
 
     def __post_init__(self):
+        for name in ("compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; use True or False")
         _check_int("iters", self.iters, 0)
         _check_int("nsamples", self.nsamples, 1)
         _check_int("seqlen", self.seqlen, 1)

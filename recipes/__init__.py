@@ -58,6 +58,8 @@ SETTING_TYPES: dict[str, tuple] = {
     "init_search": _BOOL,
     "quant_lm_head": _BOOL,
     "low_gpu_mem_usage": _BOOL,
+    "enable_torch_compile": (bool, type(None)),  # null: off
+    "cuda_graphs": (bool, type(None)),  # null: off
     "seed": _INT,
     "dataset": (str, type(None)),
     "format": (str,),

@@ -29,12 +29,13 @@ SETTING_FLAGS = {
     "gradient_accumulate_steps": "gradient_accumulate_steps", "lr": "lr", "minmax_lr": "minmax_lr",
     "enable_minmax_tuning": "enable_minmax_tuning", "quant_lm_head": "quant_lm_head",
     "low_gpu_mem_usage": "low_gpu_mem_usage", "seed": "seed", "dataset": "dataset", "format": "format",
-    "layer_config": "layer_config",
+    "layer_config": "layer_config", "enable_torch_compile": "enable_torch_compile",
+    "cuda_graphs": "cuda_graphs",
 }
 # --scheme is resolved into settings in cli.plan (W4A16 -> bits, gguf:<type> -> scheme)
 
 # flags that only make sense when quantizing (rejected together with --eval)
-TUNING_ONLY = set(SETTING_FLAGS) | {"scheme", "recipe", "fp_layers", "enable_torch_compile", "act_bits", "eval_baseline",
+TUNING_ONLY = set(SETTING_FLAGS) | {"scheme", "recipe", "fp_layers", "act_bits", "eval_baseline",
                                    "disable_eval", "disable_report"}
 
 
@@ -113,8 +114,10 @@ def build_parser(prog: str, recipe: str) -> _Parser:
                    default=None, help="tune the rounding only, not the clipping range")
     t.add_argument("--low_gpu_mem_usage", action="store_const", const=True, default=None,
                    help="keep cached block inputs on the CPU")
-    t.add_argument("--enable_torch_compile", action="store_true", default=False,
-                   help="accepted for auto-round compatibility; auto_quant does not compile (logged)")
+    t.add_argument("--enable_torch_compile", action="store_const", const=True, default=None,
+                   help="torch.compile the fake-quantizer while tuning (off by default)")
+    t.add_argument("--cuda_graphs", action="store_const", const=True, default=None,
+                   help="record each block's tuning step once as a CUDA graph and replay it (off by default)")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", action="store_true", default=False,

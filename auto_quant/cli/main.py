@@ -61,8 +61,6 @@ def run(argv: list[str] | None, recipe: str, prog: str) -> int:
         from auto_quant.cli import plan as planning
         from auto_quant.cli import run as flows
 
-        if args.enable_torch_compile:
-            logging.getLogger("auto_quant.cli").info("--enable_torch_compile: accepted for compatibility; auto_quant does not compile")
         if args.eval:
             p = planning.plan_eval(args, prog)
             print(planning.describe(p), flush=True)

@@ -58,7 +58,7 @@ def _peak_rss_bytes() -> int:
 def _autoround_kwargs(s: dict) -> dict:
     keys = ("bits", "group_size", "sym", "iters", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "lr",
             "minmax_lr", "dataset", "layer_config", "seed", "quant_lm_head", "scale_dtype", "data_type",
-            "enable_minmax_tuning", "init_search", "low_gpu_mem_usage")
+            "enable_minmax_tuning", "init_search", "low_gpu_mem_usage", "enable_torch_compile", "cuda_graphs")
     out = {k: s[k] for k in keys if k in s}
     if s.get("scheme") is not None:  # only passed when set, so AutoRound without GGUF support still works
         out["scheme"] = s["scheme"]

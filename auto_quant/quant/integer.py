@@ -81,6 +81,21 @@ def _codes(wg, scale, zero, spec, v):
     return (round_ste(x) + zero.unsqueeze(-1)).clamp(0, spec.maxq)
 
 
+def fake_quantize_grouped(
+    wg: torch.Tensor,
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    spec: QuantSpec,
+    v: torch.Tensor | None = None,
+    min_coef: torch.Tensor | float = 1.0,
+    max_coef: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Quantize-dequantize a grouped weight ``[out, n_groups, gs]`` whose per-group range is known."""
+    scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
+    q = _codes(wg, scale, zero, spec, v)
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1).to(wg.dtype)
+
+
 def fake_quantize(
     w: torch.Tensor,
     spec: QuantSpec,
@@ -98,9 +113,7 @@ def fake_quantize(
         return kquant.fake_quantize(w, spec, v, min_coef, max_coef)
     wg = group_weight(w, spec.group_size)
     wmin, wmax = weight_range(wg)
-    scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
-    q = _codes(wg, scale, zero, spec, v)
-    deq = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1).to(wg.dtype)
+    deq = fake_quantize_grouped(wg, wmin, wmax, spec, v, min_coef, max_coef)
     return ungroup_weight(deq, w.shape[1]).to(w.dtype)
 
 

@@ -78,13 +78,12 @@ def tune_lm_head(model, blist, head_name: str, head: nn.Module, spec: QuantSpec,
         imp = acc / sum(h.shape[0] * h.shape[1] for h in h_q)
     coef = search_clip_coef(w_fp.float(), spec, imp) if tcfg.init_search else None
     wrapper = TunableLinear(head, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef).to(device)
-    rtn = {"head": (torch.zeros_like(wrapper.v), torch.ones_like(wrapper.min_coef), torch.ones_like(wrapper.max_coef))}
     data = UnitData(h_q, targets, None, device, dtype)
     set_submodule(model, head_name, wrapper)
     try:
         with torch.enable_grad():
             res = tune_unit(wrapper, {"head": wrapper}, data, tcfg, lambda u, x, c: u(x), desc="lm_head",
-                            progress=progress, rtn_state=rtn)
+                            progress=progress, rtn_baseline=True)
     finally:
         set_submodule(model, head_name, head)
     qw = wrapper.bake()

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from auto_quant.config import TuningConfig
 from auto_quant.tuning.capture import BlockCall, collate_calls
-from auto_quant.tuning.wrapper import TunableLinear
+from auto_quant.tuning.graphed import build_static_step
+from auto_quant.tuning.wrapper import TunableLinear, clamp_all
 
 ForwardFn = Callable[[nn.Module, torch.Tensor, BlockCall | None], torch.Tensor]
 
@@ -28,6 +29,7 @@ class UnitResult:
     best_iter: int
     curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    step: str = "eager"  # how training steps ran: "eager", "static" (fixed buffers) or "cuda_graph"
 
 
 def _output(out):
@@ -108,6 +110,36 @@ def eval_loss(unit, data: UnitData, idx: list[int], forward: ForwardFn, batch_si
     return total / max(1, len(idx))
 
 
+def _sign_step(params: list[torch.Tensor], step: float) -> None:
+    """``p -= step * sign(grad)`` for every parameter with a gradient, then drop the gradients.
+
+    Batched over parameters (``torch._foreach_*``): a block has dozens of small tensors, and one
+    kernel per tensor and operation would dominate a GPU step's time.
+    """
+    live = [p for p in params if p.grad is not None]
+    if not live:
+        return
+    grads = [p.grad for p in live]
+    torch._foreach_sign_(grads)
+    torch._foreach_add_(live, grads, alpha=-step)
+    for p in live:
+        p.grad = None
+
+
+@contextlib.contextmanager
+def only_tunables_require_grad(unit: nn.Module, wrappers: dict[str, TunableLinear]):
+    """Within the block, backward computes gradients for the tuned parameters only (not norms, biases)."""
+    tuned = {id(p) for w in wrappers.values() for p in w.tunables()}
+    frozen = [p for p in unit.parameters() if p.requires_grad and id(p) not in tuned]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def tune_unit(
     unit: nn.Module,
     wrappers: dict[str, TunableLinear],
@@ -116,13 +148,18 @@ def tune_unit(
     forward: ForwardFn = block_forward,
     desc: str = "",
     progress: bool = True,
-    rtn_state: dict | None = None,
+    rtn_baseline: bool = False,
 ) -> UnitResult:
     """Sign-SGD on the rounding offsets and clipping coefficients of ``wrappers`` inside ``unit``.
 
     Keeps the iterate with the lowest loss on a fixed evaluation subset (the start point
     included, so the result is never worse than where tuning began on that subset).
     """
+    with only_tunables_require_grad(unit, wrappers):
+        return _tune_unit(unit, wrappers, data, cfg, forward, desc, progress, rtn_baseline)
+
+
+def _tune_unit(unit, wrappers, data, cfg, forward, desc, progress, rtn_baseline) -> UnitResult:
     import time
 
     t0 = time.perf_counter()
@@ -138,10 +175,10 @@ def tune_unit(
             return eval_loss(unit, data, eval_idx, forward, eval_bs)
 
     loss_before = float("nan")
-    if rtn_state is not None:  # loss of plain RTN, for the report
+    if rtn_baseline:  # loss of plain RTN (no offset, full range), for the report
         saved = {k: w.snapshot() for k, w in wrappers.items()}
-        for k, w in wrappers.items():
-            w.restore(rtn_state[k])
+        for w in wrappers.values():
+            w.reset_to_rtn()
         loss_before = evaluate()
         for k, w in wrappers.items():
             w.restore(saved[k])
@@ -152,6 +189,7 @@ def tune_unit(
     curve = [(0, loss_init)]
 
     iters = cfg.iters
+    step = "eager"
     if iters > 0:
         v_params = [w.v for w in wrappers.values()]
         mm_params = [p for w in wrappers.values() for p in (w.min_coef, w.max_coef) if p.requires_grad]
@@ -160,28 +198,30 @@ def tune_unit(
         eval_every = max(1, iters // max(1, cfg.eval_points))
         order = torch.randperm(n, generator=gen).tolist()
         cursor = 0
+
+        def next_batch() -> list[int]:
+            nonlocal order, cursor
+            if cursor + cfg.batch_size > n:
+                order = torch.randperm(n, generator=gen).tolist()
+                cursor = 0
+            idx = order[cursor : cursor + min(cfg.batch_size, n)]
+            cursor += len(idx)
+            return idx
+
+        static = build_static_step(unit, list(wrappers.values()), data, forward, cfg, v_params, mm_params)
         bar = tqdm(total=iters, desc=desc, leave=False, disable=not progress)
         for it in range(iters):
-            for _ in range(cfg.gradient_accumulate_steps):
-                if cursor + cfg.batch_size > n:
-                    order = torch.randperm(n, generator=gen).tolist()
-                    cursor = 0
-                idx = order[cursor : cursor + min(cfg.batch_size, n)]
-                cursor += len(idx)
-                loss = unit_loss(unit, data, idx, forward) / cfg.gradient_accumulate_steps
-                loss.backward()
             decay = 1.0 - it / iters  # linear decay to 0
-            with torch.no_grad():
-                for p in v_params:
-                    if p.grad is not None:
-                        p.add_(p.grad.sign(), alpha=-lr * decay)
-                        p.grad = None
-                for p in mm_params:
-                    if p.grad is not None:
-                        p.add_(p.grad.sign(), alpha=-mm_lr * decay)
-                        p.grad = None
-                for w in wrappers.values():
-                    w.clamp_()
+            if static is not None:  # the same step, replayed from fixed buffers
+                static.run(next_batch(), lr * decay, mm_lr * decay)
+            else:
+                for _ in range(cfg.gradient_accumulate_steps):
+                    loss = unit_loss(unit, data, next_batch(), forward) / cfg.gradient_accumulate_steps
+                    loss.backward()
+                with torch.no_grad():
+                    _sign_step(v_params, lr * decay)
+                    _sign_step(mm_params, mm_lr * decay)
+                    clamp_all(wrappers.values())
             if (it + 1) % eval_every == 0 or it + 1 == iters:
                 cur = evaluate()
                 curve.append((it + 1, cur))
@@ -190,6 +230,9 @@ def tune_unit(
                 bar.set_postfix_str(f"loss {loss_init:.3g} -> {best[0]:.3g}")
             bar.update(1)
         bar.close()
+        if static is not None:
+            step = "cuda_graph" if static.graph is not None else "static"
+            static.close()
         for k, w in wrappers.items():
             w.restore(best[2][k])
     return UnitResult(
@@ -199,4 +242,5 @@ def tune_unit(
         best_iter=best[1],
         curve=curve,
         seconds=time.perf_counter() - t0,
+        step=step,
     )

@@ -32,7 +32,7 @@ from auto_quant.quant.search import rtn_weight, search_clip_coef
 from auto_quant.tuning.capture import BlockCall, capture_block_inputs
 from auto_quant.tuning.loop import UnitData, UnitResult, block_forward, tune_unit
 from auto_quant.tuning.placement import PlacementPlan, hook_on, spread_block, unhook
-from auto_quant.tuning.wrapper import TunableLinear
+from auto_quant.tuning.wrapper import TunableLinear, grouped_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,15 @@ class _ImportanceHooks:
 
 
 @torch.no_grad()
-def _run_block(block, inputs, calls, device, dtype, batch_size) -> list[torch.Tensor]:
-    """Block outputs for every sample (batched when their arguments allow)."""
+def _run_block(block, inputs, calls, device, dtype, batch_size, store: torch.device,
+               in_place: bool = False) -> list[torch.Tensor]:
+    """Block outputs for every sample (batched when their arguments allow), kept on ``store``.
+
+    ``in_place`` overwrites ``inputs`` batch by batch, so the inputs and the outputs of the whole
+    calibration set are never held at the same time.
+    """
     data = UnitData(inputs, inputs, calls, device, dtype)
-    outs = []
+    outs = inputs if in_place else [None] * len(inputs)
     n = len(inputs)
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
@@ -143,8 +148,21 @@ def _run_block(block, inputs, calls, device, dtype, batch_size) -> list[torch.Te
         for hidden, call, _, _, _ in data.batches(idx):
             parts.append(block_forward(block, hidden, call))
         y = torch.cat(parts)
-        outs.extend(y[i : i + 1] for i in range(y.shape[0]))
+        for j, i in enumerate(idx):
+            outs[i] = y[j : j + 1].to(store)
     return outs
+
+
+def quantizer_factory(compile: bool):
+    """One (possibly compiled) fake-quantizer per spec, shared by every layer of a run."""
+    made: dict[QuantSpec, object] = {}
+
+    def get(spec: QuantSpec):
+        if spec not in made:
+            made[spec] = grouped_quantizer(spec, compile) if spec.fmt == "int" else None
+        return made[spec]
+
+    return get
 
 
 def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], device: torch.device,
@@ -168,11 +186,16 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
         store = placement.cache_device()
     dtype = next(blist.blocks[0].parameters()).dtype
 
+    quantizer = quantizer_factory(tcfg.compile)
     captured = capture_block_inputs(model, blist, samples)
     masks = [s.get("attention_mask") for s in samples]
     masks = None if all(m is None for m in masks) else [None if m is None else m.reshape(-1).float() for m in masks]
+    # memory: at most two calibration-sized sets of hidden states live at once — the quantized
+    # chain's inputs (x_q) and the float chain's outputs (targets, next block's x_fp)
     x_fp = [h.to(store) for h in captured.hidden]
+    captured.hidden = []
     x_q = x_fp
+    chains_equal = True  # no block quantized yet: the quantized chain is the float chain
     n_blocks = len(blist.blocks)
     for i in range(n_blocks):
         block = blist.blocks[i]
@@ -184,28 +207,27 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
         hooked = spread_block(layers, placement, device)
         todo = {n: m for n, m in layers.items() if specs.get(n) is not None}
         hooks = _ImportanceHooks(todo) if tcfg.init_search else None
-        targets = _run_block(block, x_fp, calls, device, dtype, tcfg.batch_size)
+        targets = _run_block(block, x_fp, calls, device, dtype, tcfg.batch_size, store)
         importance = hooks.remove() if hooks else {}
-        targets = [t.to(store) for t in targets]
+        x_fp = None  # the float chain continues from targets
         if todo:
             wrappers: dict[str, TunableLinear] = {}
-            rtn_state = {}
             for name, layer in todo.items():
                 spec = specs[name]
                 home = torch.device(placement.device_for(name)) if hooked else device
                 coef = (search_clip_coef(weight_as_out_in(layer).detach().float(), spec, importance.get(name))
                         if tcfg.init_search else None)
-                w = TunableLinear(layer, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef).to(home)
+                w = TunableLinear(layer, spec, tune_minmax=tcfg.enable_minmax_tuning, init_coef=coef,
+                                  quantizer=quantizer(spec)).to(home)
                 if home != device:
                     hook_on(w, home)
-                rtn_state[name] = (torch.zeros_like(w.v), torch.ones_like(w.min_coef), torch.ones_like(w.max_coef))
                 wrappers[name] = w
                 set_submodule(model, name, w)
             data = UnitData(x_q, targets, calls, device, dtype, masks)
             try:
                 with torch.enable_grad():
                     res = tune_unit(block, wrappers, data, tcfg, block_forward, desc=f"block {i + 1}/{n_blocks}",
-                                    progress=progress, rtn_state=rtn_state)
+                                    progress=progress, rtn_baseline=True)
             finally:
                 for name, w in wrappers.items():
                     set_submodule(model, name, w.layer)
@@ -215,12 +237,14 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
             out.units[bname] = res
             log.info("%s: loss RTN %.4g, start %.4g -> tuned %.4g (best at iter %d, %.1fs)", bname, res.loss_before,
                      res.loss_init, res.loss_after, res.best_iter, res.seconds)
-            x_q_next = [y.to(store) for y in _run_block(block, x_q, calls, device, dtype, tcfg.batch_size)]
-        elif x_q is x_fp:  # nothing quantized yet: both chains are the float chain
-            x_q_next = targets
+            del data
+            x_q = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True)
+        elif chains_equal:  # nothing quantized yet: both chains are the float chain
+            x_q = targets
         else:
-            x_q_next = [y.to(store) for y in _run_block(block, x_q, calls, device, dtype, tcfg.batch_size)]
-        x_fp, x_q = targets, x_q_next
+            x_q = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True)
+        chains_equal = chains_equal and not todo
+        x_fp = targets
         unhook(hooked)
         block.to(orig_device)
         if device.type == "cuda":

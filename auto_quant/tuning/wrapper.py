@@ -3,17 +3,57 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from auto_quant.models.discovery import Conv1D, weight_as_out_in
-from auto_quant.quant import QuantSpec, QuantizedWeight, group_weight, qparams_from_range, round_ste, ungroup_weight, weight_range
+from auto_quant.quant import (
+    QuantSpec,
+    QuantizedWeight,
+    fake_quantize_grouped,
+    group_weight,
+    qparams_from_range,
+    ungroup_weight,
+    weight_range,
+)
 from auto_quant.quant.search import coef_pair
 
 V_BOUND = 0.5  # the rounding offset stays in [-V_BOUND, V_BOUND]
 COEF_RANGE = (0.0, 1.0)  # clipping coefficients of the min and the max side
+
+# (wg, wmin, wmax, v, min_coef, max_coef, in_features) -> fake-quantized [out, in] weight
+GroupedQuantizer = Callable[..., torch.Tensor]
+
+
+def grouped_quantizer(spec: QuantSpec, compile: bool = False) -> GroupedQuantizer:
+    """The integer fake-quantizer of one spec, optionally through ``torch.compile``.
+
+    Compiled, its ~20 elementwise operations (and their backward) become a few fused kernels:
+    on a GPU the tuning step is otherwise bound by kernel launches for small models. Fused
+    arithmetic may differ from eager in the last bit of a division, which can move a value
+    that sits exactly on a rounding boundary; the exported codes always come from the eager
+    :meth:`TunableLinear.bake`.
+    """
+
+    def qdq(wg, wmin, wmax, v, min_coef, max_coef, in_features: int) -> torch.Tensor:
+        return ungroup_weight(fake_quantize_grouped(wg, wmin, wmax, spec, v, min_coef, max_coef), in_features)
+
+    # emulate_precision_casts: keep the fp16 rounding of the scales (Inductor would otherwise fuse it away)
+    return torch.compile(qdq, dynamic=False, options={"emulate_precision_casts": True}) if compile else qdq
+
+
+@torch.no_grad()
+def clamp_all(wrappers) -> None:
+    """Project every wrapper's parameters back into their ranges (one batched kernel per bound)."""
+    vs = [w.v for w in wrappers]
+    coefs = [c for w in wrappers for c in (w.min_coef, w.max_coef)]
+    for ts, (lo, hi) in ((vs, (-V_BOUND, V_BOUND)), (coefs, COEF_RANGE)):
+        if ts:
+            torch._foreach_clamp_min_(ts, lo)
+            torch._foreach_clamp_max_(ts, hi)
 
 
 class TunableLinear(nn.Module):
@@ -23,8 +63,11 @@ class TunableLinear(nn.Module):
     the scale, zero and codes from the current parameters.
     """
 
-    def __init__(self, layer: nn.Module, spec: QuantSpec, tune_minmax: bool = True, init_coef: torch.Tensor | None = None):
+    def __init__(self, layer: nn.Module, spec: QuantSpec, tune_minmax: bool = True, init_coef: torch.Tensor | None = None,
+                 quantizer: GroupedQuantizer | None = None):
         super().__init__()
+        # integer grids: the fake-quantizer (shared, possibly compiled); llama.cpp grids use kquant's
+        self._quantizer = (quantizer or grouped_quantizer(spec)) if spec.fmt == "int" else None
         self.layer = layer
         self.spec = spec
         self.is_conv1d = bool(Conv1D) and isinstance(layer, Conv1D)
@@ -51,9 +94,7 @@ class TunableLinear(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        self.v.clamp_(-V_BOUND, V_BOUND)
-        self.min_coef.clamp_(*COEF_RANGE)
-        self.max_coef.clamp_(*COEF_RANGE)
+        clamp_all([self])
 
     def qdq_weight(self) -> torch.Tensor:
         if self.spec.fmt != "int":
@@ -61,10 +102,7 @@ class TunableLinear(nn.Module):
 
             deq = qdq_grouped(self.wg, self.wmin, self.wmax, self.spec, self.v, self.min_coef, self.max_coef)
             return ungroup_weight(deq, self.in_features)
-        scale, zero = qparams_from_range(self.wmin, self.wmax, self.spec, self.min_coef, self.max_coef)
-        s = scale.to(torch.float32).unsqueeze(-1)
-        q = (round_ste(self.wg / s + self.v) + zero.unsqueeze(-1)).clamp(0, self.spec.maxq)
-        return ungroup_weight((q - zero.unsqueeze(-1)) * s, self.in_features)
+        return self._quantizer(self.wg, self.wmin, self.wmax, self.v, self.min_coef, self.max_coef, self.in_features)
 
     @contextlib.contextmanager
     def frozen(self):
@@ -81,6 +119,13 @@ class TunableLinear(nn.Module):
         w = (frozen if frozen is not None else self.qdq_weight()).to(x.dtype)
         bias = self.layer.bias
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @torch.no_grad()
+    def reset_to_rtn(self) -> None:
+        """Plain round-to-nearest over the full range: no rounding offset, both coefficients 1."""
+        self.v.zero_()
+        self.min_coef.fill_(1.0)
+        self.max_coef.fill_(1.0)
 
     @torch.no_grad()
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
