@@ -90,10 +90,20 @@ def fake_quantize_grouped(
     min_coef: torch.Tensor | float = 1.0,
     max_coef: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """Quantize-dequantize a grouped weight ``[out, n_groups, gs]`` whose per-group range is known."""
+    """Quantize-dequantize a grouped weight ``[out, n_groups, gs]`` whose per-group range is known.
+
+    The scale is cast to ``wg``'s dtype once and used for both the division and the product, so its
+    gradient is summed in float32 before it is rounded to ``spec.scale_dtype`` (casting it twice
+    would round each half separately).
+    """
     scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
-    q = _codes(wg, scale, zero, spec, v)
-    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1).to(wg.dtype)
+    s = scale.unsqueeze(-1).to(wg.dtype)
+    z = zero.unsqueeze(-1)
+    x = wg / s
+    if v is not None:
+        x = x + v
+    q = (round_ste(x) + z).clamp(0, spec.maxq)
+    return (q - z) * s
 
 
 def fake_quantize(
