@@ -45,10 +45,7 @@ import torch
 from auto_quant.models.loading import load_model
 
 model, tok = load_model("/tmp/smol/model.gguf")
-model = model.to(torch.float32)
-model.hf_quantizer = None
-if hasattr(model.config, "quantization_config"):
-    del model.config.quantization_config
+model = model.to(torch.float32)  # from_gguf returns it as a plain float model
 model.save_pretrained("/tmp/smol/hf")
 tok.save_pretrained("/tmp/smol/hf")
 EOF

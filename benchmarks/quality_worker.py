@@ -84,15 +84,6 @@ def run_gptqmodel(model, tok, scheme, samples, args, device):
     gptqmodel._default_cpu_workers = lambda: max(2, _cpu_workers())
     src = tempfile.mkdtemp(prefix="gptq_src_")
     dst = tempfile.mkdtemp(prefix="gptq_out_")
-    model.hf_quantizer = None  # a GGUF-loaded model is plain float once dequantized
-    for attr in ("is_quantized", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False if attr == "is_quantized" else None)
-            except Exception:
-                pass
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     model.save_pretrained(src)
     tok.save_pretrained(src)
     sch = SCHEMES[scheme]

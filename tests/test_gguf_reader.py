@@ -113,3 +113,5 @@ def test_smollm2_reads_the_same_through_both_readers():
         ids = torch.tensor([tok("The State of the Union is strong.")["input_ids"]])
         with torch.no_grad():
             torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    # a plain float model, not one marked GGUF-quantized: it saves and reloads as such
+    assert theirs.hf_quantizer is None and not hasattr(theirs.config, "quantization_config")

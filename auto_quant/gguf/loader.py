@@ -189,6 +189,20 @@ def tokenizer_from_gguf(reader, path):
     raise ModelLoadError(f"could not build the tokenizer of {str(p)!r} ({'; '.join(errors)})")
 
 
+def _as_plain_float(model) -> None:
+    """Drop transformers' GGUF marking: the weights are dequantized floats, and a model marked
+    GGUF-quantized would be refused or mis-saved by ``save_pretrained``, trainers and quantizers."""
+    model.hf_quantizer = None
+    for attr, value in (("is_quantized", False), ("quantization_method", None)):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, value)
+            except (AttributeError, TypeError):  # a read-only property in some versions
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """``(model, tokenizer)`` of a GGUF file: a float transformers causal LM (weights dequantized).
 
@@ -214,5 +228,6 @@ def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backe
                 raise ModelLoadError(f"transformers could not load {str(p)!r}: {type(e).__name__}: {e}") from None
             log.info("from_gguf: transformers could not load %s (%s); using auto_quant's reader", p.name, e)
             model = model_from_gguf(reader, p, dtype)
+    _as_plain_float(model)
     model.eval()
     return model, tokenizer_from_gguf(reader, p)
