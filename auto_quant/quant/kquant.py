@@ -28,6 +28,7 @@ tuner sees is bit-for-bit what llama.cpp dequantizes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -367,9 +368,9 @@ def _lsq_candidates(wg, wmin, wmax, f: NativeFormat, imp):
     Asymmetric grids: codes from scales around ``range / (2^b − 1)``, then the optimal scale and
     min for those codes; symmetric grids: codes from scales around ``max / 2^(b−1)``, then the
     optimal scale. Each refit is expressed as ``(min_coef, max_coef)`` (clipped to ``[0, 1]``).
+    A generator: one candidate (and its code tensor) is alive at a time.
     """
     maxq = 2**f.bits - 1
-    out = []
     if not f.sym:
         span = (wmax - wmin).clamp(min=1e-12).unsqueeze(-1)
         shifted = wg - wmin.unsqueeze(-1)
@@ -384,8 +385,8 @@ def _lsq_candidates(wg, wmin, wmax, f: NativeFormat, imp):
             sc, mn = _lsq_asym(wg, imp, codes, C, E)
             cmin = torch.where(neg_ok, -mn / safe_min, torch.ones_like(wmin))
             cmax = torch.where(pos_ok, (sc * maxq - mn) / safe_max, torch.ones_like(wmax))
-            out.append((cmin.clamp(0, 1), cmax.clamp(0, 1)))
-        return out
+            yield cmin.clamp(0, 1), cmax.clamp(0, 1)
+        return
     half = 2 ** (f.bits - 1)
     amax = torch.maximum(-wmin, wmax).clamp(min=1e-12)
     dominant = torch.where(wmax < -wmin, wmin, wmax).unsqueeze(-1)
@@ -395,8 +396,7 @@ def _lsq_candidates(wg, wmin, wmax, f: NativeFormat, imp):
         codes = torch.round(wg * (-(half + 0.1 * t) / dominant)).clamp_(-half, half - 1)
         sc = (aw * codes).sum(-1) / (imp * codes * codes).sum(-1).clamp(min=1e-20)
         c = (sc.abs() * half / amax).clamp(0, 1)
-        out.append((c, c))
-    return out
+        yield c, c
 
 
 @torch.no_grad()
@@ -421,10 +421,10 @@ def search_clip_coef(w: torch.Tensor, spec, importance: torch.Tensor | None = No
         imp = imp + 1e-8 * imp.mean().clamp(min=1e-12)
     ones = torch.ones_like(wmin)
     if f.name == "q8_0":
-        candidates = [(ones * c, ones * c) for c in grid]
+        candidates = ((ones * c, ones * c) for c in grid)
     else:  # the refits cover the fine steps: every other clipping ratio is enough next to them
-        candidates = [(ones * c, ones * c) for c in grid[::2]]
-        candidates += _lsq_candidates(wg, wmin, wmax, f, imp.expand_as(wg))
+        candidates = itertools.chain(((ones * c, ones * c) for c in grid[::2]),
+                                     _lsq_candidates(wg, wmin, wmax, f, imp.expand_as(wg)))
     best_err = None
     best_min, best_max = ones.clone(), ones.clone()
     for cmin, cmax in candidates:
