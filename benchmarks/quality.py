@@ -92,7 +92,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
     p.add_argument("--schemes", default="w4g128,w3g128,w2g64")
-    p.add_argument("--methods", default="float,rtn,auto_quant:default,auto_round:default")
+    p.add_argument("--methods", default="float,rtn,auto_quant:default,auto_round:default",
+                   help="float, rtn, auto_quant:<recipe>, auto_round:<recipe>, gptqmodel:gptq; a recipe is "
+                        "light/default/best or explicit settings such as 'iters=100;lr=0.005'")
     p.add_argument("--calib", default="sotu:split=train")
     p.add_argument("--eval", default="sotu:split=validation")
     p.add_argument("--nsamples", type=int, default=128)

@@ -34,6 +34,17 @@ RECIPES = {
 }
 
 
+def recipe_settings(recipe: str) -> dict:
+    """A named recipe (``light``/``default``/``best``) or explicit settings such as ``iters=100;lr=0.005``."""
+    if "=" not in recipe:
+        return dict(RECIPES[recipe])
+    out = {}
+    for item in recipe.split(";"):
+        k, _, v = item.partition("=")
+        out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
+    return out
+
+
 def load(model_path, device, dtype):
     from auto_quant.models.loading import load_model
 
@@ -46,7 +57,7 @@ def load(model_path, device, dtype):
 def run_auto_quant(model, tok, scheme, recipe, samples, args, device):
     from auto_quant import AutoRound
 
-    r = dict(RECIPES[recipe]) if recipe != "rtn" else dict(iters=0)
+    r = recipe_settings(recipe) if recipe != "rtn" else dict(iters=0)
     if args.iters is not None and recipe != "rtn":
         r["iters"] = args.iters
     ar = AutoRound(model, tok, **SCHEMES[scheme], **r, nsamples=len(samples), seqlen=samples[0].numel(),
@@ -60,7 +71,7 @@ def run_auto_quant(model, tok, scheme, recipe, samples, args, device):
 def run_intel(model, tok, scheme, recipe, samples, args, device):
     from auto_round import AutoRound as IntelAutoRound
 
-    r = dict(RECIPES[recipe])
+    r = recipe_settings(recipe)
     if args.iters is not None:
         r["iters"] = args.iters
     ar = IntelAutoRound(model, tok, **SCHEMES[scheme], **r, nsamples=len(samples), seqlen=samples[0].numel(),
