@@ -74,11 +74,12 @@ def qparams_from_range(
     return scale, zero
 
 
-def _codes(wg, scale, zero, spec, v):
-    x = wg / scale.unsqueeze(-1).to(wg.dtype)
+def _codes(wg, s, z, spec, v):
+    """Integer codes of ``wg`` for a per-group scale ``s`` and zero ``z`` already shaped ``[out, n_groups, 1]``."""
+    x = wg / s
     if v is not None:
         x = x + v
-    return (round_ste(x) + zero.unsqueeze(-1)).clamp(0, spec.maxq)
+    return (round_ste(x) + z).clamp(0, spec.maxq)
 
 
 def fake_quantize_grouped(
@@ -99,11 +100,7 @@ def fake_quantize_grouped(
     scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
     s = scale.unsqueeze(-1).to(wg.dtype)
     z = zero.unsqueeze(-1)
-    x = wg / s
-    if v is not None:
-        x = x + v
-    q = (round_ste(x) + z).clamp(0, spec.maxq)
-    return (q - z) * s
+    return (_codes(wg, s, z, spec, v) - z) * s
 
 
 def fake_quantize(
@@ -168,7 +165,7 @@ def quantize_weight(
     wg = group_weight(w, spec.group_size)
     wmin, wmax = weight_range(wg)
     scale, zero = qparams_from_range(wmin, wmax, spec, min_coef, max_coef)
-    q = _codes(wg, scale, zero, spec, v)
+    q = _codes(wg, scale.unsqueeze(-1).to(wg.dtype), zero.unsqueeze(-1), spec, v)
     codes = ungroup_weight(q, w.shape[1]).to(torch.uint8)
     return QuantizedWeight(codes=codes.contiguous(), scale=scale.contiguous(), zero=zero.to(torch.uint8).contiguous(), spec=spec)
 

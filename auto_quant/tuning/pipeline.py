@@ -238,11 +238,10 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
             log.info("%s: loss RTN %.4g, start %.4g -> tuned %.4g (best at iter %d, %.1fs)", bname, res.loss_before,
                      res.loss_init, res.loss_after, res.best_iter, res.seconds)
             del data
+        if todo or not chains_equal:
             x_q = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True)
-        elif chains_equal:  # nothing quantized yet: both chains are the float chain
+        else:  # nothing quantized yet: both chains are the float chain
             x_q = targets
-        else:
-            x_q = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True)
         chains_equal = chains_equal and not todo
         x_fp = targets
         unhook(hooked)
