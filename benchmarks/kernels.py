@@ -85,8 +85,21 @@ def graph_time_us(calls, replays=20):
     return statistics.median(times)
 
 
-def bench_matmuls(formats, shapes, ms, tuner_kw):
-    from auto_quant.kernels.dispatch import Tuner, Workspace, quant_matmul
+def previous_gemv(N, K, bits, device):
+    """The fma kernel's M = 1 candidates (the GEMV before the ``gemv`` kernel), for same-run comparison."""
+    from auto_quant.kernels.dispatch import _cdiv, _cfg, _sms, auto_split
+
+    out = []
+    for bn, bkw, warps in ((512, 4, 4), (256, 8, 4), (512, 8, 8), (1024, 4, 8)):
+        c = _cfg("fma", 1, bn, bkw, bits, 1, warps, 1)
+        auto = auto_split(_cdiv(N, bn), K, c.block_k, 2 * _sms(device))
+        for split in {auto, max(1, auto // 2), max(1, auto // 4)}:
+            out.append(c.__class__(**{**c.__dict__, "split_k": split}))
+    return out
+
+
+def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
+    from auto_quant.kernels.dispatch import Tuner, Workspace, launch, quant_matmul
 
     dev = torch.device("cuda")
     tuner = Tuner(**tuner_kw)
@@ -106,19 +119,32 @@ def bench_matmuls(formats, shapes, ms, tuner_kw):
             w = random_kernel_weight(N, K, bits, gs, sym, dev)
             n_q = max(2, math.ceil(GRAPH_BYTES / w.nbytes()))
             copies = [w] + [clone_weight(w) for _ in range(n_q - 1)]
-            for M in fmt.get("ms", ms):
+            for M in [m for m in fmt.get("ms", ms) if m in ms]:
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 quant_matmul(x, w, tuner=tuner, workspace=ws)  # tunes this (shape, M bucket)
                 torch.cuda.synchronize()
                 us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])
                 cfg = tuner.best.get(tuner.key(x, w))
                 moved = w.nbytes() + (M * K + M * N) * 2
+                prev = {}
+                if compare_previous and M == 1 and cfg is not None and cfg.kind == "gemv":
+                    from triton.testing import do_bench
+
+                    t_prev = {c: do_bench(lambda c=c: launch(x, w, None, c, ws), warmup=3, rep=15, return_mode="median")
+                              for c in previous_gemv(N, K, bits, dev)}
+                    best = min(t_prev, key=t_prev.get)
+                    us_prev = graph_time_us([lambda c=c: launch(x, c, None, best, ws) for c in copies])
+                    prev = {"previous_fma_us": round(us_prev, 2), "previous_fma_config": best.__dict__,
+                            "speedup_vs_previous": round(us_prev / us, 3)}
                 rows.append({
                     "N": N, "K": K, "M": M, "bits": bits, "group_size": gs, "sym": sym, "us": round(us, 2),
                     "bf16_us": round(base[M], 2), "speedup_vs_bf16": round(base[M] / us, 3),
                     "eff_TBps": round(moved / us / 1e6, 3),
                     "bf16_TBps": round((N * K * 2 + (M * K + M * N) * 2) / base[M] / 1e6, 3),
-                    "config": None if cfg is None else cfg.__dict__, "weight_copies": n_q,
+                    "config": None if cfg is None else cfg.__dict__, "weight_copies": n_q, **prev,
+                    "tuner_us": {f"{c.kind}:{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}": round(t * 1e3, 2)
+                                 for c, t in sorted(tuner.timings.get(tuner.key(x, w), {}).items(),
+                                                    key=lambda kv: kv[1])},
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             del copies, w
@@ -223,17 +249,19 @@ def gpu_main(args):
                           "triton": triton.__version__, "cuda": torch.version.cuda},
               "command": " ".join(["python"] + sys.argv)}
     ms = [1, 16, 256] if args.quick else MS
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
     shapes = SHAPES[:2] if args.quick else SHAPES
     formats = [dict(bits=4, group_size=128, sym=True),
-               dict(bits=2, group_size=64, sym=True, ms=[1]),
-               dict(bits=8, group_size=128, sym=True, ms=[1])]
+               dict(bits=2, group_size=64, sym=True, ms=[m for m in ms if m == 1]),
+               dict(bits=8, group_size=128, sym=True, ms=[m for m in ms if m == 1])]
     if args.all_formats:
         formats += [dict(bits=2, group_size=64, sym=True, ms=[16, 256]), dict(bits=8, group_size=128, sym=True, ms=[16, 256]),
                     dict(bits=3, group_size=128, sym=True, ms=[1, 16]), dict(bits=4, group_size=128, sym=False, ms=[1, 16])]
     if args.quick:
         formats = formats[:1]
     t = time.time()
-    result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0))
+    result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0), args.compare_previous)
     result["matmul_seconds"] = round(time.time() - t, 1)
     if not args.no_e2e:
         result["e2e"] = e2e_decode(args.layers)
@@ -401,7 +429,8 @@ def summary(path: str) -> None:
         print(f"W{r['bits']}g{r['group_size']}{'s' if r['sym'] else 'a'} {r['N']:>5}x{r['K']:<5} M={r['M']:<4} "
               f"{r['us']:8.2f}us bf16 {r['bf16_us']:8.2f}us x{r['speedup_vs_bf16']:5.2f} {r['eff_TBps']:5.2f}TB/s "
               f"{c.get('kind', '?')}:{c.get('block_m')}x{c.get('block_n')}x{c.get('block_k')}s{c.get('split_k')}"
-              f"w{c.get('num_warps')}")
+              f"w{c.get('num_warps')}" + (f" prev {r['previous_fma_us']:.2f}us x{r['speedup_vs_previous']:.2f}"
+                                           if "previous_fma_us" in r else ""))
     if e2e:
         print(json.dumps(e2e))
 
@@ -416,6 +445,9 @@ def main():
     g.add_argument("--no-e2e", action="store_true")
     g.add_argument("--layers", type=int, default=32)
     g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
+    g.add_argument("--ms", default="", help="comma-separated batch sizes (default 1,4,16,64,256,1024)")
+    g.add_argument("--compare-previous", action="store_true",
+                   help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--tokens", type=int, default=32)

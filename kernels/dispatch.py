@@ -1,7 +1,8 @@
 """Choosing and launching a Triton kernel variant per call: ``quant_matmul(x, weight, bias)``.
 
-* ``KernelConfig`` is one variant (``fma`` / ``dot`` / ``dequant``) with its tile sizes,
-  split-K factor, warps and pipeline stages.
+* ``KernelConfig`` is one variant (``gemv`` / ``fma`` / ``dot`` / ``dequant``) with its tile sizes,
+  split-K factor, warps and pipeline stages. ``gemv`` (:mod:`auto_quant.kernels.triton_gemv`) serves
+  one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits.
 * ``default_config`` is a shape heuristic, used when no tuner is given (tests, first calls
   under CUDA-graph capture).
 * ``Tuner`` times the candidate variants for a shape on first use (``triton.testing.do_bench``,
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "fma" (M == 1 elementwise), "dot" (tensor cores), "dequant" (dequantize + cuBLAS)
+    kind: str  # "gemv"/"fma" (one row per program), "dot" (tensor cores), "dequant" (dequantize + cuBLAS)
     block_m: int = 1
     block_n: int = 64
     block_k: int = 64
@@ -36,10 +37,10 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("fma", "dot", "dequant"):
+        if self.kind not in ("gemv", "fma", "dot", "dequant"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
-        if self.kind == "fma" and self.block_m != 1:
-            raise ValueError("the fma kernel handles one row per program (block_m=1)")
+        if self.kind in ("gemv", "fma") and self.block_m != 1:
+            raise ValueError(f"the {self.kind} kernel handles one row per program (block_m=1)")
         if self.kind == "dot" and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError("tl.dot needs block sizes >= 16")
 
@@ -78,9 +79,37 @@ def _cfg(kind, bm, bn, bkw, bits, split=1, warps=4, stages=2) -> KernelConfig:
     return KernelConfig(kind, bm, bn, bkw * codes_per_row(bits), split, warps, stages)
 
 
-def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> KernelConfig:
+GEMV_BITS = (2, 4, 8)
+
+
+def gemv_rows_per_split(K: int, bits: int, group_size: int, block_r: int, split: int) -> int | None:
+    """Word rows per split for the gemv kernel (whole tiles), or None where the gemv cannot serve the layer.
+
+    The gemv needs 2, 4 or 8 bits and a tile of ``block_r`` word rows inside one quantization group.
+    """
+    per = codes_per_row(bits)
+    if bits not in GEMV_BITS or (group_size != -1 and group_size % (block_r * per)):
+        return None
+    return _cdiv(_cdiv(_cdiv(K, per), split), block_r) * block_r
+
+
+def _gemv(bn, br, bits, split=1, warps=4) -> KernelConfig:
+    return KernelConfig("gemv", 1, bn, br * codes_per_row(bits), split, warps, 1)
+
+
+def _gemv_split(N: int, K: int, bits: int, bn: int, br: int, target: int) -> int:
+    """Split K until about ``target`` programs run, keeping at least two tiles per split."""
+    tiles = _cdiv(K, codes_per_row(bits)) // br
+    return max(1, min(target // _cdiv(N, bn), tiles // 2))
+
+
+def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
+                   group_size: int = 128) -> KernelConfig:
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
+    if M == 1 and gemv_rows_per_split(K, bits, group_size, 2, 1) is not None:
+        bn, br = 512, 2
+        return dataclasses.replace(_gemv(bn, br, bits), split_k=_gemv_split(N, K, bits, bn, br, 4 * sms))
     if M == 1:
         bn, bkw = 512, 4
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
@@ -92,10 +121,20 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4) 
     return _cfg("dequant", 1, 64, 4, bits)
 
 
-def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4) -> list[KernelConfig]:
+def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
+               group_size: int = 128) -> list[KernelConfig]:
     """Variants worth timing for one shape."""
     sms = _sms(device)
     out: list[KernelConfig] = []
+    if M == 1 and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
+        for bn, br, w in ((512, 2, 4), (512, 4, 4), (512, 8, 8), (1024, 2, 8), (256, 4, 2), (256, 8, 2), (256, 16, 4)):
+            for target in (2 * sms, 4 * sms, 8 * sms, 16 * sms):
+                if gemv_rows_per_split(K, bits, group_size, br, 1) is None:
+                    continue
+                c = dataclasses.replace(_gemv(bn, br, bits, warps=w), split_k=_gemv_split(N, K, bits, bn, br, target))
+                if c not in out:
+                    out.append(c)
+        return out
 
     def add(kind, bm, bn, bkw, warps, stages, splits=("auto",), fill=1):
         for s in splits:
@@ -178,6 +217,8 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         if bias is None:
             return x2 @ wt
         return torch.addmm(bias.to(x2.dtype), x2, wt)
+    if cfg.kind == "gemv":
+        return _launch_gemv(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -196,6 +237,50 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         EVEN_K=K % cfg.block_k == 0, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
+    """Whether the gemv kernel takes its paired half-precision path (PTX; CUDA only, 2/4 bits)."""
+    per = codes_per_row(w.bits)
+    return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
+            and w.bits in (2, 4) and w.in_features % per == 0 and x2.stride(0) % 2 == 0
+            and x2.data_ptr() % 4 == 0)
+
+
+def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
+                 ws: Workspace) -> torch.Tensor:
+    from auto_quant.kernels import triton_gemv as g
+
+    M, K = x2.shape
+    N = w.out_features
+    per = codes_per_row(w.bits)
+    br = cfg.block_k // per
+    rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)
+    if rows is None:
+        raise ValueError(f"the gemv kernel cannot serve {w.bits}-bit weights with group size {w.group_size} "
+                         f"in tiles of {br} word rows")
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid_n = _cdiv(N, cfg.block_n)
+    split = cfg.split_k
+    if split > 1:
+        acc, cnt = ws.get(x2.device, M * N, grid_n * M)
+    else:
+        acc, cnt = out, out
+    pairs = paired(x2, w)
+    act = "fp16" if x2.dtype == torch.float16 else "bf16"
+    zero = None if w.zeros is not None else 1 << (w.bits - 1)
+    g._gemv_kernel[(grid_n, M, split)](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else out, out, acc, cnt,
+        N, K, x2.stride(0), out.stride(0), rows, split,
+        BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_R=br, SPLIT=split > 1, EVEN_K=K % per == 0, EVEN_R=_cdiv(K, per) % br == 0,
+        EVEN_N=N % cfg.block_n == 0,
+        PAIRS=pairs, ASM=g.pair_asm(w.bits, act, zero) if pairs else "",
+        CONS=g.pair_constraints(w.bits, act, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -222,18 +307,18 @@ class Tuner:
             return cfg
         M, K = x2.shape
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return default_config(M, w.out_features, K, x2.device, w.bits)
+            return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size)
         from triton.testing import do_bench
 
         times: dict[KernelConfig, float] = {}
-        for c in candidates(M, w.out_features, K, x2.device, w.bits):
+        for c in candidates(M, w.out_features, K, x2.device, w.bits, w.group_size):
             try:
                 times[c] = do_bench(lambda c=c: launch(x2, w, bias, c, ws), warmup=self.warmup_ms, rep=self.rep_ms,
                                     return_mode="median")
             except Exception as e:  # a variant that does not compile or fit (shared memory) is skipped
                 log.debug("kernel variant %s failed: %s", c, e)
         if not times:
-            cfg = default_config(M, w.out_features, K, x2.device, w.bits)
+            cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size)
         else:
             cfg = min(times, key=times.get)
         self.best[key] = cfg
@@ -255,7 +340,7 @@ def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = N
     ws = workspace if workspace is not None else Workspace()
     if config is None:
         config = (tuner.config(x2, w, bias, ws) if tuner is not None
-                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits))
+                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits, w.group_size))
     if x2.shape[0] == 0:
         return x.new_empty(*lead, w.out_features)
     y = launch(x2, w, bias, config, ws)

@@ -1,7 +1,7 @@
 """Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1), small shapes.
 
 Every declared combination (W2/W3/W4/W8, group 32/64/128/-1, sym/asym, fp16/bf16) runs each
-kernel variant (fma GEMV with and without split-K, tensor-core dot with and without split-K,
+kernel variant (the gemv's portable path and the older fma GEMV, each with and without split-K, tensor-core dot with and without split-K,
 dequantize + matmul) and is compared with the float64 product of the reference dequantized
 weight. Real shapes run on the GPU in test_kernels_gpu.py.
 """
@@ -73,6 +73,8 @@ def test_from_quant_linear_reuses_gptq_qweight():
 
 VARIANTS = [
     # (M, kind, block_m, block_n, word rows per tile, split_k); block_k = rows x codes per word
+    (1, "gemv", 1, 64, 1, 1),  # 3 bits: fma (the gemv serves 2/4/8)
+    (1, "gemv", 1, 32, 2, 2),
     (1, "fma", 1, 64, 2, 1),
     (1, "fma", 1, 32, 4, 3),
     (5, "dot", 16, 32, 16, 2),
@@ -103,6 +105,7 @@ def run_interpreter_checks() -> dict:
             dt = torch.float16 if (i + c) % 2 == 0 else torch.bfloat16
             x = torch.randn(M, K, generator=g).to(dt)
             bias = torch.randn(N, generator=g).to(dt)
+            kind = "fma" if kind == "gemv" and bits == 3 else kind
             y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split), workspace=ws)
             ref = x.double() @ W.t() + bias.double()
             ok = y.dtype == dt and tuple(y.shape) == (M, N) and bool(torch.isfinite(y).all())
@@ -157,7 +160,8 @@ def test_default_config_choice_and_bad_input():
     from auto_quant.kernels.dispatch import default_config, quant_matmul
 
     cpu = torch.device("cpu")
-    assert default_config(1, 4096, 4096, cpu).kind == "fma"
+    assert default_config(1, 4096, 4096, cpu).kind == "gemv"
+    assert default_config(1, 4096, 4096, cpu, bits=3).kind == "fma"
     assert default_config(16, 4096, 4096, cpu).kind == "dot"
     assert default_config(512, 4096, 4096, cpu).kind == "dequant"
     qw = quantized(32, 256, 4, 64, False)

@@ -76,6 +76,55 @@ def test_every_tuning_candidate(N, K, M):
         assert not acc.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] != 3])
+def test_gemv_every_candidate(bits, group_size, sym):
+    """The one-row kernel: every tuning candidate, fp16 and bf16; 2/4 bits must take the paired PTX path."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, candidates, launch, paired
+
+    N, K = 4096, 4096
+    kw = quantized_weight(N, K, bits, group_size, sym, seed=bits * 17 + group_size)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    cands = candidates(1, N, K, torch.device("cuda"), bits, group_size)
+    assert cands and all(c.kind == "gemv" for c in cands)
+    for dt in (torch.float16, torch.bfloat16):
+        x = torch.randn(1, K, device="cuda").to(dt)
+        assert paired(x, kw) == (bits in (2, 4))
+        bias = torch.randn(N, device="cuda").to(dt)
+        ref = x.double() @ W.t() + bias.double()
+        for cfg in cands:
+            y = launch(x, kw, bias, cfg, ws)
+            assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (dt, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gemv_odd_shapes_strides_and_large_activations(bits):
+    """Partial column tiles, a partial last group, an odd row stride (portable path) and fp16 outliers."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, default_config, paired, quant_matmul
+
+    N, K = 1000, 4160  # N not a multiple of any block; K = 32.5 groups of 128
+    for gs, sym in ((128, True), (64, False)):
+        kw = quantized_weight(N, K, bits, gs, sym, seed=bits + gs)
+        kw.scales.mul_(0.02)  # LLM-sized weights, so the outputs below stay inside the fp16 range
+        W = dequantize(kw).double()
+        ws = Workspace()
+        assert default_config(1, N, K, torch.device("cuda"), bits, gs).kind == "gemv"
+        for dt in (torch.float16, torch.bfloat16):
+            x = torch.randn(1, K, device="cuda").to(dt)
+            x[0, ::97] = 3000.0  # outliers: fp16 half-precision partial sums must not overflow
+            y = quant_matmul(x, kw, workspace=ws)
+            assert torch.isfinite(y).all() and rel_err(y, x.double() @ W.t()) < TOL, (gs, dt)
+            wide = torch.randn(3, K + 1, device="cuda").to(dt)[:, :K]  # row stride K + 1 (odd)
+            assert not paired(wide, kw)
+            y = quant_matmul(wide, kw, workspace=ws)
+            assert rel_err(y, wide.double() @ W.t()) < TOL
+
+
 def test_split_k_under_cuda_graph_and_tuner():
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, quant_matmul
@@ -86,15 +135,15 @@ def test_split_k_under_cuda_graph_and_tuner():
     ws = Workspace()
     tuner = Tuner(warmup_ms=2, rep_ms=5)
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-    cfg = KernelConfig("fma", 1, 256, 64, 8)
-    quant_matmul(x, kw, config=cfg, workspace=ws)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = quant_matmul(x, kw, config=cfg, workspace=ws)
-    for _ in range(3):
-        x.copy_(torch.randn(1, K, device="cuda"))
-        g.replay()
-        assert rel_err(y, x.double() @ W.t()) < TOL
+    for cfg in (KernelConfig("fma", 1, 256, 64, 8), KernelConfig("gemv", 1, 1024, 8, 16, 4, 1)):
+        quant_matmul(x, kw, config=cfg, workspace=ws)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = quant_matmul(x, kw, config=cfg, workspace=ws)
+        for _ in range(3):
+            x.copy_(torch.randn(1, K, device="cuda"))
+            g.replay()
+            assert rel_err(y, x.double() @ W.t()) < TOL
     for M in (1, 16, 512):
         xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         assert rel_err(quant_matmul(xm, kw, tuner=tuner, workspace=ws), xm.double() @ W.t()) < TOL

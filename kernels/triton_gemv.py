@@ -1,0 +1,335 @@
+"""Triton GEMV for one activation row against 2/4/8-bit weights in the KernelWeight layout.
+
+``y[n] = sum_k x[k] * (code[k, n] - zero[g, n]) * scale[g, n]``; ``qweight`` is ``[K / PER, N]``
+int32 with ``PER = 32 / bits`` codes per word, so a program's tile of ``[BLOCK_R, BLOCK_N]`` words is
+read with 16-byte loads along N, and every word is read once.
+
+At batch 1 the work per weight, not the bytes, is what limits a fused kernel: the older ``fma``
+variant spends five or six instructions per weight and reads its weights at a third of the memory
+bandwidth whatever the bit width. Two ways to spend fewer:
+
+* ``PAIRS`` (fp16/bf16 activations, 2 and 4 bits, CUDA only): a few lines of PTX per word turn two
+  codes at a time into a packed pair of exact half-precision integers ``code - zero`` (a byte permute,
+  one ``lop3`` with the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16: ``128 + code``)
+  and one packed ``fma`` that subtracts ``base + zero``), then multiply-add that pair with the matching
+  pair of activations, also packed. The ``PER`` products of a word are summed in half precision and
+  the word's total goes to an fp32 accumulator: about two instructions per weight. For fp16 the pair is
+  scaled before the product, so a partial sum is a sum of real products and cannot overflow where the
+  dequantized fp16 product would not; for bf16 (the float32 range) the scale multiplies the fp32 total.
+* the portable path (any float activations; the one Triton's CPU interpreter runs): the exponent trick
+  ``bitcast((word & (mask << b*j)) | 0x4B000000) = 2**23 + code * 2**(b*j)`` takes a code from its place
+  in the word without a shift, one subtraction makes ``(code - zero) * 2**(b*j)`` exactly, and the
+  activation, pre-scaled by ``2**-(b*j)`` (exact), multiplies it: three instructions per weight, products
+  exact in fp32. Codes above bit 23 come from one shifted copy of the word.
+
+Split-K: ``n_splits`` programs share a column tile and reduce through the zero-at-rest workspace of
+:mod:`auto_quant.kernels.triton_qmm` (atomics, the last arrival writes the output and resets it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# half-precision formats: mantissa bits, the exponent pattern of ``base`` (fp16 1024, bf16 128), 1.0
+_HALF = {"fp16": dict(mant=10, magic=0x6400, base=1024.0, typ="f16x2"),
+         "bf16": dict(mant=7, magic=0x4300, base=128.0, typ="bf16x2")}
+
+
+def _half_bits(v: float, act: str) -> int:
+    import struct
+
+    if act == "bf16":
+        return struct.unpack("<I", struct.pack("<f", v))[0] >> 16  # exact for the values used here
+    return struct.unpack("<H", struct.pack("<e", v))[0]
+
+
+def pair_layout(bits: int, act: str, zero: int | None) -> list[tuple[int, int]]:
+    """Per pair ``i`` (codes ``i`` and ``i + PER/2``): (right shift of the word, code offset left in place).
+
+    Code ``i`` sits at bit ``bits*i`` and its partner 16 bits higher, so one ``lop3`` on a shifted copy
+    of the word takes both into the two lanes' mantissas. A code may stay ``s`` bits up in the mantissa
+    (read as ``base + code * 2**s``, rescaled by the ``fma``) while ``(2**bits - 1) * 2**s`` fits it, which
+    saves shifts: fp16 4-bit needs one shifted copy per two bytes, bf16 4-bit one per nibble. With
+    per-column zeros (``zero=None``) every code is shifted down (one zero term serves every pair).
+    """
+    mant = _HALF[act]["mant"]
+    s_max = bits * ((mant - bits) // bits) if zero is not None else 0
+    granule = s_max + bits
+    return [((bits * i // granule) * granule, bits * i % granule) for i in range(16 // bits)]
+
+
+def pair_asm(bits: int, act: str, zero: int | None) -> str:
+    """PTX for one word: ``$0`` (f32 bits) = sum over its codes of ``x * (code - zero)``.
+
+    Inputs: ``$1`` the word, ``$2..`` the activation pairs ``(x[i], x[i + PER/2])`` (b32 each); for
+    ``zero=None`` (per-column zeros) then the b32 pair ``-(base + zero)``; a given ``zero`` is folded
+    into the code.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"the paired GEMV takes 2 or 4 bits, not {bits}")
+    h = _HALF[act]
+    t = h["typ"]
+    layout = pair_layout(bits, act, zero)
+    n_pairs = len(layout)
+    mask = (1 << bits) - 1
+    magic2 = h["magic"] * 0x10001
+    lines = ["{", ".reg .b32 src, v, d, acc, mul, add, fl, fh;", ".reg .b16 hl, hh;", "mov.b32 acc, 0x80008000;"]
+    shift = None
+    for i, (sh, s) in enumerate(layout):
+        if sh != shift:
+            lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
+            shift = sh
+        mul = _half_bits(2.0 ** -s, act) * 0x10001
+        if zero is None:
+            add = f"${2 + n_pairs}"
+        else:
+            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
+            add = "add"
+        lines += [f"lop3.b32 v, src, {(mask << s) * 0x10001:#010x}, {magic2:#010x}, 0xEA;",
+                  f"mov.b32 mul, {mul:#010x};",
+                  f"fma.rn.{t} d, v, mul, {add};",
+                  f"fma.rn.{t} acc, d, ${2 + i}, acc;"]
+    if act == "fp16":
+        lines += ["mov.b32 {hl, hh}, acc;", "cvt.f32.f16 fl, hl;", "cvt.f32.f16 fh, hh;"]
+    else:
+        lines += ["shl.b32 fl, acc, 16;", "and.b32 fh, acc, 0xFFFF0000;"]
+    lines += ["add.f32 $0, fl, fh;", "}"]
+    return "\n".join(lines)
+
+
+def pair_constraints(bits: int, act: str, zero: int | None) -> str:
+    n_in = 1 + 16 // bits + (0 if zero is not None else 1)
+    return "=r," + ",".join(["r"] * n_in)
+
+
+@triton.jit
+def _x_half(p, H: tl.constexpr, UP: tl.constexpr):
+    """Half ``H`` of the b32 activation pair ``p``, moved to the low (``UP=False``) or high 16 bits."""
+    if H == 0:
+        v = p & 0xFFFF
+    else:
+        v = (p >> 16) & 0xFFFF
+    if UP:
+        v = v << 16
+    return v
+
+
+@triton.jit
+def _x_pair(p_lo, p_hi, I: tl.constexpr, NP: tl.constexpr, ACT_FP16: tl.constexpr):
+    """``(x[I], x[I + NP])`` as one b32 from the word row's adjacent pairs; fp16 scaled by 2**-6 (exact)."""
+    v = _x_half(p_lo, I % 2, False) | _x_half(p_hi, (I + NP) % 2, True)
+    if ACT_FP16:
+        v = tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 0x24002400; mul.rn.f16x2 $0, $1, c; }", "=r,r",
+                                      [v], dtype=tl.int32, is_pure=True, pack=1)
+    return v[:, None]
+
+
+@triton.jit
+def _masked_load(ptr, mask, EVEN_R: tl.constexpr):
+    """A load whose masked-off lanes are never used when EVEN_R (every tile full), else read as 0."""
+    if EVEN_R:
+        return tl.load(ptr, mask=mask)
+    return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr):
+    """The activation pairs ``(x[2m], x[2m+1])`` (b32) of word rows ``rows``: 4 for 4 bits, 8 for 2 bits."""
+    NP: tl.constexpr = 16 // BITS
+    base = x32_ptr + rows * NP
+    p0 = _masked_load(base + 0, live, EVEN_R)
+    p1 = _masked_load(base + 1, live, EVEN_R)
+    p2 = _masked_load(base + 2, live, EVEN_R)
+    p3 = _masked_load(base + 3, live, EVEN_R)
+    if BITS == 2:
+        p4 = _masked_load(base + 4, live, EVEN_R)
+        p5 = _masked_load(base + 5, live, EVEN_R)
+        p6 = _masked_load(base + 6, live, EVEN_R)
+        p7 = _masked_load(base + 7, live, EVEN_R)
+    else:
+        p4 = p0
+        p5 = p0
+        p6 = p0
+        p7 = p0
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _pair_term(w, p0, p1, p2, p3, p4, p5, p6, p7, zz, ASM: tl.constexpr, CONS: tl.constexpr,
+               BITS: tl.constexpr, ACT_FP16: tl.constexpr, ZERO_IN: tl.constexpr):
+    """f32 ``[R, BN]``: each word's sum of ``x * (code - zero)`` (times 2**-6 for fp16).
+
+    ``p0..``: the word rows' adjacent activation pairs (:func:`_load_pairs`); ``zz``: the b32 pair
+    ``-(base + zero)`` per column when the zeros are inputs (``ZERO_IN``).
+    """
+    if BITS == 4:  # pair i = (x[i], x[i + 4]): x[i] in p[i // 2], x[i + 4] in p[2 + i // 2]
+        x0 = tl.broadcast_to(_x_pair(p0, p2, 0, 4, ACT_FP16), w.shape)
+        x1 = tl.broadcast_to(_x_pair(p0, p2, 1, 4, ACT_FP16), w.shape)
+        x2 = tl.broadcast_to(_x_pair(p1, p3, 2, 4, ACT_FP16), w.shape)
+        x3 = tl.broadcast_to(_x_pair(p1, p3, 3, 4, ACT_FP16), w.shape)
+        if ZERO_IN:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, tl.broadcast_to(zz, w.shape)],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3], dtype=tl.int32, is_pure=True, pack=1)
+    else:  # 2 bits: pair i = (x[i], x[i + 8]) from p[i // 2] and p[4 + i // 2]
+        x0 = tl.broadcast_to(_x_pair(p0, p4, 0, 8, ACT_FP16), w.shape)
+        x1 = tl.broadcast_to(_x_pair(p0, p4, 1, 8, ACT_FP16), w.shape)
+        x2 = tl.broadcast_to(_x_pair(p1, p5, 2, 8, ACT_FP16), w.shape)
+        x3 = tl.broadcast_to(_x_pair(p1, p5, 3, 8, ACT_FP16), w.shape)
+        x4 = tl.broadcast_to(_x_pair(p2, p6, 4, 8, ACT_FP16), w.shape)
+        x5 = tl.broadcast_to(_x_pair(p2, p6, 5, 8, ACT_FP16), w.shape)
+        x6 = tl.broadcast_to(_x_pair(p3, p7, 6, 8, ACT_FP16), w.shape)
+        x7 = tl.broadcast_to(_x_pair(p3, p7, 7, 8, ACT_FP16), w.shape)
+        if ZERO_IN:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, x4, x5, x6, x7, tl.broadcast_to(zz, w.shape)],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code_term(src, xj, z, BITS: tl.constexpr, POS: tl.constexpr):
+    """``x * (code - zero)`` for the code at bits ``[BITS*POS, BITS*POS + BITS)`` of ``src`` (below bit 23)."""
+    MAGIC: tl.constexpr = 8388608.0
+    STEP: tl.constexpr = 1 << (BITS * POS)
+    v = ((src & (((1 << BITS) - 1) << (BITS * POS))) | 0x4B000000).to(tl.float32, bitcast=True)
+    return (xj * (1.0 / STEP))[:, None] * (v - (MAGIC + z * STEP))
+
+
+@triton.jit
+def _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS: tl.constexpr, EVEN_K: tl.constexpr):
+    """f32 ``[R, BN]``: each word's sum of ``x * (code - zero)``, exact products (see the module doc)."""
+    PER: tl.constexpr = 32 // BITS
+    IN_PLACE: tl.constexpr = 23 // BITS  # codes whose bits all lie below bit 23
+    hi = w >> (BITS * IN_PLACE)
+    part = tl.zeros(w.shape, tl.float32)
+    for j in tl.static_range(PER):
+        ks = rows * PER + j
+        if EVEN_K:
+            xj = tl.load(x_ptr + xrow + ks, mask=live, other=0.0).to(tl.float32)
+        else:
+            xj = tl.load(x_ptr + xrow + ks, mask=live & (ks < K), other=0.0).to(tl.float32)
+        if j < IN_PLACE:
+            part += _code_term(w, xj, z, BITS, j)
+        else:
+            part += _code_term(hi, xj, z, BITS, j - IN_PLACE)
+    return part
+
+
+@triton.jit
+def _zero_pair(z, ACT_FP16: tl.constexpr):
+    """The b32 pair ``-(base + zero)`` the paired path takes per column."""
+    if ACT_FP16:
+        zh = (-(z + 1024.0)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        zh = (-(z + 128.0)).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return zh | (zh << 16)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, g, offs_n, mask, N, HAS_ZERO: tl.constexpr, ZC: tl.constexpr):
+    """``[1, BN]`` float32 scales and zero points of group ``g`` (group 0 for per-channel)."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask, other=0).to(tl.float32)[None, :]
+    else:
+        z = tl.zeros_like(s) + ZC
+    return s, z
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    N, K, stride_xm, stride_om, rows_per_split, n_splits,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_R: tl.constexpr, EVEN_N: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr, ACT_FP16: tl.constexpr,
+):
+    # grid: (column tiles, rows of x, splits of K). GROUP == 0: per-channel scales; otherwise a tile of
+    # BLOCK_R word rows lies in one group (GROUP % (BLOCK_R * PER) == 0) and rows_per_split % BLOCK_R == 0.
+    # Each iteration loads the next tile's words, scales and activations before it computes on this one.
+    # EVEN_R: the word rows are whole tiles (ceil(K / PER) % BLOCK_R == 0), so no tile is partial.
+    PER: tl.constexpr = 32 // BITS
+    ZC: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:  # a mask constant along N keeps the loads 16 bytes wide
+        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_lo = pid_k * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, tl.cdiv(K, PER))
+    xrow = pid_m * stride_xm
+    x32_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + xrow // 2
+
+    rows = r_lo + offs_r
+    live = rows < r_hi
+    w_nx = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
+    if GROUP == 0:
+        s_nx, z_nx = _scale_zero(s_ptr, z_ptr, 0, offs_n, n_mask, N, HAS_ZERO, ZC)
+    else:
+        s_nx, z_nx = _scale_zero(s_ptr, z_ptr, (r_lo * PER) // GROUP, offs_n, n_mask & (r_lo < r_hi), N, HAS_ZERO,
+                                 ZC)
+    if PAIRS:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + offs_r
+        live = rows < r_hi
+        w = w_nx
+        s = s_nx
+        z = z_nx
+        if PAIRS:
+            q0, q1, q2, q3, q4, q5, q6, q7 = p0, p1, p2, p3, p4, p5, p6, p7
+        # prefetch the next tile
+        nrows = rows + BLOCK_R
+        nlive = nrows < r_hi
+        w_nx = _masked_load(qw_ptr + nrows[:, None] * N + offs_n[None, :], nlive[:, None] & n_mask[None, :], EVEN_R)
+        if GROUP != 0:
+            s_nx, z_nx = _scale_zero(s_ptr, z_ptr, ((r0 + BLOCK_R) * PER) // GROUP, offs_n,
+                                     n_mask & (r0 + BLOCK_R < r_hi), N, HAS_ZERO, ZC)
+        if PAIRS:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R)
+            if HAS_ZERO:
+                zz = _zero_pair(z, ACT_FP16)
+            else:
+                zz = z
+            part = _pair_term(w, q0, q1, q2, q3, q4, q5, q6, q7, zz, ASM, CONS, BITS, ACT_FP16, HAS_ZERO)
+        else:
+            part = _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS, EVEN_K)
+        if GROUP == 0:
+            acc += part
+        else:
+            acc += part * s
+
+    res = tl.sum(acc, axis=0)
+    if GROUP == 0:
+        res = res * tl.sum(s_nx, axis=0)
+    if PAIRS and ACT_FP16:
+        res = res * 64.0  # the pairs' 2**-6
+    o_ptrs = out_ptr + pid_m * stride_om + offs_n
+    if not SPLIT:
+        if HAS_BIAS:
+            res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        w_ptrs = ws_ptr + pid_m * N + offs_n
+        tl.atomic_add(w_ptrs, res, mask=n_mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == n_splits - 1:
+            zero = tl.zeros((BLOCK_N,), tl.float32)
+            tot = tl.atomic_add(w_ptrs, zero, mask=n_mask)
+            tl.store(w_ptrs, zero, mask=n_mask)
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
