@@ -41,6 +41,15 @@ def _leaves(x):
             yield from _leaves(y)
 
 
+def _on(t: torch.Tensor, dev: torch.device) -> bool:
+    """Whether ``t`` lives on ``dev``, where ``cuda`` without an index means the current CUDA device."""
+    if t.device.type != dev.type:
+        return False
+    if dev.index is None and dev.type == "cuda":
+        return t.device.index == torch.cuda.current_device()
+    return dev.index is None or t.device.index == dev.index
+
+
 def _shared_call(calls, batch_size: int):
     """The one merged call every batch would get, or None when batches would differ."""
     if calls is None:
@@ -144,7 +153,7 @@ def build_static_step(unit: nn.Module, wrappers: list[TunableLinear], data, forw
     bs = min(cfg.batch_size, n)
     if cfg.gradient_accumulate_steps != 1 or callable(data.targets) or data.masks is not None:
         return None
-    if any(p.device != dev for p in list(unit.parameters()) + list(unit.buffers())):
+    if not all(_on(p, dev) for p in list(unit.parameters()) + list(unit.buffers())):
         return None  # layers spread over devices (placement hooks)
     call, shared = _shared_call(data.calls, bs)
     if not shared:
