@@ -8,22 +8,25 @@ At batch 1 the work per weight, not the bytes, is what limits a fused kernel: th
 variant spends five or six instructions per weight and reads its weights at a third of the memory
 bandwidth whatever the bit width. Two ways to spend fewer:
 
-* ``PAIRS`` (fp16/bf16 activations, 2 and 4 bits, CUDA only): a few lines of PTX per word turn two
-  codes at a time into a packed pair of exact half-precision integers ``code - zero`` (a byte permute,
-  one ``lop3`` with the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16: ``128 + code``)
-  and one packed ``fma`` that subtracts ``base + zero``), then multiply-add that pair with the matching
-  pair of activations, also packed. The ``PER`` products of a word are summed in half precision and
-  the word's total goes to an fp32 accumulator: about two instructions per weight. For fp16 the pair is
-  scaled before the product, so a partial sum is a sum of real products and cannot overflow where the
-  dequantized fp16 product would not; for bf16 (the float32 range) the scale multiplies the fp32 total.
-* the portable path (any float activations; the one Triton's CPU interpreter runs): the exponent trick
-  ``bitcast((word & (mask << b*j)) | 0x4B000000) = 2**23 + code * 2**(b*j)`` takes a code from its place
-  in the word without a shift, one subtraction makes ``(code - zero) * 2**(b*j)`` exactly, and the
-  activation, pre-scaled by ``2**-(b*j)`` (exact), multiplies it: three instructions per weight, products
-  exact in fp32. Codes above bit 23 come from one shifted copy of the word.
+* ``PAIRS`` (fp16/bf16 activations, 2 and 4 bits, CUDA only): a few lines of PTX per word
+  (:func:`pair_asm`) take codes ``i`` and ``i + PER/2`` (16 bits apart) into the two lanes of a
+  half2 with one ``lop3`` and the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16:
+  ``128 + code``); one packed ``fma`` turns them into the exact integers ``code - zero``, one more
+  multiplies them with the matching activation pair and adds. The word's products are summed in half
+  precision, the word's total goes to an fp32 accumulator and the scale multiplies it once per tile:
+  about two and a half instructions per weight. fp16 activation pairs are scaled by 2**-6 first
+  (exact; the total is scaled back), so a word's half-precision sum cannot overflow; bf16 has the
+  float32 range.
+* the portable path (any float activations, 8 bits; the one Triton's CPU interpreter runs): the
+  exponent trick ``bitcast((word & (mask << b*j)) | 0x4B000000) = 2**23 + code * 2**(b*j)`` takes a
+  code from its place in the word without a shift, one subtraction makes ``(code - zero) * 2**(b*j)``
+  exactly, and the activation, pre-scaled by ``2**-(b*j)`` (exact), multiplies it: products exact in
+  fp32. Codes above bit 23 come from one shifted copy of the word.
 
-Split-K: ``n_splits`` programs share a column tile and reduce through the zero-at-rest workspace of
-:mod:`auto_quant.kernels.triton_qmm` (atomics, the last arrival writes the output and resets it).
+Each iteration loads the next tile's words, scales and activation pairs before computing on the
+current one. Split-K: ``n_splits`` programs share a column tile and reduce through the zero-at-rest
+workspace of :mod:`auto_quant.kernels.dispatch` (atomics; the last arrival writes the output and
+resets it), as the kernels of :mod:`auto_quant.kernels.triton_qmm` do.
 """
 
 from __future__ import annotations

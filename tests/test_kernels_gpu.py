@@ -87,7 +87,7 @@ def test_gemv_every_candidate(bits, group_size, sym):
     W = dequantize(kw).double()
     ws = Workspace()
     cands = candidates(1, N, K, torch.device("cuda"), bits, group_size)
-    assert cands and all(c.kind == "gemv" for c in cands)
+    assert cands and all(c.kind == "gemv" for c in cands if bits != 8) and any(c.kind == "gemv" for c in cands)
     for dt in (torch.float16, torch.bfloat16):
         x = torch.randn(1, K, device="cuda").to(dt)
         assert paired(x, kw) == (bits in (2, 4))
