@@ -85,16 +85,18 @@ GEMV_BITS = (2, 4, 8)
 def gemv_rows_per_split(K: int, bits: int, group_size: int, block_r: int, split: int) -> int | None:
     """Word rows per split for the gemv kernel (whole tiles), or None where the gemv cannot serve the layer.
 
-    The gemv needs 2, 4 or 8 bits and a tile of ``block_r`` word rows inside one quantization group.
+    The gemv needs 2, 4 or 8 bits and groups of whole words (a tile taller than a group reads a scale
+    row per word row).
     """
     per = codes_per_row(bits)
-    if bits not in GEMV_BITS or (group_size != -1 and group_size % (block_r * per)):
+    if bits not in GEMV_BITS or (group_size != -1 and group_size % per):
         return None
     return _cdiv(_cdiv(_cdiv(K, per), split), block_r) * block_r
 
 
-def _gemv(bn, br, bits, split=1, warps=4) -> KernelConfig:
-    return KernelConfig("gemv", 1, bn, br * codes_per_row(bits), split, warps, 1)
+def _gemv(bn, br, bits, split=1, warps=4, stages=1) -> KernelConfig:
+    """``stages`` 1: register prefetch of the next tile; more: Triton's cp.async pipeline that deep."""
+    return KernelConfig("gemv", 1, bn, br * codes_per_row(bits), split, warps, stages)
 
 
 def _gemv_split(N: int, K: int, bits: int, bn: int, br: int, target: int) -> int:
@@ -108,8 +110,8 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
     if M == 1 and gemv_rows_per_split(K, bits, group_size, 2, 1) is not None:
-        bn, br = 512, 2
-        return dataclasses.replace(_gemv(bn, br, bits), split_k=_gemv_split(N, K, bits, bn, br, 4 * sms))
+        bn, br = 512, 4
+        return dataclasses.replace(_gemv(bn, br, bits, stages=3), split_k=_gemv_split(N, K, bits, bn, br, 2 * sms))
     if M == 1:
         bn, bkw = 512, 4
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
@@ -127,11 +129,15 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     sms = _sms(device)
     out: list[KernelConfig] = []
     if M == 1 and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
-        for bn, br, w in ((512, 2, 4), (512, 4, 4), (512, 8, 8), (1024, 2, 8), (256, 4, 2), (256, 8, 2), (256, 16, 4)):
-            for target in (2 * sms, 4 * sms, 8 * sms, 16 * sms):
+        # benchmarks/gemv_sweep.py on an H100: 512 columns and 4 warps won every shape, with 2-4 word rows
+        # per tile, register prefetch or a 3-4 deep cp.async pipeline, and about 2-4 programs per SM
+        for bn, br, w, st in ((512, 2, 4, 1), (512, 4, 4, 1), (512, 2, 4, 3), (512, 4, 4, 3), (512, 4, 4, 4),
+                              (512, 8, 4, 3), (1024, 4, 8, 3), (256, 4, 2, 4)):
+            for target in (sms, 2 * sms, 4 * sms, 8 * sms):
                 if gemv_rows_per_split(K, bits, group_size, br, 1) is None:
                     continue
-                c = dataclasses.replace(_gemv(bn, br, bits, warps=w), split_k=_gemv_split(N, K, bits, bn, br, target))
+                c = dataclasses.replace(_gemv(bn, br, bits, warps=w, stages=st),
+                                        split_k=_gemv_split(N, K, bits, bn, br, target))
                 if c not in out:
                     out.append(c)
         if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
@@ -282,7 +288,7 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
         EVEN_N=N % cfg.block_n == 0,
         PAIRS=pairs, ASM=g.pair_asm(w.bits, act, zero) if pairs else "",
         CONS=g.pair_constraints(w.bits, act, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out
 

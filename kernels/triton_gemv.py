@@ -137,8 +137,11 @@ def _masked_load(ptr, mask, EVEN_R: tl.constexpr):
 
 
 @triton.jit
-def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr):
-    """The activation pairs ``(x[2m], x[2m+1])`` (b32) of word rows ``rows``: 4 for 4 bits, 8 for 2 bits."""
+def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr, PAIRS: tl.constexpr):
+    """The activation pairs ``(x[2m], x[2m+1])`` (b32) of word rows ``rows``: 4 for 4 bits, 8 for 2 bits
+    (row indices, never loaded or used, where the paired path is off)."""
+    if not PAIRS:
+        return rows, rows, rows, rows, rows, rows, rows, rows
     NP: tl.constexpr = 16 // BITS
     base = x32_ptr + rows * NP
     p0 = _masked_load(base + 0, live, EVEN_R)
@@ -245,19 +248,60 @@ def _scale_zero(s_ptr, z_ptr, g, offs_n, mask, N, HAS_ZERO: tl.constexpr, ZC: tl
 
 
 @triton.jit
+def _tile_scale_zero(s_ptr, z_ptr, r0, rows, live, valid, offs_n, n_mask, N, GROUP: tl.constexpr, PER: tl.constexpr,
+                     ROW_S: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr):
+    """Scales and zeros of the tile starting at word row ``r0``: ``[1, BN]`` when the tile lies in one
+    group, else ``[R, BN]`` per word row (ROW_S). ``valid``: whether the tile exists at all."""
+    if ROW_S:
+        g = (rows * PER) // GROUP
+        m = (live & valid)[:, None] & n_mask[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + ZC
+    else:
+        s, z = _scale_zero(s_ptr, z_ptr, (r0 * PER) // GROUP, offs_n, n_mask & valid, N, HAS_ZERO, ZC)
+    return s, z
+
+
+@triton.jit
+def _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
+              BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+              PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr, ACT_FP16: tl.constexpr):
+    """``[R, BN]`` float32 contribution of one tile (scaled, except per-channel scales: at the end)."""
+    if PAIRS:
+        if HAS_ZERO:
+            zz = _zero_pair(z, ACT_FP16)
+        else:
+            zz = z
+        part = _pair_term(w, q0, q1, q2, q3, q4, q5, q6, q7, zz, ASM, CONS, BITS, ACT_FP16, HAS_ZERO)
+    else:
+        part = _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS, EVEN_K)
+    if GROUP == 0:
+        return part
+    return part * s
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     N, K, stride_xm, stride_om, rows_per_split, n_splits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_R: tl.constexpr, EVEN_N: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr, ACT_FP16: tl.constexpr,
+    EVEN_R: tl.constexpr, EVEN_N: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr,
+    ACT_FP16: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # grid: (column tiles, rows of x, splits of K). GROUP == 0: per-channel scales; otherwise a tile of
-    # BLOCK_R word rows lies in one group (GROUP % (BLOCK_R * PER) == 0) and rows_per_split % BLOCK_R == 0.
-    # Each iteration loads the next tile's words, scales and activations before it computes on this one.
+    # grid: (column tiles, rows of x, splits of K); rows_per_split % BLOCK_R == 0. GROUP == 0: per-channel
+    # scales; a tile of BLOCK_R word rows inside one group (GROUP % (BLOCK_R * PER) == 0) reads one scale
+    # row, a taller tile reads one per word row (ROW_S).
     # EVEN_R: the word rows are whole tiles (ceil(K / PER) % BLOCK_R == 0), so no tile is partial.
+    # STAGES == 1: each iteration loads the next tile (words, scales, activation pairs) into registers
+    # before it computes on this one; STAGES > 1: Triton's pipeliner copies tiles STAGES - 1 ahead into
+    # shared memory (cp.async), which keeps more bytes in flight at no register cost.
     PER: tl.constexpr = 32 // BITS
     ZC: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero
+    ROW_S: tl.constexpr = GROUP != 0 and GROUP % (BLOCK_R * PER) != 0
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -271,50 +315,56 @@ def _gemv_kernel(
     r_hi = tl.minimum(r_lo + rows_per_split, tl.cdiv(K, PER))
     xrow = pid_m * stride_xm
     x32_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + xrow // 2
-
-    rows = r_lo + offs_r
-    live = rows < r_hi
-    w_nx = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
-    if GROUP == 0:
-        s_nx, z_nx = _scale_zero(s_ptr, z_ptr, 0, offs_n, n_mask, N, HAS_ZERO, ZC)
-    else:
-        s_nx, z_nx = _scale_zero(s_ptr, z_ptr, (r_lo * PER) // GROUP, offs_n, n_mask & (r_lo < r_hi), N, HAS_ZERO,
-                                 ZC)
-    if PAIRS:
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R)
+    s_ch, z_ch = _scale_zero(s_ptr, z_ptr, 0, offs_n, n_mask, N, HAS_ZERO, ZC)  # per channel (GROUP == 0)
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_R):
-        rows = r0 + offs_r
-        live = rows < r_hi
-        w = w_nx
-        s = s_nx
-        z = z_nx
-        if PAIRS:
-            q0, q1, q2, q3, q4, q5, q6, q7 = p0, p1, p2, p3, p4, p5, p6, p7
-        # prefetch the next tile
-        nrows = rows + BLOCK_R
-        nlive = nrows < r_hi
-        w_nx = _masked_load(qw_ptr + nrows[:, None] * N + offs_n[None, :], nlive[:, None] & n_mask[None, :], EVEN_R)
-        if GROUP != 0:
-            s_nx, z_nx = _scale_zero(s_ptr, z_ptr, ((r0 + BLOCK_R) * PER) // GROUP, offs_n,
-                                     n_mask & (r0 + BLOCK_R < r_hi), N, HAS_ZERO, ZC)
-        if PAIRS:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R)
-            if HAS_ZERO:
-                zz = _zero_pair(z, ACT_FP16)
+
+    if STAGES > 1:
+        for r0 in tl.range(r_lo, r_hi, BLOCK_R, num_stages=STAGES):
+            rows = r0 + offs_r
+            live = rows < r_hi
+            w = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
+            if GROUP == 0:
+                s = s_ch
+                z = z_ch
             else:
-                zz = z
-            part = _pair_term(w, q0, q1, q2, q3, q4, q5, q6, q7, zz, ASM, CONS, BITS, ACT_FP16, HAS_ZERO)
-        else:
-            part = _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS, EVEN_K)
+                s, z = _tile_scale_zero(s_ptr, z_ptr, r0, rows, live, r0 < r_hi, offs_n, n_mask, N, GROUP, PER, ROW_S,
+                                        HAS_ZERO, ZC)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
+            acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
+                             BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
+    else:
+        rows = r_lo + offs_r
+        live = rows < r_hi
+        w_nx = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
         if GROUP == 0:
-            acc += part
+            s_nx = s_ch
+            z_nx = z_ch
         else:
-            acc += part * s
+            s_nx, z_nx = _tile_scale_zero(s_ptr, z_ptr, r_lo, rows, live, r_lo < r_hi, offs_n, n_mask, N, GROUP, PER,
+                                          ROW_S, HAS_ZERO, ZC)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + offs_r
+            live = rows < r_hi
+            w = w_nx
+            s = s_nx
+            z = z_nx
+            q0, q1, q2, q3, q4, q5, q6, q7 = p0, p1, p2, p3, p4, p5, p6, p7
+            # prefetch the next tile
+            nrows = rows + BLOCK_R
+            nlive = nrows < r_hi
+            w_nx = _masked_load(qw_ptr + nrows[:, None] * N + offs_n[None, :], nlive[:, None] & n_mask[None, :],
+                                EVEN_R)
+            if GROUP != 0:
+                s_nx, z_nx = _tile_scale_zero(s_ptr, z_ptr, r0 + BLOCK_R, nrows, nlive, r0 + BLOCK_R < r_hi, offs_n,
+                                              n_mask, N, GROUP, PER, ROW_S, HAS_ZERO, ZC)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R, PAIRS)
+            acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
+                             BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
 
     res = tl.sum(acc, axis=0)
     if GROUP == 0:
-        res = res * tl.sum(s_nx, axis=0)
+        res = res * tl.sum(s_ch, axis=0)
     if PAIRS and ACT_FP16:
         res = res * 64.0  # the pairs' 2**-6
     o_ptrs = out_ptr + pid_m * stride_om + offs_n

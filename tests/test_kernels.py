@@ -72,14 +72,16 @@ def test_from_quant_linear_reuses_gptq_qweight():
 # with TRITON_INTERPRET=1, and the tests below check its per-combination results.
 
 VARIANTS = [
-    # (M, kind, block_m, block_n, word rows per tile, split_k); block_k = rows x codes per word
-    (1, "gemv", 1, 64, 1, 1),  # 3 bits: fma (the gemv serves 2/4/8)
-    (1, "gemv", 1, 32, 2, 2),
-    (1, "fma", 1, 64, 2, 1),
-    (1, "fma", 1, 32, 4, 3),
-    (5, "dot", 16, 32, 16, 2),
-    (20, "dot", 16, 64, 16, 1),
-    (6, "dequant", 1, 64, 2, 1),
+    # (M, kind, block_m, block_n, word rows per tile, split_k, stages); block_k = rows x codes per word
+    (1, "gemv", 1, 64, 1, 1, 1),  # register prefetch; 3 bits: fma (the gemv serves 2/4/8)
+    (1, "gemv", 1, 32, 2, 2, 3),  # Triton's software pipeline
+    (1, "gemv", 1, 32, 8, 2, 1),  # tiles taller than small groups: a scale row per word row
+    (1, "gemv", 1, 64, 16, 1, 3),
+    (1, "fma", 1, 64, 2, 1, 2),
+    (1, "fma", 1, 32, 4, 3, 2),
+    (5, "dot", 16, 32, 16, 2, 2),
+    (20, "dot", 16, 64, 16, 1, 2),
+    (6, "dequant", 1, 64, 2, 1, 2),
 ]
 COMBOS = [(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (True, False)]
 TOL = 8e-3  # bf16 output rounding is ~4e-3
@@ -101,12 +103,12 @@ def run_interpreter_checks() -> dict:
         g = torch.Generator().manual_seed(1)
         errs = []
         c = COMBOS.index((bits, group_size, sym))
-        for i, (M, kind, bm, bn, bkw, split) in enumerate(VARIANTS):  # fp16/bf16 alternate across combos
+        for i, (M, kind, bm, bn, bkw, split, stages) in enumerate(VARIANTS):  # fp16/bf16 alternate across combos
             dt = torch.float16 if (i + c) % 2 == 0 else torch.bfloat16
             x = torch.randn(M, K, generator=g).to(dt)
             bias = torch.randn(N, generator=g).to(dt)
             kind = "fma" if kind == "gemv" and bits == 3 else kind
-            y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split), workspace=ws)
+            y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split, stages=stages), workspace=ws)
             ref = x.double() @ W.t() + bias.double()
             ok = y.dtype == dt and tuple(y.shape) == (M, N) and bool(torch.isfinite(y).all())
             errs.append([str(dt), M, kind, split, rel_err(y, ref) if ok else 1e9])
@@ -168,3 +170,43 @@ def test_default_config_choice_and_bad_input():
     kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
     with pytest.raises(ValueError, match="takes 256"):
         quant_matmul(torch.randn(2, 128, dtype=torch.float16), kw)
+
+
+# ------------------------------------------------------------------------ compiled for the GPU, on the CPU
+# Triton's interpreter runs the portable path only and does not type-check the way the compiler does;
+# Triton ships ptxas, so every gemv variant's PTX path is compiled for sm_90 here (no GPU needed).
+
+
+def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from auto_quant.kernels import triton_gemv as g
+
+    names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "stride_xm",
+             "stride_om", "rows_per_split", "n_splits"]
+    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * 6
+    zero = 1 << (bits - 1) if sym else None
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_N=256, BLOCK_R=block_r, SPLIT=True,
+                 EVEN_K=True, EVEN_R=False, EVEN_N=False, PAIRS=pairs,
+                 ASM=g.pair_asm(bits, act, zero) if pairs else "", CONS=g.pair_constraints(bits, act, zero) if pairs else "",
+                 ACT_FP16=act == "fp16", STAGES=stages)
+    sig = dict(zip(names, types)) | {k: "constexpr" for k in const}
+    keys = list(sig)
+    src = ASTSource(g._gemv_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+@pytest.mark.parametrize("bits,act,sym,group,block_r,stages", [
+    (4, "bf16", True, 128, 2, 1), (4, "fp16", False, 128, 4, 3), (4, "bf16", False, 32, 8, 3),  # 8 rows > g32
+    (2, "fp16", True, 64, 8, 1), (2, "bf16", False, -1, 4, 3), (8, "bf16", True, 128, 2, 3), (8, "fp16", False, 32, 16, 1),
+])
+def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
+    pairs = bits in (2, 4)
+    ck = _compile_gemv_sm90(bits, act, sym, 0 if group == -1 else group, block_r, stages, pairs)
+    ptx = ck.asm["ptx"]
+    assert ".target sm_90" in ptx and ck.asm["cubin"]
+    if pairs:  # the paired PTX made it in: packed half-precision fma on the right type
+        assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
+    if stages > 1:  # Triton's pipeliner copies tiles ahead with cp.async
+        assert "cp.async" in ptx

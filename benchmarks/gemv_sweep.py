@@ -1,0 +1,110 @@
+"""Sweep the M = 1 ``gemv`` kernel's tile shapes, warps, pipeline depth and split-K on the GPU; prints JSON.
+
+    python benchmarks/gemv_sweep.py [--shapes 4096x4096,4096x14336] [--formats w4g128,w2g64] [--top 8]
+
+Each configuration is timed like ``benchmarks/kernels.py`` times its rows (one CUDA graph over enough
+weight copies to exceed L2, median of replays), next to bf16 cuBLAS in the same process, and checked
+against the reference product. The tuner's own pick (``Tuner``, ``do_bench`` with L2 flushes) is
+timed the same way, so the sweep shows how far the tuner's candidates and its timing are from the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+# the timing helpers of benchmarks/kernels.py, loaded by path: the checkout root must not go on sys.path
+# (its kernels/ folder would shadow the `kernels` package transformers probes for)
+_spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os.path.dirname(__file__), "kernels.py"))
+_bk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bk)
+GRAPH_BYTES, clone_weight, graph_time_us, random_kernel_weight = (_bk.GRAPH_BYTES, _bk.clone_weight, _bk.graph_time_us,
+                                                                  _bk.random_kernel_weight)
+
+# (block_n, word rows per tile, warps, stages)
+TILES = [(32, 64, 4, 3), (32, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3), (128, 16, 4, 3), (128, 32, 4, 3),
+         (128, 64, 8, 3), (128, 8, 2, 3), (256, 8, 2, 3), (256, 16, 4, 3), (256, 32, 8, 3), (256, 4, 2, 1),
+         (256, 4, 2, 4), (512, 2, 4, 1), (512, 2, 4, 3), (512, 4, 4, 1), (512, 4, 4, 3), (512, 8, 8, 3),
+         (1024, 2, 8, 3), (1024, 4, 8, 3), (64, 16, 2, 3), (64, 64, 4, 4)]
+DEEP = [(512, 2, 4, 4), (512, 2, 4, 6), (512, 4, 4, 4), (512, 4, 4, 5), (512, 4, 4, 6), (512, 8, 4, 3), (512, 8, 4, 4),
+        (512, 8, 8, 4), (1024, 4, 8, 4), (1024, 4, 8, 5), (512, 16, 8, 3), (512, 2, 2, 4), (512, 4, 2, 4)]
+SPLITS = [1, 2, 4, 8, 16, 33, 66, 132, 264]
+
+
+def main():
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Tuner, Workspace, _gemv, codes_per_row, launch, quant_matmul
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,28672x4096")
+    p.add_argument("--formats", default="w4g128")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    dt = getattr(torch, args.dtype)
+    out = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv), "results": []}
+    t0 = time.time()
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        wb = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        x = torch.randn(1, K, device=dev, dtype=dt)
+        copies_b = [wb] + [wb.clone() for _ in range(max(2, math.ceil(GRAPH_BYTES / (N * K * 2))) - 1)]
+        bf16_us = graph_time_us([lambda w=w: F.linear(x, w) for w in copies_b])
+        del copies_b, wb
+        for fmt in args.formats.split(","):
+            bits, gs = int(fmt[1:fmt.index("g")]), int(fmt[fmt.index("g") + 1:])
+            w = random_kernel_weight(N, K, bits, gs, True, dev)
+            ref = (x.double() @ dequantize(w).double().t())
+            copies = [w] + [clone_weight(w) for _ in range(max(2, math.ceil(GRAPH_BYTES / w.nbytes())) - 1)]
+            ws = Workspace()
+            rows = math.ceil(K / codes_per_row(bits))
+            timings = []
+            for bn, br, warps, stages in {"all": TILES, "deep": DEEP, "both": TILES + DEEP}[args.tiles]:
+                for split in SPLITS:
+                    progs = math.ceil(N / bn) * split
+                    if not 32 <= progs <= 4096 or rows / split < br:
+                        continue
+                    cfg = _gemv(bn, br, bits, split, warps, stages)
+                    try:
+                        y = launch(x, w, None, cfg, ws)
+                        err = ((y.double() - ref).norm() / ref.norm()).item()
+                        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
+                    except Exception as e:  # out of resources: skip
+                        timings.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                        continue
+                    timings.append({"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err})
+            good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
+            tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
+            quant_matmul(x, w, tuner=tuner, workspace=ws)
+            pick = tuner.best[tuner.key(x, w)]
+            pick_us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])
+            res = {"N": N, "K": K, "format": fmt, "bf16_us": round(bf16_us, 2), "tested": len(timings),
+                   "failed": sum("error" in t for t in timings), "max_rel_err": max(t["rel_err"] for t in good),
+                   "errors": sorted({t["error"] for t in timings if "error" in t})[:5],
+                   "best": good[: args.top], "tuner_pick": dataclasses.asdict(pick), "tuner_pick_us": round(pick_us, 2)}
+            out["results"].append(res)
+            b = good[0]
+            c = b["config"]
+            print(f"{fmt} {N}x{K}: best {b['us']}us (x{bf16_us / b['us']:.2f} bf16) bn{c['block_n']} bk{c['block_k']} "
+                  f"s{c['split_k']} w{c['num_warps']} st{c['num_stages']}; tuner pick {pick_us:.2f}us "
+                  f"(x{bf16_us / pick_us:.2f}); bf16 {bf16_us:.2f}us; {len(timings)} configs", file=sys.stderr, flush=True)
+            del copies, w
+            torch.cuda.empty_cache()
+    out["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
