@@ -39,8 +39,10 @@ class KernelConfig:
     def __post_init__(self):
         if self.kind not in ("gemv", "fma", "dot", "dequant"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
-        if self.kind in ("gemv", "fma") and self.block_m != 1:
-            raise ValueError(f"the {self.kind} kernel handles one row per program (block_m=1)")
+        if self.kind == "fma" and self.block_m != 1:
+            raise ValueError("the fma kernel handles one row per program (block_m=1)")
+        if self.kind == "gemv" and self.block_m not in (1, 2, 4, 8, 16):
+            raise ValueError("the gemv kernel serves 1, 2, 4, 8 or 16 rows per program")
         if self.kind == "dot" and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError("tl.dot needs block sizes >= 16")
 
@@ -142,6 +144,13 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                     out.append(c)
         if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
             return out
+    if 2 <= M <= 16 and bits in (2, 4) and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
+        # a few rows: the multi-row gemv (paired PTX; fp16/bf16 on CUDA only: elsewhere the tuner skips it)
+        bm = m_bucket(M)
+        for br, st in ((1, 3), (2, 3), (2, 4)) if bm <= 8 else ((1, 3), (1, 4)):
+            for target in (sms, 2 * sms, 4 * sms):
+                out.append(dataclasses.replace(_gemv(512, br, bits, warps=4, stages=st), block_m=bm,
+                                               split_k=_gemv_split(N, K, bits, 512, br, target)))
 
     def add(kind, bm, bn, bkw, warps, stages, splits=("auto",), fill=1):
         for s in splits:
@@ -224,8 +233,10 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         if bias is None:
             return x2 @ wt
         return torch.addmm(bias.to(x2.dtype), x2, wt)
-    if cfg.kind == "gemv":
+    if cfg.kind == "gemv" and cfg.block_m == 1:
         return _launch_gemv(x2, w, bias, cfg, ws)
+    if cfg.kind == "gemv":
+        return _launch_gemv_rows(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -288,6 +299,41 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
         EVEN_N=N % cfg.block_n == 0,
         PAIRS=pairs, ASM=g.pair_asm(w.bits, act, zero) if pairs else "",
         CONS=g.pair_constraints(w.bits, act, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def _launch_gemv_rows(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
+                      ws: Workspace) -> torch.Tensor:
+    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import triton_gemv_rows as gr
+
+    if not paired(x2, w):
+        raise ValueError("the multi-row gemv needs fp16/bf16 activations with 4-byte aligned rows on CUDA and "
+                         "2- or 4-bit weights whose in_features fill whole words")
+    M, K = x2.shape
+    N = w.out_features
+    per = codes_per_row(w.bits)
+    br = cfg.block_k // per
+    rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (_cdiv(N, cfg.block_n), _cdiv(M, cfg.block_m), cfg.split_k)
+    if cfg.split_k > 1:
+        acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1])
+    else:
+        acc, cnt = out, out
+    act = "fp16" if x2.dtype == torch.float16 else "bf16"
+    zero = None if w.zeros is not None else 1 << (w.bits - 1)
+    gr._gemv_rows_kernel[grid](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else out, out, acc, cnt,
+        M, N, K, x2.stride(0), out.stride(0), rows, cfg.split_k,
+        BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=br, SPLIT=cfg.split_k > 1,
+        EVEN_R=_cdiv(K, per) % br == 0, EVEN_N=N % cfg.block_n == 0,
+        DEQ=g.dequant_asm(w.bits, act, zero), DEQ_CONS=g.dequant_constraints(w.bits, zero),
+        DOT=g.dot_asm(w.bits, act), DOT_CONS=g.dot_constraints(w.bits), ACT_FP16=x2.dtype == torch.float16,
         STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out

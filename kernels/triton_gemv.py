@@ -62,6 +62,48 @@ def pair_layout(bits: int, act: str, zero: int | None) -> list[tuple[int, int]]:
     return [((bits * i // granule) * granule, bits * i % granule) for i in range(16 // bits)]
 
 
+def _dequant_groups(bits: int, act: str, zero: int | None, word: str, zz: str) -> list[list[str]]:
+    """PTX per pair ``i`` leaving the exact packed ``code - zero`` of codes ``i``, ``i + PER/2`` in register ``d``.
+
+    ``word``: the operand holding the packed word; ``zz``: the one holding ``-(base + zero)`` (unused
+    when ``zero`` is given: it is folded in). Uses registers ``src``, ``v``, ``mul``, ``add``.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"the paired GEMV takes 2 or 4 bits, not {bits}")
+    h = _HALF[act]
+    mask = (1 << bits) - 1
+    magic2 = h["magic"] * 0x10001
+    groups = []
+    shift = None
+    for sh, s in pair_layout(bits, act, zero):
+        lines = []
+        if sh != shift:
+            lines.append(f"mov.b32 src, {word};" if sh == 0 else f"shr.u32 src, {word}, {sh};")
+            shift = sh
+        if zero is None:
+            add = zz
+        else:
+            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
+            add = "add"
+        lines += [f"lop3.b32 v, src, {(mask << s) * 0x10001:#010x}, {magic2:#010x}, 0xEA;",
+                  f"mov.b32 mul, {_half_bits(2.0 ** -s, act) * 0x10001:#010x};",
+                  f"fma.rn.{h['typ']} d, v, mul, {add};"]
+        groups.append(lines)
+    return groups
+
+
+def _sum_lanes(act: str, out: str) -> list[str]:
+    """PTX: ``out`` (f32) = lane 0 + lane 1 of the packed accumulator ``acc``."""
+    if act == "fp16":
+        lines = ["mov.b32 {hl, hh}, acc;", "cvt.f32.f16 fl, hl;", "cvt.f32.f16 fh, hh;"]
+    else:
+        lines = ["shl.b32 fl, acc, 16;", "and.b32 fh, acc, 0xFFFF0000;"]
+    return lines + [f"add.f32 {out}, fl, fh;"]
+
+
+_REGS = [".reg .b32 src, v, d, acc, mul, add, fl, fh;", ".reg .b16 hl, hh;"]
+
+
 def pair_asm(bits: int, act: str, zero: int | None) -> str:
     """PTX for one word: ``$0`` (f32 bits) = sum over its codes of ``x * (code - zero)``.
 
@@ -69,36 +111,39 @@ def pair_asm(bits: int, act: str, zero: int | None) -> str:
     ``zero=None`` (per-column zeros) then the b32 pair ``-(base + zero)``; a given ``zero`` is folded
     into the code.
     """
-    if bits not in (2, 4):
-        raise ValueError(f"the paired GEMV takes 2 or 4 bits, not {bits}")
-    h = _HALF[act]
-    t = h["typ"]
-    layout = pair_layout(bits, act, zero)
-    n_pairs = len(layout)
-    mask = (1 << bits) - 1
-    magic2 = h["magic"] * 0x10001
-    lines = ["{", ".reg .b32 src, v, d, acc, mul, add, fl, fh;", ".reg .b16 hl, hh;", "mov.b32 acc, 0x80008000;"]
-    shift = None
-    for i, (sh, s) in enumerate(layout):
-        if sh != shift:
-            lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
-            shift = sh
-        mul = _half_bits(2.0 ** -s, act) * 0x10001
-        if zero is None:
-            add = f"${2 + n_pairs}"
-        else:
-            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
-            add = "add"
-        lines += [f"lop3.b32 v, src, {(mask << s) * 0x10001:#010x}, {magic2:#010x}, 0xEA;",
-                  f"mov.b32 mul, {mul:#010x};",
-                  f"fma.rn.{t} d, v, mul, {add};",
-                  f"fma.rn.{t} acc, d, ${2 + i}, acc;"]
-    if act == "fp16":
-        lines += ["mov.b32 {hl, hh}, acc;", "cvt.f32.f16 fl, hl;", "cvt.f32.f16 fh, hh;"]
-    else:
-        lines += ["shl.b32 fl, acc, 16;", "and.b32 fh, acc, 0xFFFF0000;"]
-    lines += ["add.f32 $0, fl, fh;", "}"]
-    return "\n".join(lines)
+    n_pairs = 16 // bits
+    lines = ["{", *_REGS, "mov.b32 acc, 0x80008000;"]
+    for i, group in enumerate(_dequant_groups(bits, act, zero, "$1", f"${2 + n_pairs}")):
+        lines += group + [f"fma.rn.{_HALF[act]['typ']} acc, d, ${2 + i}, acc;"]
+    return "\n".join(lines + _sum_lanes(act, "$0") + ["}"])
+
+
+def dequant_asm(bits: int, act: str, zero: int | None) -> str:
+    """PTX for one word: ``$0..$(PER/2 - 1)`` the packed ``code - zero`` pairs; inputs ``$PER/2`` the word
+    and, for ``zero=None``, ``$(PER/2 + 1)`` the pair ``-(base + zero)``."""
+    n_pairs = 16 // bits
+    lines = ["{", *_REGS]
+    for i, group in enumerate(_dequant_groups(bits, act, zero, f"${n_pairs}", f"${n_pairs + 1}")):
+        lines += group + [f"mov.b32 ${i}, d;"]
+    return "\n".join(lines + ["}"])
+
+
+def dot_asm(bits: int, act: str) -> str:
+    """PTX: ``$0`` (f32 bits) = sum of the products of the pairs ``$1..$n`` (``code - zero``) and
+    ``$(n+1)..$2n`` (activations), ``n = PER/2``."""
+    n = 16 // bits
+    lines = ["{", *_REGS, "mov.b32 acc, 0x80008000;"]
+    lines += [f"fma.rn.{_HALF[act]['typ']} acc, ${1 + i}, ${1 + n + i}, acc;" for i in range(n)]
+    return "\n".join(lines + _sum_lanes(act, "$0") + ["}"])
+
+
+def dequant_constraints(bits: int, zero: int | None) -> str:
+    n = 16 // bits
+    return ",".join(["=r"] * n + ["r"] * (1 if zero is not None else 2))
+
+
+def dot_constraints(bits: int) -> str:
+    return "=r," + ",".join(["r"] * (2 * (16 // bits)))
 
 
 def pair_constraints(bits: int, act: str, zero: int | None) -> str:

@@ -210,3 +210,33 @@ def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
     if stages > 1:  # Triton's pipeliner copies tiles ahead with cp.async
         assert "cp.async" in ptx
+
+
+def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import triton_gemv_rows as gr
+
+    names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "stride_xm",
+             "stride_om", "rows_per_split", "n_splits"]
+    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * 7
+    zero = 1 << (bits - 1) if sym else None
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=512,
+                 BLOCK_R=block_r, SPLIT=True, EVEN_R=False, EVEN_N=False, DEQ=g.dequant_asm(bits, act, zero),
+                 DEQ_CONS=g.dequant_constraints(bits, zero), DOT=g.dot_asm(bits, act), DOT_CONS=g.dot_constraints(bits),
+                 ACT_FP16=act == "fp16", STAGES=stages)
+    sig = dict(zip(names, types)) | {k: "constexpr" for k in const}
+    keys = list(sig)
+    src = ASTSource(gr._gemv_rows_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+@pytest.mark.parametrize("bits,act,sym,group,block_m,block_r", [
+    (4, "bf16", True, 128, 4, 2), (4, "fp16", False, 32, 8, 8), (2, "bf16", False, 64, 2, 4), (2, "fp16", True, -1, 16, 1),
+])
+def test_gemv_rows_compiles_for_sm90(bits, act, sym, group, block_m, block_r):
+    ck = _compile_rows_sm90(bits, act, sym, 0 if group == -1 else group, block_m, block_r, 3)
+    ptx = ck.asm["ptx"]
+    assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx and "cp.async" in ptx

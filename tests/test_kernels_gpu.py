@@ -101,6 +101,50 @@ def test_gemv_every_candidate(bits, group_size, sym):
         assert not acc.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] in (2, 4)])
+def test_gemv_rows_every_candidate(bits, group_size, sym):
+    """The multi-row gemv (2-16 rows): every candidate the tuner may time, fp16 and bf16."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, candidates, launch, m_bucket
+
+    N, K = 4096, 4096
+    kw = quantized_weight(N, K, bits, group_size, sym, seed=bits * 29 + group_size)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    for M, dts in ((3, (torch.float16, torch.bfloat16)), (6, (torch.bfloat16,)), (16, (torch.float16, torch.bfloat16))):
+        cands = [c for c in candidates(M, N, K, torch.device("cuda"), bits, group_size) if c.kind == "gemv"]
+        assert cands and all(c.block_m == m_bucket(M) for c in cands)
+        for dt in dts:
+            x = torch.randn(M, K, device="cuda").to(dt)
+            bias = torch.randn(N, device="cuda").to(dt)
+            ref = x.double() @ W.t() + bias.double()
+            for cfg in cands:
+                y = launch(x, kw, bias, cfg, ws)
+                assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (M, dt, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
+def test_gemv_rows_odd_shape_and_outliers():
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
+
+    N, K = 1000, 4160
+    for bits, gs, sym in ((4, 128, False), (2, 64, True)):
+        kw = quantized_weight(N, K, bits, gs, sym, seed=7 + bits)
+        kw.scales.mul_(0.02)
+        W = dequantize(kw).double()
+        ws = Workspace()
+        per = 32 // bits
+        for dt in (torch.float16, torch.bfloat16):
+            x = torch.randn(5, K, device="cuda").to(dt)
+            x[:, ::97] = 3000.0
+            for cfg in (KernelConfig("gemv", 8, 512, 2 * per, 7, 4, 3), KernelConfig("gemv", 8, 512, per, 1, 4, 3)):
+                y = launch(x, kw, None, cfg, ws)
+                assert torch.isfinite(y).all() and rel_err(y, x.double() @ W.t()) < TOL, (bits, dt, cfg)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_gemv_odd_shapes_strides_and_large_activations(bits):
     """Partial column tiles, a partial last group, an odd row stride (portable path) and fp16 outliers."""
