@@ -177,24 +177,31 @@ def test_default_config_choice_and_bad_input():
 # Triton ships ptxas, so every gemv variant's PTX path is compiled for sm_90 here (no GPU needed).
 
 
-def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
+_KERNEL_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr"]
+
+
+def _compile_sm90(fn, act, int_args, const):
+    """Compile a kernel for sm_90 (PTX and cubin through Triton's bundled ptxas) without a GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * len(int_args)
+    sig = dict(zip(_KERNEL_ARGS + int_args, types)) | {k: "constexpr" for k in const}
+    keys = list(sig)
+    src = ASTSource(fn, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
     from auto_quant.kernels import triton_gemv as g
 
-    names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "stride_xm",
-             "stride_om", "rows_per_split", "n_splits"]
-    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * 6
     zero = 1 << (bits - 1) if sym else None
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_N=256, BLOCK_R=block_r, SPLIT=True,
                  EVEN_K=True, EVEN_R=False, EVEN_N=False, PAIRS=pairs,
                  ASM=g.pair_asm(bits, act, zero) if pairs else "", CONS=g.pair_constraints(bits, act, zero) if pairs else "",
                  ACT_FP16=act == "fp16", STAGES=stages)
-    sig = dict(zip(names, types)) | {k: "constexpr" for k in const}
-    keys = list(sig)
-    src = ASTSource(g._gemv_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ints = ["N", "K", "stride_xm", "stride_om", "rows_per_split", "n_splits"]
+    return _compile_sm90(g._gemv_kernel, act, ints, const)
 
 
 @pytest.mark.parametrize("bits,act,sym,group,block_r,stages", [
@@ -213,24 +220,16 @@ def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
 
 
 def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from auto_quant.kernels import triton_gemv as g
     from auto_quant.kernels import triton_gemv_rows as gr
 
-    names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "stride_xm",
-             "stride_om", "rows_per_split", "n_splits"]
-    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * 7
     zero = 1 << (bits - 1) if sym else None
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=512,
                  BLOCK_R=block_r, SPLIT=True, EVEN_R=False, EVEN_N=False, DEQ=g.dequant_asm(bits, act, zero),
                  DEQ_CONS=g.dequant_constraints(bits, zero), DOT=g.dot_asm(bits, act), DOT_CONS=g.dot_constraints(bits),
                  ACT_FP16=act == "fp16", STAGES=stages)
-    sig = dict(zip(names, types)) | {k: "constexpr" for k in const}
-    keys = list(sig)
-    src = ASTSource(gr._gemv_rows_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ints = ["M", "N", "K", "stride_xm", "stride_om", "rows_per_split", "n_splits"]
+    return _compile_sm90(gr._gemv_rows_kernel, act, ints, const)
 
 
 @pytest.mark.parametrize("bits,act,sym,group,block_m,block_r", [
