@@ -317,6 +317,8 @@ def _launch_gemv_rows(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | No
     per = codes_per_row(w.bits)
     br = cfg.block_k // per
     rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)
+    if rows is None:
+        raise ValueError(f"the multi-row gemv cannot serve {w.bits}-bit weights with group size {w.group_size}")
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (_cdiv(N, cfg.block_n), _cdiv(M, cfg.block_m), cfg.split_k)
     if cfg.split_k > 1:

@@ -170,6 +170,12 @@ def test_default_config_choice_and_bad_input():
     kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
     with pytest.raises(ValueError, match="takes 256"):
         quant_matmul(torch.randn(2, 128, dtype=torch.float16), kw)
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    with pytest.raises(ValueError, match="multi-row gemv needs fp16/bf16 activations"):  # its PTX needs CUDA
+        quant_matmul(torch.randn(3, 256, dtype=torch.float16), kw, config=KernelConfig("gemv", 4, 512, 16, 1, 4, 3))
+    with pytest.raises(ValueError, match="1, 2, 4, 8 or 16 rows"):
+        KernelConfig("gemv", 3, 512, 16)
 
 
 # ------------------------------------------------------------------------ compiled for the GPU, on the CPU
