@@ -233,10 +233,8 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         if bias is None:
             return x2 @ wt
         return torch.addmm(bias.to(x2.dtype), x2, wt)
-    if cfg.kind == "gemv" and cfg.block_m == 1:
-        return _launch_gemv(x2, w, bias, cfg, ws)
     if cfg.kind == "gemv":
-        return _launch_gemv_rows(x2, w, bias, cfg, ws)
+        return _launch_gemv(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -251,7 +249,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
     k._qmm_kernel[(grid_n, grid_m, split)](
         x2, w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
         w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out, out, acc, cnt,
-        M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split, split,
+        M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split,
         BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         EVEN_K=K % cfg.block_k == 0, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
@@ -270,74 +268,43 @@ def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
                  ws: Workspace) -> torch.Tensor:
+    """The one-row kernel (``block_m == 1``, a program per row) or the multi-row one (paired path only)."""
     from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import triton_gemv_rows as gr
 
     M, K = x2.shape
     N = w.out_features
     per = codes_per_row(w.bits)
     br = cfg.block_k // per
+    pairs = paired(x2, w)
+    if cfg.block_m > 1 and not pairs:
+        raise ValueError("the multi-row gemv needs fp16/bf16 activations with 4-byte aligned rows on CUDA and "
+                         "2- or 4-bit weights whose in_features fill whole words")
     rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)
     if rows is None:
         raise ValueError(f"the gemv kernel cannot serve {w.bits}-bit weights with group size {w.group_size} "
                          f"in tiles of {br} word rows")
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid_n = _cdiv(N, cfg.block_n)
-    split = cfg.split_k
-    if split > 1:
-        acc, cnt = ws.get(x2.device, M * N, grid_n * M)
-    else:
-        acc, cnt = out, out
-    pairs = paired(x2, w)
-    act = "fp16" if x2.dtype == torch.float16 else "bf16"
-    zero = None if w.zeros is not None else 1 << (w.bits - 1)
-    g._gemv_kernel[(grid_n, M, split)](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
-        bias if bias is not None else out, out, acc, cnt,
-        N, K, x2.stride(0), out.stride(0), rows, split,
-        BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_R=br, SPLIT=split > 1, EVEN_K=K % per == 0, EVEN_R=_cdiv(K, per) % br == 0,
-        EVEN_N=N % cfg.block_n == 0,
-        PAIRS=pairs, ASM=g.pair_asm(w.bits, act, zero) if pairs else "",
-        CONS=g.pair_constraints(w.bits, act, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-    )
-    return out
-
-
-def _launch_gemv_rows(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-                      ws: Workspace) -> torch.Tensor:
-    from auto_quant.kernels import triton_gemv as g
-    from auto_quant.kernels import triton_gemv_rows as gr
-
-    if not paired(x2, w):
-        raise ValueError("the multi-row gemv needs fp16/bf16 activations with 4-byte aligned rows on CUDA and "
-                         "2- or 4-bit weights whose in_features fill whole words")
-    M, K = x2.shape
-    N = w.out_features
-    per = codes_per_row(w.bits)
-    br = cfg.block_k // per
-    rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)
-    if rows is None:
-        raise ValueError(f"the multi-row gemv cannot serve {w.bits}-bit weights with group size {w.group_size}")
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (_cdiv(N, cfg.block_n), _cdiv(M, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1])
-    else:
-        acc, cnt = out, out
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if cfg.split_k > 1 else (out, out)
     act = "fp16" if x2.dtype == torch.float16 else "bf16"
     zero = None if w.zeros is not None else 1 << (w.bits - 1)
-    gr._gemv_rows_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
-        bias if bias is not None else out, out, acc, cnt,
-        M, N, K, x2.stride(0), out.stride(0), rows, cfg.split_k,
-        BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=br, SPLIT=cfg.split_k > 1,
-        EVEN_R=_cdiv(K, per) % br == 0, EVEN_N=N % cfg.block_n == 0,
-        DEQ=g.dequant_asm(w.bits, act, zero), DEQ_CONS=g.dequant_constraints(w.bits, zero),
-        DOT=g.dot_asm(w.bits, act), DOT_CONS=g.dot_constraints(w.bits), ACT_FP16=x2.dtype == torch.float16,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-    )
+    tensors = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+               bias if bias is not None else out, out, acc, cnt)
+    consts = dict(BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                  BLOCK_N=cfg.block_n, BLOCK_R=br, SPLIT=cfg.split_k > 1, EVEN_R=_cdiv(K, per) % br == 0,
+                  EVEN_N=N % cfg.block_n == 0, ACT_FP16=x2.dtype == torch.float16, STAGES=cfg.num_stages,
+                  num_warps=cfg.num_warps)
+    if cfg.block_m == 1:
+        g._gemv_kernel[grid](
+            *tensors, N, K, x2.stride(0), out.stride(0), rows, EVEN_K=K % per == 0, PAIRS=pairs,
+            ASM=g.pair_asm(w.bits, act, zero) if pairs else "", CONS=g.pair_constraints(w.bits, act, zero) if pairs else "",
+            **consts)
+    else:
+        gr._gemv_rows_kernel[grid](
+            *tensors, M, N, K, x2.stride(0), out.stride(0), rows, BLOCK_M=cfg.block_m,
+            DEQ=g.dequant_asm(w.bits, act, zero), DEQ_CONS=g.dequant_constraints(w.bits, zero),
+            DOT=g.dot_asm(w.bits, act), DOT_CONS=g.dot_constraints(w.bits), **consts)
     return out
 
 

@@ -24,15 +24,18 @@ bandwidth whatever the bit width. Two ways to spend fewer:
   fp32. Codes above bit 23 come from one shifted copy of the word.
 
 Each iteration loads the next tile's words, scales and activation pairs before computing on the
-current one. Split-K: ``n_splits`` programs share a column tile and reduce through the zero-at-rest
-workspace of :mod:`auto_quant.kernels.dispatch` (atomics; the last arrival writes the output and
-resets it), as the kernels of :mod:`auto_quant.kernels.triton_qmm` do.
+current one. Split-K: the programs of grid axis 2 share a column tile and reduce through
+:func:`auto_quant.kernels.triton_qmm._write_output`, as every kernel here does.
 """
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
+
+from auto_quant.kernels.triton_qmm import _write_output
 
 # half-precision formats: mantissa bits, the exponent pattern of ``base`` (fp16 1024, bf16 128), 1.0
 _HALF = {"fp16": dict(mant=10, magic=0x6400, base=1024.0, typ="f16x2"),
@@ -104,6 +107,7 @@ def _sum_lanes(act: str, out: str) -> list[str]:
 _REGS = [".reg .b32 src, v, d, acc, mul, add, fl, fh;", ".reg .b16 hl, hh;"]
 
 
+@functools.cache  # pure; called on every launch
 def pair_asm(bits: int, act: str, zero: int | None) -> str:
     """PTX for one word: ``$0`` (f32 bits) = sum over its codes of ``x * (code - zero)``.
 
@@ -118,6 +122,7 @@ def pair_asm(bits: int, act: str, zero: int | None) -> str:
     return "\n".join(lines + _sum_lanes(act, "$0") + ["}"])
 
 
+@functools.cache  # pure; called on every launch
 def dequant_asm(bits: int, act: str, zero: int | None) -> str:
     """PTX for one word: ``$0..$(PER/2 - 1)`` the packed ``code - zero`` pairs; inputs ``$PER/2`` the word
     and, for ``zero=None``, ``$(PER/2 + 1)`` the pair ``-(base + zero)``."""
@@ -128,6 +133,7 @@ def dequant_asm(bits: int, act: str, zero: int | None) -> str:
     return "\n".join(lines + ["}"])
 
 
+@functools.cache  # pure; called on every launch
 def dot_asm(bits: int, act: str) -> str:
     """PTX: ``$0`` (f32 bits) = sum of the products of the pairs ``$1..$n`` (``code - zero``) and
     ``$(n+1)..$2n`` (activations), ``n = PER/2``."""
@@ -137,15 +143,18 @@ def dot_asm(bits: int, act: str) -> str:
     return "\n".join(lines + _sum_lanes(act, "$0") + ["}"])
 
 
+@functools.cache  # pure; called on every launch
 def dequant_constraints(bits: int, zero: int | None) -> str:
     n = 16 // bits
     return ",".join(["=r"] * n + ["r"] * (1 if zero is not None else 2))
 
 
+@functools.cache  # pure; called on every launch
 def dot_constraints(bits: int) -> str:
     return "=r," + ",".join(["r"] * (2 * (16 // bits)))
 
 
+@functools.cache  # pure; called on every launch
 def pair_constraints(bits: int, act: str, zero: int | None) -> str:
     n_in = 1 + 16 // bits + (0 if zero is not None else 1)
     return "=r," + ",".join(["r"] * n_in)
@@ -165,12 +174,23 @@ def _x_half(p, H: tl.constexpr, UP: tl.constexpr):
 
 @triton.jit
 def _x_pair(p_lo, p_hi, I: tl.constexpr, NP: tl.constexpr, ACT_FP16: tl.constexpr):
-    """``(x[I], x[I + NP])`` as one b32 from the word row's adjacent pairs; fp16 scaled by 2**-6 (exact)."""
+    """``(x[I], x[I + NP])`` as one b32 from the word rows' adjacent pairs (any shape); fp16 scaled by 2**-6
+    (exact)."""
     v = _x_half(p_lo, I % 2, False) | _x_half(p_hi, (I + NP) % 2, True)
     if ACT_FP16:
         v = tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 0x24002400; mul.rn.f16x2 $0, $1, c; }", "=r,r",
                                       [v], dtype=tl.int32, is_pure=True, pack=1)
-    return v[:, None]
+    return v
+
+
+@triton.jit
+def _columns(BLOCK_N: tl.constexpr, N, EVEN_N: tl.constexpr):
+    """This program's output columns (grid axis 0) and their mask; EVEN_N (N % BLOCK_N == 0) gives a mask
+    constant along N, which keeps the loads 16 bytes wide."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        return offs_n, tl.full((BLOCK_N,), 1, tl.int1)
+    return offs_n, offs_n < N
 
 
 @triton.jit
@@ -215,24 +235,24 @@ def _pair_term(w, p0, p1, p2, p3, p4, p5, p6, p7, zz, ASM: tl.constexpr, CONS: t
     ``-(base + zero)`` per column when the zeros are inputs (``ZERO_IN``).
     """
     if BITS == 4:  # pair i = (x[i], x[i + 4]): x[i] in p[i // 2], x[i + 4] in p[2 + i // 2]
-        x0 = tl.broadcast_to(_x_pair(p0, p2, 0, 4, ACT_FP16), w.shape)
-        x1 = tl.broadcast_to(_x_pair(p0, p2, 1, 4, ACT_FP16), w.shape)
-        x2 = tl.broadcast_to(_x_pair(p1, p3, 2, 4, ACT_FP16), w.shape)
-        x3 = tl.broadcast_to(_x_pair(p1, p3, 3, 4, ACT_FP16), w.shape)
+        x0 = tl.broadcast_to(_x_pair(p0, p2, 0, 4, ACT_FP16)[:, None], w.shape)
+        x1 = tl.broadcast_to(_x_pair(p0, p2, 1, 4, ACT_FP16)[:, None], w.shape)
+        x2 = tl.broadcast_to(_x_pair(p1, p3, 2, 4, ACT_FP16)[:, None], w.shape)
+        x3 = tl.broadcast_to(_x_pair(p1, p3, 3, 4, ACT_FP16)[:, None], w.shape)
         if ZERO_IN:
             r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, tl.broadcast_to(zz, w.shape)],
                                           dtype=tl.int32, is_pure=True, pack=1)
         else:
             r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3], dtype=tl.int32, is_pure=True, pack=1)
     else:  # 2 bits: pair i = (x[i], x[i + 8]) from p[i // 2] and p[4 + i // 2]
-        x0 = tl.broadcast_to(_x_pair(p0, p4, 0, 8, ACT_FP16), w.shape)
-        x1 = tl.broadcast_to(_x_pair(p0, p4, 1, 8, ACT_FP16), w.shape)
-        x2 = tl.broadcast_to(_x_pair(p1, p5, 2, 8, ACT_FP16), w.shape)
-        x3 = tl.broadcast_to(_x_pair(p1, p5, 3, 8, ACT_FP16), w.shape)
-        x4 = tl.broadcast_to(_x_pair(p2, p6, 4, 8, ACT_FP16), w.shape)
-        x5 = tl.broadcast_to(_x_pair(p2, p6, 5, 8, ACT_FP16), w.shape)
-        x6 = tl.broadcast_to(_x_pair(p3, p7, 6, 8, ACT_FP16), w.shape)
-        x7 = tl.broadcast_to(_x_pair(p3, p7, 7, 8, ACT_FP16), w.shape)
+        x0 = tl.broadcast_to(_x_pair(p0, p4, 0, 8, ACT_FP16)[:, None], w.shape)
+        x1 = tl.broadcast_to(_x_pair(p0, p4, 1, 8, ACT_FP16)[:, None], w.shape)
+        x2 = tl.broadcast_to(_x_pair(p1, p5, 2, 8, ACT_FP16)[:, None], w.shape)
+        x3 = tl.broadcast_to(_x_pair(p1, p5, 3, 8, ACT_FP16)[:, None], w.shape)
+        x4 = tl.broadcast_to(_x_pair(p2, p6, 4, 8, ACT_FP16)[:, None], w.shape)
+        x5 = tl.broadcast_to(_x_pair(p2, p6, 5, 8, ACT_FP16)[:, None], w.shape)
+        x6 = tl.broadcast_to(_x_pair(p3, p7, 6, 8, ACT_FP16)[:, None], w.shape)
+        x7 = tl.broadcast_to(_x_pair(p3, p7, 7, 8, ACT_FP16)[:, None], w.shape)
         if ZERO_IN:
             r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, x4, x5, x6, x7, tl.broadcast_to(zz, w.shape)],
                                           dtype=tl.int32, is_pure=True, pack=1)
@@ -311,6 +331,24 @@ def _tile_scale_zero(s_ptr, z_ptr, r0, rows, live, valid, offs_n, n_mask, N, GRO
 
 
 @triton.jit
+def _load_tile(qw_ptr, s_ptr, z_ptr, r0, offs_r, r_hi, offs_n, n_mask, N, s_ch, z_ch, GROUP: tl.constexpr,
+               PER: tl.constexpr, ROW_S: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
+               EVEN_R: tl.constexpr):
+    """The word rows of the tile starting at ``r0``, their live mask, words, scales and zeros
+    (per-channel ``s_ch``/``z_ch`` when GROUP == 0). Nothing is read for a tile at or past ``r_hi``."""
+    rows = r0 + offs_r
+    live = rows < r_hi
+    w = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
+    if GROUP == 0:
+        s = s_ch
+        z = z_ch
+    else:
+        s, z = _tile_scale_zero(s_ptr, z_ptr, r0, rows, live, r0 < r_hi, offs_n, n_mask, N, GROUP, PER, ROW_S,
+                                HAS_ZERO, ZC)
+    return rows, live, w, s, z
+
+
+@triton.jit
 def _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
               PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr, ACT_FP16: tl.constexpr):
@@ -331,7 +369,7 @@ def _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, 
 @triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, K, stride_xm, stride_om, rows_per_split, n_splits,
+    N, K, stride_xm, stride_om, rows_per_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_R: tl.constexpr, EVEN_N: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr,
@@ -347,14 +385,9 @@ def _gemv_kernel(
     PER: tl.constexpr = 32 // BITS
     ZC: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero
     ROW_S: tl.constexpr = GROUP != 0 and GROUP % (BLOCK_R * PER) != 0
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_N:  # a mask constant along N keeps the loads 16 bytes wide
-        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
-    else:
-        n_mask = offs_n < N
+    offs_n, n_mask = _columns(BLOCK_N, N, EVEN_N)
     offs_r = tl.arange(0, BLOCK_R)
     r_lo = pid_k * rows_per_split
     r_hi = tl.minimum(r_lo + rows_per_split, tl.cdiv(K, PER))
@@ -365,28 +398,14 @@ def _gemv_kernel(
 
     if STAGES > 1:
         for r0 in tl.range(r_lo, r_hi, BLOCK_R, num_stages=STAGES):
-            rows = r0 + offs_r
-            live = rows < r_hi
-            w = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
-            if GROUP == 0:
-                s = s_ch
-                z = z_ch
-            else:
-                s, z = _tile_scale_zero(s_ptr, z_ptr, r0, rows, live, r0 < r_hi, offs_n, n_mask, N, GROUP, PER, ROW_S,
-                                        HAS_ZERO, ZC)
+            rows, live, w, s, z = _load_tile(qw_ptr, s_ptr, z_ptr, r0, offs_r, r_hi, offs_n, n_mask, N, s_ch, z_ch,
+                                             GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
             q0, q1, q2, q3, q4, q5, q6, q7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
             acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
                              BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
     else:
-        rows = r_lo + offs_r
-        live = rows < r_hi
-        w_nx = _masked_load(qw_ptr + rows[:, None] * N + offs_n[None, :], live[:, None] & n_mask[None, :], EVEN_R)
-        if GROUP == 0:
-            s_nx = s_ch
-            z_nx = z_ch
-        else:
-            s_nx, z_nx = _tile_scale_zero(s_ptr, z_ptr, r_lo, rows, live, r_lo < r_hi, offs_n, n_mask, N, GROUP, PER,
-                                          ROW_S, HAS_ZERO, ZC)
+        rows, live, w_nx, s_nx, z_nx = _load_tile(qw_ptr, s_ptr, z_ptr, r_lo, offs_r, r_hi, offs_n, n_mask, N, s_ch,
+                                                  z_ch, GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
         p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + offs_r
@@ -396,13 +415,8 @@ def _gemv_kernel(
             z = z_nx
             q0, q1, q2, q3, q4, q5, q6, q7 = p0, p1, p2, p3, p4, p5, p6, p7
             # prefetch the next tile
-            nrows = rows + BLOCK_R
-            nlive = nrows < r_hi
-            w_nx = _masked_load(qw_ptr + nrows[:, None] * N + offs_n[None, :], nlive[:, None] & n_mask[None, :],
-                                EVEN_R)
-            if GROUP != 0:
-                s_nx, z_nx = _tile_scale_zero(s_ptr, z_ptr, r0 + BLOCK_R, nrows, nlive, r0 + BLOCK_R < r_hi, offs_n,
-                                              n_mask, N, GROUP, PER, ROW_S, HAS_ZERO, ZC)
+            nrows, nlive, w_nx, s_nx, z_nx = _load_tile(qw_ptr, s_ptr, z_ptr, r0 + BLOCK_R, offs_r, r_hi, offs_n,
+                                                        n_mask, N, s_ch, z_ch, GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
             p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R, PAIRS)
             acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
                              BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
@@ -412,22 +426,5 @@ def _gemv_kernel(
         res = res * tl.sum(s_ch, axis=0)
     if PAIRS and ACT_FP16:
         res = res * 64.0  # the pairs' 2**-6
-    o_ptrs = out_ptr + pid_m * stride_om + offs_n
-    if not SPLIT:
-        if HAS_BIAS:
-            res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        w_ptrs = ws_ptr + pid_m * N + offs_n
-        tl.atomic_add(w_ptrs, res, mask=n_mask)
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == n_splits - 1:
-            zero = tl.zeros((BLOCK_N,), tl.float32)
-            tot = tl.atomic_add(w_ptrs, zero, mask=n_mask)
-            tl.store(w_ptrs, zero, mask=n_mask)
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    _write_output(res, out_ptr, pid_m * stride_om + offs_n, n_mask, ws_ptr, pid_m * N + offs_n, b_ptr, offs_n, n_mask,
+                  cnt_ptr, HAS_BIAS, SPLIT)

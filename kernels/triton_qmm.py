@@ -17,10 +17,10 @@ strided slice ``x[..., r * PER + j]``. No word is loaded twice.
   the same order, and one tensor-core dot consumes the tile. When the tile lies in one group,
   the exact integers ``code - zero`` go into the dot and the scale multiplies the tile's partial
   product; otherwise each element is scaled first.
-* split-K for both: ``n_splits`` programs share an output tile; each adds its fp32 partial into a
-  zero-at-rest workspace with atomics and bumps a per-tile counter; the last to arrive reads the
-  sum back atomically, zeroes the workspace tile, adds the bias, writes the output and resets the
-  counter. One launch, no memset, CUDA-graph safe.
+* split-K for both (``_write_output``, shared with the gemv kernels): the programs of grid axis 2
+  share an output tile; each adds its fp32 partial into a zero-at-rest workspace with atomics and
+  bumps a per-tile counter; the last to arrive reads the sum back atomically, zeroes the workspace
+  tile, adds the bias, writes the output and resets the counter. One launch, no memset, CUDA-graph safe.
 * ``_dequant_kernel`` writes ``W^T`` in the activation dtype (dequantize + cuBLAS at large M).
 
 Integer codes become floats with the exponent trick ``bitcast(code | 0x4B000000) = 2**23 + code``;
@@ -56,14 +56,44 @@ def _code(lo, hi, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _write_output(res, out_ptr, o_offs, o_mask, ws_ptr, ws_offs, b_ptr, offs_n, n_mask, cnt_ptr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store the fp32 tile ``res`` (plus bias) at ``out_ptr + o_offs``, or reduce it over split-K.
+
+    Split-K (the programs of grid axis 2): each adds its partial into the zero-at-rest workspace
+    (``ws_ptr + ws_offs``) and bumps the tile's arrival counter; the last to arrive reads the sum back
+    at L2, re-zeroes the workspace, adds the bias, writes the output and resets the counter. The tile
+    is (grid axis 1, grid axis 0).
+    """
+    if not SPLIT:
+        if HAS_BIAS:
+            res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + o_offs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        w_ptrs = ws_ptr + ws_offs
+        tl.atomic_add(w_ptrs, res, mask=o_mask)  # acq_rel: performed before this thread goes on
+        tl.debug_barrier()
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == tl.num_programs(2) - 1:
+            zero = tl.zeros_like(res)
+            tot = tl.atomic_add(w_ptrs, zero, mask=o_mask)  # read at L2, where the other splits added
+            tl.store(w_ptrs, zero, mask=o_mask)  # back to zero for the next call
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_groups, stride_xm, stride_om, rows_per_split, n_splits,
+    M, N, K, n_groups, stride_xm, stride_om, rows_per_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # SPLIT: n_splits > 1 programs share each output tile (grid axis 2). GROUP == 0: per-channel. One group per tile when GROUP % BLOCK_K == 0; else per word row.
+    # SPLIT: the programs of grid axis 2 share each output tile (split-K, see _write_output). GROUP == 0: per-channel. One group per tile when GROUP % BLOCK_K == 0; else per word row.
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
     PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
@@ -177,26 +207,8 @@ def _qmm_kernel(
     if GROUP == 0:
         res = res * s_ch[None, :]
 
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        w_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(w_ptrs, res, mask=o_mask)  # acq_rel: performed before this thread goes on
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == n_splits - 1:
-            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            tot = tl.atomic_add(w_ptrs, zero, mask=o_mask)  # read at L2, where the other splits added
-            tl.store(w_ptrs, zero, mask=o_mask)  # back to zero for the next call
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    _write_output(res, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                  ws_ptr, offs_m[:, None] * N + offs_n[None, :], b_ptr, offs_n, n_mask, cnt_ptr, HAS_BIAS, SPLIT)
 
 
 @triton.jit

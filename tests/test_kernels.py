@@ -206,7 +206,7 @@ def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
                  EVEN_K=True, EVEN_R=False, EVEN_N=False, PAIRS=pairs,
                  ASM=g.pair_asm(bits, act, zero) if pairs else "", CONS=g.pair_constraints(bits, act, zero) if pairs else "",
                  ACT_FP16=act == "fp16", STAGES=stages)
-    ints = ["N", "K", "stride_xm", "stride_om", "rows_per_split", "n_splits"]
+    ints = ["N", "K", "stride_xm", "stride_om", "rows_per_split"]
     return _compile_sm90(g._gemv_kernel, act, ints, const)
 
 
@@ -234,7 +234,7 @@ def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):
                  BLOCK_R=block_r, SPLIT=True, EVEN_R=False, EVEN_N=False, DEQ=g.dequant_asm(bits, act, zero),
                  DEQ_CONS=g.dequant_constraints(bits, zero), DOT=g.dot_asm(bits, act), DOT_CONS=g.dot_constraints(bits),
                  ACT_FP16=act == "fp16", STAGES=stages)
-    ints = ["M", "N", "K", "stride_xm", "stride_om", "rows_per_split", "n_splits"]
+    ints = ["M", "N", "K", "stride_xm", "stride_om", "rows_per_split"]
     return _compile_sm90(gr._gemv_rows_kernel, act, ints, const)
 
 
