@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auto_quant.tuning.capture import collate_calls, move_call
-from auto_quant.tuning.wrapper import TunableLinear, clamp_all
+from auto_quant.tuning.wrapper import TunableLinear, clamp_all, sign_step
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,9 @@ class StaticStep:
     def _step(self) -> None:
         out = self.forward(self.unit, self.hidden, self.call)
         F.mse_loss(out.float(), self.target.float()).backward()
-        with torch.no_grad():
-            for params, lr in ((self.v_params, self.lr), (self.mm_params, self.mm_lr)):
-                params = [p for p in params if p.grad is not None]  # as the eager loop: unused layers stay
-                if params:
-                    signs = torch._foreach_sign([p.grad for p in params])
-                    torch._foreach_mul_(signs, lr)
-                    torch._foreach_sub_(params, signs)
-            clamp_all(self.wrappers)
+        sign_step(self.v_params, self.lr, drop_grads=False)  # the recorded backward rewrites the gradients
+        sign_step(self.mm_params, self.mm_lr, drop_grads=False)
+        clamp_all(self.wrappers)
 
     def _record(self) -> None:
         params = self.v_params + self.mm_params

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from auto_quant.config import TuningConfig
 from auto_quant.tuning.capture import BlockCall, collate_calls
 from auto_quant.tuning.graphed import build_static_step
-from auto_quant.tuning.wrapper import TunableLinear, clamp_all
+from auto_quant.tuning.wrapper import TunableLinear, clamp_all, sign_step
 
 ForwardFn = Callable[[nn.Module, torch.Tensor, BlockCall | None], torch.Tensor]
 
@@ -108,22 +108,6 @@ def eval_loss(unit, data: UnitData, idx: list[int], forward: ForwardFn, batch_si
         chunk = idx[s : s + batch_size]
         total += float(unit_loss(unit, data, chunk, forward)) * len(chunk)
     return total / max(1, len(idx))
-
-
-def _sign_step(params: list[torch.Tensor], step: float) -> None:
-    """``p -= step * sign(grad)`` for every parameter with a gradient, then drop the gradients.
-
-    Batched over parameters (``torch._foreach_*``): a block has dozens of small tensors, and one
-    kernel per tensor and operation would dominate a GPU step's time.
-    """
-    live = [p for p in params if p.grad is not None]
-    if not live:
-        return
-    grads = [p.grad for p in live]
-    torch._foreach_sign_(grads)
-    torch._foreach_add_(live, grads, alpha=-step)
-    for p in live:
-        p.grad = None
 
 
 @contextlib.contextmanager
@@ -219,8 +203,8 @@ def _tune_unit(unit, wrappers, data, cfg, forward, desc, progress, rtn_baseline)
                     loss = unit_loss(unit, data, next_batch(), forward) / cfg.gradient_accumulate_steps
                     loss.backward()
                 with torch.no_grad():
-                    _sign_step(v_params, lr * decay)
-                    _sign_step(mm_params, mm_lr * decay)
+                    sign_step(v_params, lr * decay)
+                    sign_step(mm_params, mm_lr * decay)
                     clamp_all(wrappers.values())
             if (it + 1) % eval_every == 0 or it + 1 == iters:
                 cur = evaluate()

@@ -46,6 +46,26 @@ def grouped_quantizer(spec: QuantSpec, compile: bool = False) -> GroupedQuantize
 
 
 @torch.no_grad()
+def sign_step(params: list[torch.Tensor], step, drop_grads: bool = True) -> None:
+    """``p -= step * sign(grad)`` for every parameter with a gradient, batched over parameters.
+
+    ``step`` is a float or a 0-d tensor (a CUDA graph reads it from the device each replay). A block has
+    dozens of small tensors; one kernel per tensor and operation would dominate a GPU step. With
+    ``drop_grads`` the gradients are released afterwards (the eager loop); a recorded step keeps them.
+    """
+    live = [p for p in params if p.grad is not None]
+    if not live:
+        return
+    signs = [p.grad for p in live]
+    torch._foreach_sign_(signs)
+    torch._foreach_mul_(signs, step)
+    torch._foreach_sub_(live, signs)
+    if drop_grads:
+        for p in live:
+            p.grad = None
+
+
+@torch.no_grad()
 def clamp_all(wrappers) -> None:
     """Project every wrapper's parameters back into their ranges (one batched kernel per bound)."""
     vs = [w.v for w in wrappers]
