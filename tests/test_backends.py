@@ -100,7 +100,7 @@ def test_layer_no_installed_backend_serves_names_what_would():
 def test_better_backend_hint_and_choice_logged_once(caplog):
     fast = dataclasses.replace(next(b for b in B.BACKENDS if b.name == "torch_cpu_int4"), name="fast_cpu",
                                priority=99, requires=("no_such_package_for_auto_quant",), pip="pip install fast-cpu")
-    table = B.BACKENDS + (fast,)
+    table = tuple(b for b in B.BACKENDS if b.name != "cpu_gemv") + (fast,)  # cpu_gemv needs a compiler
     model = torch.nn.Sequential(make_layer(seed=1), torch.nn.ReLU(), make_layer(in_f=64, seed=2),
                                 make_layer(bits=8, in_f=64, seed=3))
     with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
@@ -152,7 +152,7 @@ def test_cpu_int4_kernel_group_splits_checkpoint_groups():
     layer = make_layer(out_f=32, in_f=576, group_size=128, sym=False)
     x = torch.randn(2, 576)
     ref = layer(x)
-    B.attach_backends(layer)
+    B.attach_backends(layer, backend="torch_cpu_int4")
     assert layer.backend == "torch_cpu_int4" and layer.kernel.run.group == 64
     assert rel_err(layer(x), ref) < 1e-2
     codes = torch.randint(0, 16, (40, 64))
@@ -202,8 +202,9 @@ def test_from_pretrained_attaches_and_forcing_errors(saved_tiny, caplog):
     with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
         m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16)
     qls = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
-    assert qls and {q.backend for q in qls} == {"torch_cpu_int4"}
-    assert any("backend torch_cpu_int4 for" in r.getMessage() for r in caplog.records)
+    auto_cpu = "cpu_gemv" if B.c_compiler_found() else "torch_cpu_int4"
+    assert qls and {q.backend for q in qls} == {auto_cpu}
+    assert any(f"backend {auto_cpu} for" in r.getMessage() for r in caplog.records)
     assert not any("faster backends" in r.getMessage() for r in caplog.records)
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():

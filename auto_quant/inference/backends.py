@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -74,6 +76,7 @@ class Backend:
     priority: int = 0  # higher wins
     requires: tuple[str, ...] = ()  # importable modules; ANY one of them suffices
     torch_ops: tuple[str, ...] = ()  # torch.ops.aten operators that must exist
+    requires_compiler: bool = False  # builds a C kernel at first use: needs a C compiler on PATH
     min_capability: tuple[int, int] | None = None  # CUDA compute capability
     pip: str = ""  # how to get ``requires`` ("pip install ...")
     suggest: bool = True  # may the "a better backend would apply" line recommend installing it
@@ -83,6 +86,8 @@ class Backend:
     def available(self) -> bool:
         """The packages and operators this backend needs import here (tries the import)."""
         if self.requires and not any(_imports(m) for m in self.requires):
+            return False
+        if self.requires_compiler and not c_compiler_found():
             return False
         return all(hasattr(torch.ops.aten, op) for op in self.torch_ops)
 
@@ -121,7 +126,15 @@ class Backend:
         return not self.mismatches(key, device, act_dtype)
 
     def install_hint(self) -> str:
+        if self.requires_compiler and not self.requires:
+            return self.pip or "install a C compiler (gcc)"
         return self.pip or "install " + " or ".join(self.requires)
+
+
+def c_compiler_found() -> bool:
+    """A C compiler is on PATH ($CC if set, else gcc or cc)."""
+    names = (os.environ["CC"],) if os.environ.get("CC") else ("gcc", "cc")
+    return any(shutil.which(n) for n in names)
 
 
 def _imports(module: str) -> bool:
@@ -154,6 +167,21 @@ BACKENDS: tuple[Backend, ...] = (
         torch_ops=("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
         impl="auto_quant.inference.cpu_int4:prepare",
         summary="PyTorch's native int4 CPU matmul (bf16 activations inside)",
+    ),
+    Backend(
+        name="cpu_gemv",
+        devices=frozenset({"cpu"}),
+        bits=frozenset({2, 3, 4}),
+        group_multiple=32,
+        in_multiple=32,
+        # activations are quantized to int8 per block of 32: chosen automatically only for
+        # half-precision activations, like torch_cpu_int4; backend="cpu_gemv" forces it for float32
+        auto_act_dtypes=HALFS,
+        priority=22,
+        requires_compiler=True,
+        pip="install a C compiler (e.g. apt-get install gcc)",
+        impl="auto_quant.inference.cpu_gemv:prepare",
+        summary="auto_quant's AVX-512 VNNI / AVX2 C GEMV on int8-quantized activations (compiled at first use)",
     ),
     Backend(
         name="triton",
@@ -213,7 +241,7 @@ BACKENDS: tuple[Backend, ...] = (
 ALIASES = {
     "auto_round:torch": "torch", "torch_fp": "torch", "auto_round:triton": "triton", "tritonv2": "triton",
     "auto_round:tritonv2": "triton", "gptqmodel:marlin": "marlin", "auto_round:gptqmodel:marlin": "marlin",
-    "gptq:marlin": "marlin", "cpu": "torch_cpu_int4", "torch_int4": "torch_cpu_int4", "auto_round:ipex": "ipex",
+    "gptq:marlin": "marlin", "cpu": "torch_cpu_int4", "torch_int4": "torch_cpu_int4", "gemv_cpu": "cpu_gemv", "auto_round:ipex": "ipex",
     "auto_round:hpu": "hpu",
 }
 

@@ -1,0 +1,300 @@
+"""The ``cpu_gemv`` backend: auto_quant's hand-vectorised C GEMV/GEMM for 2/3/4-bit layers on CPU.
+
+``kernels/cpu_gemv.c`` (package data of ``auto_quant.kernels``) is compiled at first use with
+``gcc -O3 -march=native -shared -fPIC`` (plus ``-fopenmp`` where it links) into
+``$XDG_CACHE_HOME/auto_quant/kernels/`` (``~/.cache`` without it) and called through ctypes.
+The library's name is keyed by a hash of the source, the flags, the compiler's version and the
+host CPU's feature flags, so a changed source or another machine sharing the home directory
+builds its own; the build goes to a temporary file first and is renamed into place, so two
+processes may race.
+
+Numerics: activations are quantized per row and block of 32 to int8 (absmax / 127, like
+llama.cpp's Q8_0), the integer dot of each block with the 4-bit codes is exact, and the zero
+point is subtracted in integers; scales are kept in fp16. The output differs from the float32
+reference by the activation rounding, about 5e-3 relative on random data (bf16: 3e-3), so the
+backend is chosen automatically only for half-precision models (``backends.HALFS``); force it for
+float32 with ``AutoRoundConfig(backend="cpu_gemv")``.
+
+Packing contract (:func:`pack_weight`, once per layer; the checkpoint buffers stay untouched).
+Output rows are grouped in tiles of 16 (``out`` padded with zero rows of scale 0), the 16 int32
+lanes of an AVX-512 register; per tile and block of 32 inputs:
+
+* ``codes`` uint8 ``[tiles, in / 32, 4, 16, 4]``: byte ``(t, b, u, r, i)`` holds the code of row
+  ``16 t + r`` at input ``32 b + 4 u + i`` in its low nibble and the one at input
+  ``32 b + 16 + 4 u + i`` in its high nibble (one 64-byte word gives 4 + 4 inputs of 16 rows).
+* ``scales`` fp16 ``[tiles, in / 32, 16]``: each block's group scale (repeated over a group's
+  blocks, so any group size that is a multiple of 32 costs the same as 32).
+* ``zeros`` uint8 ``[tiles, in / 32, 16]`` per-block integer zero points, or ``None`` with one
+  constant ``zero``: symmetric weights, and asymmetric ones whose ``code - zero + 8`` fits in
+  [0, 15] (every 2/3-bit layer), which are folded into the codes with ``zero = 8``.
+
+``w[n, k] = (code[n, k] - zero[n, k // 32]) * scale[n, k // 32]``; ``in_features % 32 == 0`` and
+the group size (``in_features`` for per-channel) a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from auto_quant.errors import BackendError
+
+BLOCK = 32  # inputs per activation block and per scale
+TILE_N = 16  # weight rows interleaved in one tile
+COMPILERS = ("gcc", "cc")
+NATIVE = "-march=native"
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+GEMM_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def find_compiler() -> str | None:
+    """The C compiler to build with: ``$CC`` if set and found, else gcc or cc on PATH (None: none)."""
+    env = os.environ.get("CC")
+    if env:
+        return shutil.which(env)
+    for name in COMPILERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def source_path() -> Path:
+    return Path(str(resources.files("auto_quant.kernels").joinpath("cpu_gemv.c")))
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "auto_quant" / "kernels"
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _host_cpu_flags() -> str:
+    """The CPU feature flags (-march=native builds are only valid on the same kind of CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def library_path(cc: str, flags: tuple[str, ...]) -> Path:
+    """Where the library built from this source with these flags and compiler lives."""
+    h = hashlib.sha256()
+    for part in (source_path().read_bytes(), " ".join(flags).encode(), _compiler_version(cc).encode(),
+                 _host_cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"cpu_gemv-{h.hexdigest()[:16]}.so"
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> subprocess.CompletedProcess:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(source_path()), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode == 0:
+            os.replace(tmp, out)  # atomic: a racing process sees either no file or a whole one
+        return proc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_library(cc: str | None = None, march: str = NATIVE) -> Path:
+    """Compile the kernel (with OpenMP if it links, else without) unless already cached; returns its path.
+
+    ``march`` picks the instruction set (tests build ``-march=x86-64`` for the scalar path)."""
+    cc = cc or find_compiler()
+    if cc is None:
+        raise BackendError("the cpu_gemv backend compiles a C kernel at first use but no C compiler was found "
+                           "(looked for $CC, gcc, cc); install gcc (e.g. apt-get install gcc) or pass backend='auto'")
+    errors = []
+    for flags in (BASE_FLAGS + (march, "-fopenmp"), BASE_FLAGS + (march,)):
+        path = library_path(cc, flags)
+        if path.exists():
+            return path
+        proc = _compile(cc, flags, path)
+        if proc.returncode == 0:
+            return path
+        said = proc.stderr.strip()[-2000:] or f"exit status {proc.returncode}, no output"
+        errors.append(f"$ {cc} {' '.join(flags)}: {said}")
+    raise BackendError("the cpu_gemv backend could not compile its C kernel " + str(source_path()) + ":\n"
+                       + "\n".join(errors) + "\ninstall a working gcc (e.g. apt-get install gcc) or pass backend='auto'")
+
+
+@functools.cache
+def load_library(march: str = NATIVE) -> ctypes.CDLL:
+    """The compiled kernel library (built on the first call of the process; cached)."""
+    lib = ctypes.CDLL(str(build_library(march=march)))
+    lib.aq_gemm.argtypes = GEMM_ARGTYPES
+    lib.aq_gemm.restype = ctypes.c_int
+    lib.aq_path.restype = ctypes.c_int
+    return lib
+
+
+def vector_path(lib: ctypes.CDLL | None = None) -> str:
+    """Which path a compiled kernel uses: ``avx512_vnni``, ``avx2`` or ``scalar``."""
+    return {2: "avx512_vnni", 1: "avx2", 0: "scalar"}[(lib or load_library()).aq_path()]
+
+
+# --------------------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A layer in the kernel's layout (see the module docstring)."""
+
+    codes: torch.Tensor  # uint8 [tiles, in / 32, 4, 16, 4]
+    scales: torch.Tensor  # float16 [tiles, in / 32, 16]
+    zeros: torch.Tensor | None  # uint8 [tiles, in / 32, 16], or None: the constant ``zero``
+    zero: int
+    out_features: int
+    in_features: int
+
+
+def check_shape(in_features: int, group_size: int) -> None:
+    gs = in_features if group_size == -1 else group_size
+    if in_features % BLOCK or gs % BLOCK:
+        raise ValueError(f"cpu_gemv needs in_features and the group size to be multiples of {BLOCK} "
+                         f"(got in_features={in_features}, group size {group_size})")
+
+
+def block_values(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """``[out, n_groups]`` -> ``[out, in / 32]``: each 32-input block's group value."""
+    gs = in_features if group_size == -1 else group_size
+    which = torch.arange(in_features // BLOCK) * BLOCK // gs
+    return per_group[:, which]
+
+
+def pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """Pad dim 0 with zero rows to a multiple of the tile height (padded rows have scale 0)."""
+    extra = -t.shape[0] % TILE_N
+    return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]) if extra else t
+
+
+def tile_blocks(per_block: torch.Tensor) -> torch.Tensor:
+    """``[out, in / 32]`` per-row block values -> ``[tiles, in / 32, 16]`` (16 rows side by side)."""
+    t = pad_rows(per_block)
+    return t.reshape(-1, TILE_N, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes ``[out, in]`` in [0, 15] -> uint8 ``[tiles, in / 32, 4, 16, 4]``.
+
+    Byte ``(t, b, u, r, i)`` = code of row ``16 t + r`` at input ``32 b + 4 u + i`` (low nibble)
+    | the one at input ``32 b + 16 + 4 u + i`` (high nibble) << 4.
+    """
+    c = pad_rows(codes.to(torch.uint8))
+    tiles, nb = c.shape[0] // TILE_N, c.shape[1] // BLOCK
+    c = c.reshape(tiles, TILE_N, nb, 2, 4, 4)  # (t, r, b, low/high half, u, i)
+    packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # (t, r, b, u, i)
+    return packed.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> PackedWeight:
+    """Repack ``w = (codes - zero) * scale`` (``codes [out, in]``, ``zero``/``scale [out, n_groups]``)."""
+    out_f, in_f = codes.shape
+    check_shape(in_f, group_size)
+    if bits > 4 or int(codes.min()) < 0 or int(codes.max()) > 15:
+        raise ValueError(f"cpu_gemv serves codes of at most 4 bits (got {bits}-bit codes)")
+    codes = codes.to(torch.int32)
+    z = block_values(zero.to(torch.int32), in_f, group_size)  # [out, in / 32]
+    scales = block_values(scale.to(torch.float32), in_f, group_size).to(torch.float16)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("cpu_gemv keeps scales in fp16 and this layer's scales overflow it")
+    zeros, const = None, int(z.flatten()[0]) if z.numel() else 0
+    if bool((z != const).any()):
+        shifted = codes - z.repeat_interleave(BLOCK, dim=1) + 8
+        if bool((shifted >= 0).all()) and bool((shifted <= 15).all()):
+            codes, const = shifted, 8  # fold the zeros into the codes: one constant zero
+        else:
+            zeros = tile_blocks(z.to(torch.uint8))
+    return PackedWeight(pack_codes(codes), tile_blocks(scales), zeros, const, out_f, in_f)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: int,
+         lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x2 [M, in]`` float32 contiguous -> float32 ``[M, out]`` through the C kernel (``lib``: another build)."""
+    m = x2.shape[0]
+    y = torch.empty((m, w.out_features), dtype=torch.float32)
+    rc = (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, w.out_features, w.in_features, w.codes.data_ptr(),
+                                w.scales.data_ptr(), None if w.zeros is None else w.zeros.data_ptr(), w.zero,
+                                None if bias is None else bias.data_ptr(), threads)
+    if rc:
+        raise MemoryError(f"cpu_gemv could not allocate scratch for {m} activation rows")
+    return y
+
+
+@torch.library.custom_op("auto_quant::cpu_gemv", mutates_args=())
+def cpu_gemv_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero: int,
+                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype; the op torch.compile sees."""
+    w = PackedWeight(codes, scales, zeros, zero, out_features, codes.shape[1] * BLOCK)
+    x2 = x.reshape(-1, w.in_features).to(torch.float32).contiguous()
+    y = gemm(x2, w, bias, torch.get_num_threads())
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
+
+
+@cpu_gemv_op.register_fake
+def _cpu_gemv_fake(x, codes, scales, zeros, zero, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+class CpuGemvLinear:
+    """A QuantLinear's forward through the C kernel (eager: ctypes directly; compiled: the custom op)."""
+
+    def __init__(self, module):
+        codes, zero, scale = module.unpack()
+        self.weight = pack_weight(codes, zero, scale, module.bits, module.group_size)
+        self.in_features = module.in_features
+        self.out_features = module.out_features
+        self.bias = None if module.bias is None else module.bias.detach().to(torch.float32).contiguous()
+        self.lib = load_library()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if torch.compiler.is_compiling():
+            return cpu_gemv_op(x, w.codes, w.scales, w.zeros, w.zero, self.bias, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        m = x2.shape[0]
+        y = torch.empty((m, self.out_features), dtype=torch.float32)
+        rc = self.lib.aq_gemm(x2.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features, w.codes.data_ptr(),
+                              w.scales.data_ptr(), None if w.zeros is None else w.zeros.data_ptr(), w.zero,
+                              None if self.bias is None else self.bias.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError(f"cpu_gemv could not allocate scratch for {m} activation rows")
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def prepare(module, ctx=None) -> CpuGemvLinear:
+    return CpuGemvLinear(module)

@@ -1,0 +1,317 @@
+/* auto_quant CPU GEMV/GEMM for 2/3/4-bit weights with int8-quantized activations.
+ *
+ * Plain C, no torch headers: auto_quant/inference/cpu_gemv.py compiles it with
+ * `gcc -O3 -march=native -shared -fPIC [-fopenmp]` and calls it through ctypes.
+ *
+ * Packing contract (built once per layer by cpu_gemv.pack_weight): output rows are grouped in
+ * tiles of 16 (N padded with zero rows, scale 0), and per tile and block of 32 inputs:
+ *   codes   uint8 [tiles][K/32][4][16][4]  byte (t, b, u, r, i) holds the code of row 16t + r at
+ *                           input 32b + 4u + i in its low nibble and the one at input 32b + 16 + 4u + i
+ *                           in its high nibble: one 64-byte word u gives 4 + 4 inputs of all 16 rows,
+ *                           one row per int32 lane, as vpdpbusd wants them.
+ *   scales  fp16  [tiles][K/32][16]  each block's weight scale (its group's scale, repeated).
+ *   zeros   uint8 [tiles][K/32][16]  each block's integer zero point, or NULL when every zero
+ *                           equals the constant `zero` argument (symmetric weights, or zeros
+ *                           folded into the codes at pack time).
+ *   w[n][k] = (code[n][k] - zero[n][k / 32]) * scale[n][k / 32];  K % 32 == 0.
+ *
+ * Activations x float32 [M][K] are quantized per row and block of 32 like llama.cpp's Q8_0:
+ * d = absmax / 127, q = round(x / d) in int8, and the block sum of q is kept for the zero
+ * term. Per block the integer dots sum_j code_j * q_j (u8 x s8, exact in int32) of 16 rows at
+ * once get the zero term -zero * sum_j q_j added in integers, are converted to float once and
+ * multiplied by scale * d; fp32 accumulation.  y float32 [M][N] = x @ w^T (+ bias).
+ *
+ * Paths: AVX-512 VNNI (_mm512_dpbusd_epi32, 16 rows x 4 inputs per instruction), AVX2
+ * (_mm256_maddubs_epi16 + _mm256_madd_epi16 on 8-row halves), portable scalar C. Activation
+ * rows are processed 4 at a time per unpacked weight block, so prefill is not M GEMVs.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define AQ_BLOCK 32
+#define AQ_TILE_M 4   /* activation rows per unpacked weight tile */
+#define AQ_TILE_N 16  /* weight rows interleaved in one tile */
+#define AQ_TILE_BYTES (AQ_BLOCK * AQ_TILE_N / 2)  /* packed bytes of one block of one tile */
+#define AQ_INLINE static inline __attribute__((always_inline))
+#define AQ_STACK_SCRATCH 65536
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define AQ_PATH_VNNI 1
+#elif defined(__AVX2__)
+#define AQ_PATH_AVX2 1
+#endif
+
+/* ----------------------------------------------------------------------------- helpers */
+
+AQ_INLINE float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: renormalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+/* ------------------------------------------------------------------ activation quantize */
+
+/* One block of 32 floats -> 32 int8 (round to nearest even), returns the scale d; *sum = sum of q. */
+AQ_INLINE float quantize_block(const float *x, int8_t *q, int32_t *sum) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+    float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+    __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    return d;
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < AQ_BLOCK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (int j = 0; j < AQ_BLOCK; j++) {
+        long v = lrintf(x[j] * id);
+        v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        q[j] = (int8_t)v;
+        s += (int32_t)v;
+    }
+    *sum = s;
+    return d;
+#endif
+}
+
+/* Quantize x [M][K] into caller buffers: q int8 [M][K], d float [M][K/32], and
+ * zsum int32 [M][K/32] = -zero * (block sum of q), the block's zero term for a constant zero
+ * (pass zero = 1 for per-block zeros: the GEMM multiplies by each block's zero). */
+void aq_quantize_rows(const float *x, int64_t M, int64_t K, int32_t zero, int8_t *q, float *d, int32_t *zsum) {
+    const int64_t nb = K / AQ_BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t s;
+            int64_t i = m * K + b * AQ_BLOCK;
+            d[m * nb + b] = quantize_block(x + i, q + i, &s);
+            zsum[m * nb + b] = -zero * s;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ tile dot paths */
+
+/* Each path computes, for one tile of 16 weight rows and MT (<= 4) activation rows,
+ * out[m][r] = sum_b scale[r][b] * d[m][b] * (sum_j code[r][j] * q[m][j] + zero term). */
+
+AQ_INLINE int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+#if defined(AQ_PATH_VNNI)
+
+/* One 16-row tile: the 16 rows are the 16 int32 lanes; each 64-byte word u of a block holds
+ * 4 inputs per row in the low nibbles (inputs 4u..4u+3) and 4 in the high ones (16+4u..);
+ * vpdpbusd multiplies them with those 4 activations broadcast to every lane. */
+AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+                         const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
+                         float out[][AQ_TILE_N]) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 acc[AQ_TILE_M];
+    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = wc + b * AQ_TILE_BYTES;
+        __m512i w[8];
+        for (int u = 0; u < 4; u++) {
+            __m512i v = _mm512_loadu_si512((const void *)(p + 64 * u));
+            w[u] = _mm512_and_si512(v, mask);
+            w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        }
+        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + b * AQ_TILE_N)));
+        __m512i zr = ZR ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wz + b * AQ_TILE_N)))
+                        : _mm512_setzero_si512();
+        for (int m = 0; m < MT; m++) {
+            const int8_t *a = q + m * K + b * AQ_BLOCK;
+            __m512i lo = _mm512_set1_epi32(zsum[m * nb + b]); /* the zero term: -zero * sum q */
+            if (ZR) lo = _mm512_mullo_epi32(zr, lo);
+            __m512i hi = _mm512_setzero_si512();
+            for (int u = 0; u < 4; u++) {
+                lo = _mm512_dpbusd_epi32(lo, w[u], _mm512_set1_epi32(load_i32(a + 4 * u)));
+                hi = _mm512_dpbusd_epi32(hi, w[u + 4], _mm512_set1_epi32(load_i32(a + 16 + 4 * u)));
+            }
+            __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(d[m * nb + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sd, acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(out[m], acc[m]);
+}
+
+#elif defined(AQ_PATH_AVX2)
+
+/* The same tile as two halves of 8 rows (8 int32 lanes each): the first 32 bytes of a
+ * 64-byte word are rows 0..7, the last 32 rows 8..15. u8 x s8 products through
+ * _mm256_maddubs_epi16 (|pair| <= 2 * 15 * 127, no saturation) and _mm256_madd_epi16. */
+AQ_INLINE __m256i dot4_avx2(__m256i w, const int8_t *a) {
+    __m256i pairs = _mm256_maddubs_epi16(w, _mm256_set1_epi32(load_i32(a)));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+                         const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
+                         float out[][AQ_TILE_N]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[AQ_TILE_M];
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = wc + b * AQ_TILE_BYTES + 32 * h;
+            __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b * AQ_TILE_N + 8 * h)));
+            __m256i zr = ZR ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wz + b * AQ_TILE_N + 8 * h)))
+                            : _mm256_setzero_si256();
+            for (int m = 0; m < MT; m++) {
+                const int8_t *a = q + m * K + b * AQ_BLOCK;
+                __m256i dot = _mm256_set1_epi32(zsum[m * nb + b]); /* the zero term: -zero * sum q */
+                if (ZR) dot = _mm256_mullo_epi32(zr, dot);
+                for (int u = 0; u < 4; u++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
+                    dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
+                    dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                                                          a + 16 + 4 * u));
+                }
+                __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(d[m * nb + b]));
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[m]);
+            }
+        }
+        for (int m = 0; m < MT; m++) _mm256_storeu_ps(out[m] + 8 * h, acc[m]);
+    }
+}
+
+#else /* portable scalar C */
+
+AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+                         const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
+                         float out[][AQ_TILE_N]) {
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < AQ_TILE_N; r++) out[m][r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = wc + b * AQ_TILE_BYTES;
+        for (int m = 0; m < MT; m++) {
+            const int8_t *a = q + m * K + b * AQ_BLOCK;
+            const float dm = d[m * nb + b];
+            for (int r = 0; r < AQ_TILE_N; r++) {
+                int32_t dot = zsum[m * nb + b] * (ZR ? wz[b * AQ_TILE_N + r] : 1);
+                for (int u = 0; u < 4; u++) {
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t c = p[64 * u + 4 * r + i];
+                        dot += (c & 15) * a[4 * u + i] + (c >> 4) * a[16 + 4 * u + i];
+                    }
+                }
+                out[m][r] += (float)dot * (half_to_float(ws[b * AQ_TILE_N + r]) * dm);
+            }
+        }
+    }
+}
+
+#endif
+
+/* ------------------------------------------------------------------------------ GEMM */
+
+/* Output columns of row tiles [t0, t1) for every activation row, from quantized activations. */
+static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, const uint8_t *codes,
+                       const uint16_t *scales, const uint8_t *zeros, const float *bias,
+                       const int8_t *q, const float *d, const int32_t *zsum, float *y) {
+    const int64_t nb = K / AQ_BLOCK;
+    float out[AQ_TILE_M][AQ_TILE_N];
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *wc = codes + t * nb * AQ_TILE_BYTES;
+        const uint16_t *ws = scales + t * nb * AQ_TILE_N;
+        const uint8_t *wz = zeros ? zeros + t * nb * AQ_TILE_N : NULL;
+        const int64_t n0 = t * AQ_TILE_N, nr = N - n0 < AQ_TILE_N ? N - n0 : AQ_TILE_N;
+        for (int64_t m = 0; m < M; m += AQ_TILE_M) {
+            const int64_t mt = M - m < AQ_TILE_M ? M - m : AQ_TILE_M;
+            const int8_t *qm = q + m * K;
+            const float *dm = d + m * nb;
+            const int32_t *zm = zsum + m * nb;
+#define AQ_TILE_CALL(MT) \
+    (wz ? tile_rows(MT, 1, wc, ws, wz, nb, qm, dm, zm, K, out) : tile_rows(MT, 0, wc, ws, wz, nb, qm, dm, zm, K, out))
+            switch (mt) {
+                case 1: AQ_TILE_CALL(1); break;
+                case 2: AQ_TILE_CALL(2); break;
+                case 3: AQ_TILE_CALL(3); break;
+                default: AQ_TILE_CALL(4); break;
+            }
+#undef AQ_TILE_CALL
+            for (int64_t i = 0; i < mt; i++) {
+                float *yr = y + (m + i) * N + n0;
+                for (int64_t r = 0; r < nr; r++) yr[r] = out[i][r] + (bias ? bias[n0 + r] : 0.0f);
+            }
+        }
+    }
+}
+
+/* y [M][N] = x [M][K] @ w^T + bias, w per the packing contract above. `zero` is the constant
+ * zero point when `zeros` is NULL (ignored otherwise); bias may be NULL. threads > 1 splits the
+ * row tiles over OpenMP threads when compiled with -fopenmp. Returns 0, or -1 when the
+ * activation scratch cannot be allocated. */
+int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uint8_t *codes,
+            const uint16_t *scales, const uint8_t *zeros, int32_t zero, const float *bias, int32_t threads) {
+    const int64_t nb = K / AQ_BLOCK, tiles = (N + AQ_TILE_N - 1) / AQ_TILE_N;
+    const size_t need = (size_t)(M * K) + (size_t)(M * nb) * (sizeof(float) + sizeof(int32_t)) + 64;
+    _Alignas(64) unsigned char stack[AQ_STACK_SCRATCH];
+    unsigned char *scratch = need <= sizeof stack ? stack : (unsigned char *)malloc(need);
+    if (!scratch) return -1;
+    float *d = (float *)scratch;
+    int32_t *zsum = (int32_t *)(d + M * nb);
+    int8_t *q = (int8_t *)(zsum + M * nb);
+    aq_quantize_rows(x, M, K, zeros ? 1 : zero, q, d, zsum);
+#ifdef _OPENMP
+    if (threads > 1 && tiles >= 8) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            gemm_tiles(tiles * t / nt, tiles * (t + 1) / nt, M, N, K, codes, scales, zeros, bias, q, d, zsum, y);
+        }
+    } else
+#endif
+    {
+        (void)threads;
+        gemm_tiles(0, tiles, M, N, K, codes, scales, zeros, bias, q, d, zsum, y);
+    }
+    if (scratch != stack) free(scratch);
+    return 0;
+}
+
+/* Which vector path this build uses: 2 = AVX-512 VNNI, 1 = AVX2, 0 = scalar C. */
+int aq_path(void) {
+#if defined(AQ_PATH_VNNI)
+    return 2;
+#elif defined(AQ_PATH_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,238 @@
+"""The cpu_gemv backend: the C kernel against the torch reference, its packing contract, its three
+vector paths, a reloaded tiny Llama, torch.compile, and what happens without a C compiler."""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import pytest
+import torch
+
+from auto_quant.errors import BackendError
+from auto_quant.inference import backends as B
+from auto_quant.inference import cpu_gemv as G
+from auto_quant.inference.qlinear import QuantLinear
+from auto_quant.quant import QuantSpec, quantize_weight
+
+pytestmark = pytest.mark.skipif(not B.c_compiler_found(), reason="cpu_gemv needs a C compiler")
+
+# int8 activations (absmax / 127 per block of 32) put about 5e-3 relative error on the outputs of
+# random layers (the rounding step is ~1 % of a block's largest value); 1e-2 leaves room and is
+# still far below what a one-bit-coarser weight costs (asserted next to it, so the bound can fail)
+TOL = 1e-2
+
+
+def make_layer(out_f=40, in_f=576, bits=4, group_size=32, sym=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    qw = quantize_weight(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+    b = torch.randn(out_f, generator=g) if bias else None
+    return QuantLinear.from_quantized(qw, b, layout="gptq_v2", bias_dtype=torch.float32)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def coarser_reference(layer, x):
+    """The reference output with every code's lowest bit dropped (a grid one bit coarser, same range)."""
+    codes, zero, scale = layer.unpack()
+    gs = layer.in_features if layer.group_size == -1 else layer.group_size
+    z = zero.repeat_interleave(gs, dim=1)[:, :layer.in_features].float()
+    s = scale.float().repeat_interleave(gs, dim=1)[:, :layer.in_features]
+    w = ((codes >> 1) * 2 + 0.5 - z) * s
+    return torch.nn.functional.linear(x, w, layer.bias.float())
+
+
+# ----------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f", [576, 96])
+def test_matches_reference(bits, group_size, sym, in_f):
+    layer = make_layer(in_f=in_f, bits=bits, group_size=group_size, sym=sym, seed=bits)
+    run = G.prepare(layer)
+    for m in (1, 3, 9):
+        x = torch.randn(m, in_f)
+        ref = layer(x)  # nothing attached: the torch reference
+        y = run(x)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        err = rel_err(y, ref)
+        assert err < TOL, (m, err)
+        assert err < rel_err(coarser_reference(layer, x), ref) / 5, (m, err)
+
+
+def test_input_dtypes_shapes_and_bias():
+    layer = make_layer(out_f=48, in_f=192, bits=4, group_size=64)
+    run = G.prepare(layer)
+    x = torch.randn(2, 5, 192)
+    ref = layer(x)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        y = run(x.to(dt))
+        assert y.dtype == dt and y.shape == (2, 5, 48)
+        assert rel_err(y, ref) < TOL
+    assert rel_err(run(x[0, 0]), ref[0, 0]) < TOL  # a 1-D input
+    nobias = make_layer(out_f=48, in_f=192, bias=False)
+    assert rel_err(G.prepare(nobias)(x), nobias(x)) < TOL
+    strided = x.transpose(0, 1)  # not contiguous
+    assert rel_err(run(strided), ref.transpose(0, 1)) < TOL
+
+
+def test_many_rows_and_threads():
+    layer = make_layer(out_f=160, in_f=576)
+    run = G.prepare(layer)
+    x = torch.randn(150, 576)  # 150 x 576 int8 activations exceed the kernel's stack scratch: heap path
+    ref = layer(x)
+    one = run(x)
+    assert rel_err(one, ref) < TOL
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(run(x), one)  # OpenMP splits whole output tiles: identical sums
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march, path", [("-march=x86-64", "scalar"), ("-march=haswell", "avx2")])
+def test_fallback_paths_agree(march, path):
+    lib = G.load_library(march)
+    assert G.vector_path(lib) == path
+    for bits, group_size, sym in ((4, 32, True), (4, 128, False), (3, -1, False), (2, 64, True)):
+        layer = make_layer(in_f=96, bits=bits, group_size=group_size, sym=sym)
+        run = G.prepare(layer)
+        for m in (1, 6):
+            x = torch.randn(m, 96)
+            fast = run(x)
+            other = G.gemm(x, run.weight, run.bias, 1, lib)
+            assert rel_err(other, fast) < 1e-5, (bits, group_size, sym, m)
+
+
+def test_native_path_is_vectorised_here():
+    flags = G._host_cpu_flags().split()
+    if {"avx512_vnni", "avx512vl", "avx512bw"} <= set(flags):
+        assert G.vector_path() == "avx512_vnni"
+    elif "avx2" in flags:
+        assert G.vector_path() == "avx2"
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def test_packing_contract():
+    codes = torch.randint(0, 16, (20, 64))
+    packed = G.pack_codes(codes)
+    assert packed.shape == (2, 2, 4, 16, 4) and packed.dtype == torch.uint8  # rows padded to 2 tiles of 16
+    for n, k in ((0, 0), (3, 5), (17, 20), (19, 63), (5, 47)):
+        t, r, b, j = n // 16, n % 16, k // 32, k % 32
+        byte = int(packed[t, b, (j % 16) // 4, r, j % 4])
+        assert (byte >> 4 if j >= 16 else byte & 15) == int(codes[n, k])
+    assert int(packed[1, :, :, 4:].max()) == 0  # padding rows
+    scale = torch.rand(20, 2)
+    per_block = G.block_values(scale, 64, 32)
+    assert torch.equal(G.tile_blocks(per_block)[1, :, 3], scale[19])
+
+
+def test_zero_points_fold_or_stay_per_block():
+    sym = G.pack_weight(*make_layer(bits=4, sym=True).unpack(), bits=4, group_size=32)
+    assert sym.zeros is None and sym.zero == 8
+    asym3 = G.pack_weight(*make_layer(bits=3, sym=False).unpack(), bits=3, group_size=32)
+    assert asym3.zeros is None and asym3.zero == 8  # code - zero + 8 fits in 4 bits: folded
+    asym4 = G.pack_weight(*make_layer(bits=4, sym=False).unpack(), bits=4, group_size=32)
+    assert asym4.zeros is not None and asym4.zeros.shape == (3, 18, 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        G.pack_weight(torch.zeros(16, 48, dtype=torch.int32), torch.zeros(16, 1), torch.ones(16, 1), 4, -1)
+
+
+# ----------------------------------------------------------------------------------- build and cache
+
+
+def test_build_is_cached_per_source_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = G.build_library()
+    assert path.parent == tmp_path / "auto_quant" / "kernels" and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert G.build_library() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    b = next(x for x in B.BACKENDS if x.name == "cpu_gemv")
+    assert not B.c_compiler_found() and not b.available()
+    key = B.LayerKey(576, 64, 4, 32, True, "gptq")
+    with pytest.raises(BackendError, match=r"'cpu_gemv' is not available here; install a C compiler"):
+        B.select_backend(key, "cpu", "cpu_gemv")
+    assert B.select_backend(key, "cpu", act_dtype=torch.bfloat16).name == "torch_cpu_int4"
+    with pytest.raises(BackendError, match=r"no C compiler was found.*install gcc"):
+        G.build_library()
+
+
+def test_failing_compile_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(BackendError, match=r"(?s)could not compile its C kernel.*exit status 1.*install a working gcc"):
+        G.build_library(cc="false")
+
+
+def test_selection():
+    key = B.LayerKey(576, 64, 4, 32, True, "gptq")
+    assert B.select_backend(key, "cpu", act_dtype=torch.bfloat16).name == "cpu_gemv"
+    assert B.select_backend(key, "cpu", act_dtype=torch.float32).name == "torch"  # float32 stays exact
+    assert B.select_backend(key, "cpu", "cpu_gemv", act_dtype=torch.float32).name == "cpu_gemv"
+    assert B.select_backend(B.LayerKey(576, 64, 4, 32, True, "gptq"), "cpu", "gemv_cpu").name == "cpu_gemv"
+    with pytest.raises(BackendError, match=r"cannot serve .* serves 2/3/4 bits, not 8"):
+        B.select_backend(B.LayerKey(576, 64, 8, 32, True, "gptq"), "cpu", "cpu_gemv")
+    with pytest.raises(BackendError, match=r"multiples of 32, not 48"):
+        B.select_backend(B.LayerKey(96, 64, 4, 48, True, "gptq"), "cpu", "cpu_gemv")
+
+
+# ------------------------------------------------------------------------------- models and compile
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    from tiny_models import tiny_model, token_data
+
+    from auto_quant import AutoRound
+
+    model = tiny_model("llama", intermediate_size=192)
+    out = tmp_path_factory.mktemp("q") / "tiny_w4"
+    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
+              seqlen=32, progress=False).quantize_and_save(str(out))
+    return out
+
+
+def test_reloaded_tiny_llama_generates_like_the_reference(saved_tiny, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRoundConfig
+
+    with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
+        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
+                                                 quantization_config=AutoRoundConfig(backend="cpu_gemv")).eval()
+    assert {q.backend for q in m.modules() if isinstance(q, QuantLinear)} == {"cpu_gemv"}
+    assert any("backend cpu_gemv for 14 4-bit g32 sym layers on cpu" in r.getMessage() for r in caplog.records)
+    ref = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32).eval()  # float32: reference path
+    assert {q.backend for q in ref.modules() if isinstance(q, QuantLinear)} == {"torch"}
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, ref(ids).logits) < 2e-2
+        kw = dict(max_new_tokens=12, do_sample=False)
+        assert torch.equal(m.generate(ids[:1], **kw), ref.generate(ids[:1], **kw))
+
+
+def test_compiles_without_graph_breaks():
+    model = torch.nn.Sequential(make_layer(out_f=64, in_f=96), torch.nn.ReLU(), make_layer(out_f=32, in_f=64, seed=1))
+    B.attach_backends(model, backend="cpu_gemv")
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # the fake kernel gives the shapes
+        assert torch.equal(compiled(x), eager)
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
