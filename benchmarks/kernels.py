@@ -11,8 +11,11 @@ GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N]
     one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend.
 CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32] [--reference] [--compile]
   * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
-    (RTN, ``torch_cpu_int4`` backend), with the tied lm_head left float and with it quantized
-    too, vs llama.cpp Q4_0 (llama-cpp-python, when installed) on the same model.
+    (RTN) through the ``torch_cpu_int4`` and ``cpu_gemv`` backends, with the tied lm_head left
+    float and with it quantized too, vs llama.cpp Q4_0 (llama-cpp-python, when installed) on the
+    same model.
+  * one-layer GEMV micro-benchmark (M = 1) of both CPU backends on SmolLM2's shapes, rotating
+    over enough weight copies to exceed the L3 cache; GB/s = packed weight bytes / time.
 """
 
 from __future__ import annotations
@@ -337,6 +340,64 @@ def llama_cpp_decoder(gguf_path: str, threads: int):
     return run, info
 
 
+CPU_BACKENDS = {"torch_cpu_int4": "", "cpu_gemv": "_cpu_gemv"}  # backend -> engine label suffix
+GEMV_SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: up/gate, down, lm_head (out N, in K)
+
+
+def cpu_gemv_micro(group_size: int, rounds: int = 5, copies_bytes: int = 96 * 2**20) -> list[dict]:
+    """µs and GB/s of one M = 1 GEMV per CPU backend; each timing cycles through weight copies
+    totalling ``copies_bytes`` (beyond the L3 cache), so the weights come from memory as in decode."""
+    from auto_quant.inference import cpu_gemv, cpu_int4
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    rows = []
+    for n, k in GEMV_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits=4, group_size=group_size, sym=True))
+        layer = QuantLinear.from_quantized(qw, None, layout="gptq_v2")
+        x = torch.randn(1, k, generator=g)
+        layers = {"torch_cpu_int4": cpu_int4.prepare(layer), "cpu_gemv": cpu_gemv.prepare(layer)}
+        sizes = {"torch_cpu_int4": tensor_bytes(layers["torch_cpu_int4"].packed, layers["torch_cpu_int4"].scale_and_zero),
+                 "cpu_gemv": tensor_bytes(layers["cpu_gemv"].weight.codes, layers["cpu_gemv"].weight.scales)}
+        row = {"N": n, "K": k, "group_size": group_size}
+        for name, run in layers.items():
+            copies = [copy_cpu_layer(run) for _ in range(max(1, math.ceil(copies_bytes / sizes[name])))]
+            for c in copies[:3]:
+                c(x)
+            best = math.inf
+            for _ in range(rounds):
+                t = time.perf_counter()
+                for c in copies:
+                    c(x)
+                best = min(best, (time.perf_counter() - t) / len(copies))
+            row[f"{name}_us"] = round(best * 1e6, 2)
+            row[f"{name}_GBps"] = round(sizes[name] / best / 1e9, 2)
+            row[f"{name}_MB"] = round(sizes[name] / 2**20, 2)
+        row["cpu_gemv_speedup"] = round(row["torch_cpu_int4_us"] / row["cpu_gemv_us"], 2)
+        rows.append(row)
+    return rows
+
+
+def copy_cpu_layer(run):
+    """A prepared CPU layer of either backend with its own copy of the packed weight tensors."""
+    import copy
+    import dataclasses
+
+    from auto_quant.inference import cpu_gemv
+
+    if isinstance(run, cpu_gemv.CpuGemvLinear):
+        w = run.weight
+        return cpu_gemv.CpuGemvLinear(dataclasses.replace(w, codes=w.codes.clone(), scales=w.scales.clone()), run.bias)
+    c = copy.copy(run)
+    c.packed, c.scale_and_zero = run.packed.clone(), run.scale_and_zero.clone()
+    return c
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def cpu_main(args):
     import copy
     import pathlib
@@ -346,11 +407,13 @@ def cpu_main(args):
     from transformers import AutoModelForCausalLM
 
     from auto_quant import AutoRound, AutoRoundConfig
+    from auto_quant.inference import cpu_gemv
     from auto_quant.models.loading import default_model_path, load_model
 
     torch.set_num_threads(args.threads)
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                       "cores": os.cpu_count(), "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+                       "cores": os.cpu_count(), "torch": torch.__version__, "load_avg_at_start": os.getloadavg(),
+                       "cpu_gemv_path": cpu_gemv.vector_path()},
            "command": " ".join(["python"] + sys.argv),
            "model": "SmolLM2-135M-Instruct (embedded GGUF, loaded as float32)",
            "method": f"{args.rounds} interleaved rounds of {args.tokens} greedy decode tokens per engine after a "
@@ -363,31 +426,32 @@ def cpu_main(args):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     engines["float32"] = hf_decoder(model, ids)
     for head in (False, True):
-        label = f"w4g{gs}" + ("_lm_head_w4" if head else "")
+        base = f"w4g{gs}" + ("_lm_head_w4" if head else "")
         tmp = tempfile.mkdtemp(prefix="aq_bench_")
         tmps.append(tmp)
         m = copy.deepcopy(model)  # quantize() leaves its model fake-quantized: start from the float one each time
         AutoRound(m, tok, bits=4, group_size=gs, sym=True, iters=0, progress=False,
                   quant_lm_head=head).quantize_and_save(tmp)
         del m
-        # float32 models get the exact reference path by default; the int4 CPU kernel is forced here
-        qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
-                                                  quantization_config=AutoRoundConfig(backend="torch_cpu_int4")).eval()
-        res[f"{label}_backends"] = sorted({q.backend for q in qm.modules() if hasattr(q, "kernel")})
-        res[f"{label}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
-                                              / 2**20, 1)
-        engines[label] = hf_decoder(qm, ids)
-        if args.compile and head:
-            qc = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
-                                                      quantization_config=AutoRoundConfig(backend="torch_cpu_int4")).eval()
-            engines[label + "_compiled"] = hf_compiled_decoder(qc, ids)
+        res[f"{base}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
+                                             / 2**20, 1)
+        for backend, suffix in CPU_BACKENDS.items():
+            # float32 models get the exact reference path by default; the CPU kernel is forced here
+            config = AutoRoundConfig(backend=backend)
+            label = base + suffix
+            qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, quantization_config=config).eval()
+            res[f"{label}_backends"] = sorted({q.backend for q in qm.modules() if hasattr(q, "kernel")})
+            engines[label] = hf_decoder(qm, ids)
+            if args.compile and head:
+                qc = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, quantization_config=config).eval()
+                engines[label + "_compiled"] = hf_compiled_decoder(qc, ids)
         if args.reference and not head:
             ref = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
             from auto_quant.inference.backends import detach_backends
 
             detach_backends(ref)
             t = hf_decoder(ref, ids)(4)
-            res[f"{label}_torch_reference_tokens_per_s"] = round(4 / t, 2)
+            res[f"{base}_torch_reference_tokens_per_s"] = round(4 / t, 2)
             del ref
     run, info = llama_cpp_decoder(str(default_model_path()), args.threads)
     res["llama_cpp_q4_0"] = info
@@ -407,6 +471,7 @@ def cpu_main(args):
             res[f"{k}_vs_float32"] = round(min(times["float32"]) / min(times[k]), 3)
         if k.startswith("w4") and "llama_cpp_q4_0" in times:
             res[f"{k}_vs_llama_cpp_q4_0"] = round(min(times["llama_cpp_q4_0"]) / min(times[k]), 3)
+    res["gemv_micro"] = cpu_gemv_micro(gs)
     res["load_avg_at_end"] = os.getloadavg()
     for t in tmps:
         shutil.rmtree(t, ignore_errors=True)

@@ -305,6 +305,21 @@ int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uin
     return 0;
 }
 
+/* One prepared layer, so a call passes 5 arguments instead of 11 (ctypes converts each). */
+typedef struct {
+    int64_t N, K;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    const uint8_t *zeros;
+    const float *bias;
+    int32_t zero;
+} aq_layer;
+
+/* aq_gemm for a prepared layer (x and y as there). */
+int aq_gemm_layer(const aq_layer *L, const float *x, float *y, int64_t M, int32_t threads) {
+    return aq_gemm(x, y, M, L->N, L->K, L->codes, L->scales, L->zeros, L->zero, L->bias, threads);
+}
+
 /* Which vector path this build uses: 2 = AVX-512 VNNI, 1 = AVX2, 0 = scalar C. */
 int aq_path(void) {
 #if defined(AQ_PATH_VNNI)
