@@ -359,7 +359,7 @@ def cpu_gemv_micro(group_size: int, rounds: int = 5, copies_bytes: int = 96 * 2*
         x = torch.randn(1, k, generator=g)
         layers = {"torch_cpu_int4": cpu_int4.prepare(layer), "cpu_gemv": cpu_gemv.prepare(layer)}
         sizes = {"torch_cpu_int4": tensor_bytes(layers["torch_cpu_int4"].packed, layers["torch_cpu_int4"].scale_and_zero),
-                 "cpu_gemv": tensor_bytes(layers["cpu_gemv"].weight.codes, layers["cpu_gemv"].weight.scales)}
+                 "cpu_gemv": tensor_bytes(layers["cpu_gemv"].weight.data)}
         row = {"N": n, "K": k, "group_size": group_size}
         for name, run in layers.items():
             copies = [copy_cpu_layer(run) for _ in range(max(1, math.ceil(copies_bytes / sizes[name])))]
@@ -388,7 +388,7 @@ def copy_cpu_layer(run):
 
     if isinstance(run, cpu_gemv.CpuGemvLinear):
         w = run.weight
-        return cpu_gemv.CpuGemvLinear(dataclasses.replace(w, codes=w.codes.clone(), scales=w.scales.clone()), run.bias)
+        return cpu_gemv.CpuGemvLinear(dataclasses.replace(w, data=w.data.clone()), run.bias)
     c = copy.copy(run)
     c.packed, c.scale_and_zero = run.packed.clone(), run.scale_and_zero.clone()
     return c

@@ -4,15 +4,15 @@
  * `gcc -O3 -march=native -shared -fPIC [-fopenmp]` and calls it through ctypes.
  *
  * Packing contract (built once per layer by cpu_gemv.pack_weight): output rows are grouped in
- * tiles of 16 (N padded with zero rows, scale 0), and per tile and block of 32 inputs:
+ * tiles of 16 (N padded with zero rows, scale 0). One uint8 buffer `data` holds, in this order:
  *   codes   uint8 [tiles][K/32][4][16][4]  byte (t, b, u, r, i) holds the code of row 16t + r at
  *                           input 32b + 4u + i in its low nibble and the one at input 32b + 16 + 4u + i
  *                           in its high nibble: one 64-byte word u gives 4 + 4 inputs of all 16 rows,
  *                           one row per int32 lane, as vpdpbusd wants them.
  *   scales  fp16  [tiles][K/32][16]  each block's weight scale (its group's scale, repeated).
- *   zeros   uint8 [tiles][K/32][16]  each block's integer zero point, or NULL when every zero
- *                           equals the constant `zero` argument (symmetric weights, or zeros
- *                           folded into the codes at pack time).
+ *   zeros   uint8 [tiles][K/32][16]  each block's integer zero point; only when the `zero`
+ *                           argument is negative. Otherwise every zero equals `zero` (symmetric
+ *                           weights, or zeros folded into the codes at pack time).
  *   w[n][k] = (code[n][k] - zero[n][k / 32]) * scale[n][k / 32];  K % 32 == 0.
  *
  * Activations x float32 [M][K] are quantized per row and block of 32 like llama.cpp's Q8_0:
@@ -273,13 +273,16 @@ static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, 
     }
 }
 
-/* y [M][N] = x [M][K] @ w^T + bias, w per the packing contract above. `zero` is the constant
- * zero point when `zeros` is NULL (ignored otherwise); bias may be NULL. threads > 1 splits the
- * row tiles over OpenMP threads when compiled with -fopenmp. Returns 0, or -1 when the
- * activation scratch cannot be allocated. */
-int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uint8_t *codes,
-            const uint16_t *scales, const uint8_t *zeros, int32_t zero, const float *bias, int32_t threads) {
+/* y [M][N] = x [M][K] @ w^T + bias, w = the packed layer `data` (codes, then scales, then per-block
+ * zeros when zero < 0; see the packing contract above); zero >= 0 is the constant zero point. bias
+ * may be NULL. threads > 1 splits the row tiles over OpenMP threads when compiled with -fopenmp.
+ * Returns 0, or -1 when the activation scratch cannot be allocated. */
+int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uint8_t *data, int32_t zero,
+            const float *bias, int32_t threads) {
     const int64_t nb = K / AQ_BLOCK, tiles = (N + AQ_TILE_N - 1) / AQ_TILE_N;
+    const uint8_t *codes = data;
+    const uint16_t *scales = (const uint16_t *)(data + tiles * nb * AQ_TILE_BYTES);
+    const uint8_t *zeros = zero < 0 ? (const uint8_t *)(scales + tiles * nb * AQ_TILE_N) : NULL;
     const size_t need = (size_t)(M * K) + (size_t)(M * nb) * (sizeof(float) + sizeof(int32_t)) + 64;
     _Alignas(64) unsigned char stack[AQ_STACK_SCRATCH];
     unsigned char *scratch = need <= sizeof stack ? stack : (unsigned char *)malloc(need);
@@ -305,19 +308,17 @@ int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uin
     return 0;
 }
 
-/* One prepared layer, so a call passes 5 arguments instead of 11 (ctypes converts each). */
+/* One prepared layer, so an eager call passes 5 arguments instead of 9 (ctypes converts each). */
 typedef struct {
     int64_t N, K;
-    const uint8_t *codes;
-    const uint16_t *scales;
-    const uint8_t *zeros;
+    const uint8_t *data;
     const float *bias;
     int32_t zero;
 } aq_layer;
 
 /* aq_gemm for a prepared layer (x and y as there). */
 int aq_gemm_layer(const aq_layer *L, const float *x, float *y, int64_t M, int32_t threads) {
-    return aq_gemm(x, y, M, L->N, L->K, L->codes, L->scales, L->zeros, L->zero, L->bias, threads);
+    return aq_gemm(x, y, M, L->N, L->K, L->data, L->zero, L->bias, threads);
 }
 
 /* Which vector path this build uses: 2 = AVX-512 VNNI, 1 = AVX2, 0 = scalar C. */

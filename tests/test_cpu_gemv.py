@@ -142,7 +142,7 @@ def test_zero_points_fold_or_stay_per_block():
     asym3 = G.pack_weight(*make_layer(bits=3, sym=False).unpack(), bits=3, group_size=32)
     assert asym3.zeros is None and asym3.zero == 8  # code - zero + 8 fits in 4 bits: folded
     asym4 = G.pack_weight(*make_layer(bits=4, sym=False).unpack(), bits=4, group_size=32)
-    assert asym4.zeros is not None and asym4.zeros.shape == (3, 18, 16)
+    assert asym4.zero == -1 and asym4.zeros.shape == (3, 18, 16) and int(asym4.zeros.max()) <= 15
     with pytest.raises(ValueError, match="multiples of 32"):
         G.pack_weight(torch.zeros(16, 48, dtype=torch.int32), torch.zeros(16, 1), torch.ones(16, 1), 4, -1)
 

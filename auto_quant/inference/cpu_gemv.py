@@ -17,16 +17,18 @@ float32 with ``AutoRoundConfig(backend="cpu_gemv")``.
 
 Packing contract (:func:`pack_weight`, once per layer; the checkpoint buffers stay untouched).
 Output rows are grouped in tiles of 16 (``out`` padded with zero rows of scale 0), the 16 int32
-lanes of an AVX-512 register; per tile and block of 32 inputs:
+lanes of an AVX-512 register. One uint8 tensor ``data`` holds, in this order, per tile and block of
+32 inputs:
 
 * ``codes`` uint8 ``[tiles, in / 32, 4, 16, 4]``: byte ``(t, b, u, r, i)`` holds the code of row
   ``16 t + r`` at input ``32 b + 4 u + i`` in its low nibble and the one at input
   ``32 b + 16 + 4 u + i`` in its high nibble (one 64-byte word gives 4 + 4 inputs of 16 rows).
 * ``scales`` fp16 ``[tiles, in / 32, 16]``: each block's group scale (repeated over a group's
   blocks, so any group size that is a multiple of 32 costs the same as 32).
-* ``zeros`` uint8 ``[tiles, in / 32, 16]`` per-block integer zero points, or ``None`` with one
-  constant ``zero``: symmetric weights, and asymmetric ones whose ``code - zero + 8`` fits in
-  [0, 15] (every 2/3-bit layer), which are folded into the codes with ``zero = 8``.
+* ``zeros`` uint8 ``[tiles, in / 32, 16]`` per-block integer zero points, only with ``zero = -1``.
+  Otherwise one constant ``zero`` serves every block: symmetric weights, and asymmetric ones whose
+  ``code - zero + 8`` fits in [0, 15] (every 2/3-bit layer), which are folded into the codes with
+  ``zero = 8``.
 
 ``w[n, k] = (code[n, k] - zero[n, k // 32]) * scale[n, k // 32]``; ``in_features % 32 == 0`` and
 the group size (``in_features`` for per-channel) a multiple of 32.
@@ -60,13 +62,13 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 class LayerArgs(ctypes.Structure):
     """``aq_layer`` of cpu_gemv.c: a prepared layer's constant arguments."""
 
-    _fields_ = [("N", ctypes.c_int64), ("K", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("zero", ctypes.c_int32)]
+    _fields_ = [("N", ctypes.c_int64), ("K", ctypes.c_int64), ("data", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("zero", ctypes.c_int32)]
 
 
 GEMM_LAYER_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
 GEMM_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+                 ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -178,14 +180,35 @@ def vector_path(lib: ctypes.CDLL | None = None) -> str:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A layer in the kernel's layout (see the module docstring)."""
+    """A layer in the kernel's layout (see the module docstring): one uint8 buffer, so that a
+    compiled graph guards one tensor per layer."""
 
-    codes: torch.Tensor  # uint8 [tiles, in / 32, 4, 16, 4]
-    scales: torch.Tensor  # float16 [tiles, in / 32, 16]
-    zeros: torch.Tensor | None  # uint8 [tiles, in / 32, 16], or None: the constant ``zero``
-    zero: int
+    data: torch.Tensor  # uint8: codes, scales (fp16 bytes), then per-block zeros when zero < 0
+    zero: int  # the constant zero point, or -1: per-block zeros in ``data``
     out_features: int
     in_features: int
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.out_features // TILE_N)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 ``[tiles, in / 32, 4, 16, 4]`` (a view of ``data``)."""
+        nb = self.in_features // BLOCK
+        return self.data[: self.tiles * nb * 256].view(self.tiles, nb, 4, TILE_N, 4)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """float16 ``[tiles, in / 32, 16]`` (a view of ``data``)."""
+        n = self.tiles * (self.in_features // BLOCK) * TILE_N
+        return self.data[n * 16: n * 18].view(torch.float16).view(self.tiles, -1, TILE_N)
+
+    @property
+    def zeros(self) -> torch.Tensor | None:
+        """uint8 ``[tiles, in / 32, 16]`` per-block zero points (a view of ``data``), or None."""
+        n = self.tiles * (self.in_features // BLOCK) * TILE_N
+        return None if self.zero >= 0 else self.data[n * 18:].view(self.tiles, -1, TILE_N)
 
 
 def check_shape(in_features: int, group_size: int) -> None:
@@ -244,8 +267,9 @@ def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bi
         if bool((shifted >= 0).all()) and bool((shifted <= 15).all()):
             codes, const = shifted, 8  # fold the zeros into the codes: one constant zero
         else:
-            zeros = tile_blocks(z.to(torch.uint8))
-    return PackedWeight(pack_codes(codes), tile_blocks(scales), zeros, const, out_f, in_f)
+            zeros, const = tile_blocks(z.to(torch.uint8)), -1
+    parts = [pack_codes(codes), tile_blocks(scales).view(torch.uint8)] + ([zeros] if zeros is not None else [])
+    return PackedWeight(torch.cat([p.flatten() for p in parts]), const, out_f, in_f)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -256,10 +280,8 @@ def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: 
     """``x2 [M, in]`` float32 contiguous -> float32 ``[M, out]`` through the C kernel (``lib``: another build)."""
     m = x2.shape[0]
     y = torch.empty((m, w.out_features), dtype=torch.float32)
-    rc = (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, w.out_features, w.in_features, w.codes.data_ptr(),
-                                w.scales.data_ptr(), None if w.zeros is None else w.zeros.data_ptr(), w.zero,
-                                None if bias is None else bias.data_ptr(), threads)
-    if rc:
+    if (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, w.out_features, w.in_features,
+                                       w.data.data_ptr(), w.zero, None if bias is None else bias.data_ptr(), threads):
         raise MemoryError(f"cpu_gemv could not allocate scratch for {m} activation rows")
     return y
 
@@ -268,21 +290,18 @@ def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: 
 # custom_op's Python autograd wrapper costs about 14 µs per call (3 ms per SmolLM2 decode step of
 # ~210 calls), a plain CPU kernel about 2 µs. The layer is inference-only: no autograd formula.
 _LIB = torch.library.Library("auto_quant", "FRAGMENT")
-_LIB.define("cpu_gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, int zero, Tensor? bias, "
-            "int out_features) -> Tensor")
+_LIB.define("cpu_gemv(Tensor x, Tensor data, int zero, Tensor? bias, int out_features) -> Tensor")
 
 
-def cpu_gemv_kernel(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero: int,
-                    bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype, w = the packed ``codes``/``scales``/``zeros``."""
+def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, zero: int, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype; ``data``/``zero`` as in :class:`PackedWeight`."""
     if x.dtype is not torch.float32 or not x.is_contiguous():
-        return cpu_gemv_kernel(x.contiguous().to(torch.float32), codes, scales, zeros, zero, bias,
-                               out_features).to(x.dtype)
-    in_f = codes.shape[1] * BLOCK
+        return cpu_gemv_kernel(x.contiguous().to(torch.float32), data, zero, bias, out_features).to(x.dtype)
+    in_f = x.shape[-1]
     y = torch.empty(*x.shape[:-1], out_features)
-    if load_library().aq_gemm(x.data_ptr(), y.data_ptr(), x.numel() // in_f, out_features, in_f, codes.data_ptr(),
-                              scales.data_ptr(), None if zeros is None else zeros.data_ptr(), zero,
-                              None if bias is None else bias.data_ptr(), torch.get_num_threads()):
+    if load_library().aq_gemm(x.data_ptr(), y.data_ptr(), x.numel() // in_f, out_features, in_f, data.data_ptr(),
+                              zero, None if bias is None else bias.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"cpu_gemv could not allocate scratch for {x.numel() // in_f} rows")
     return y
 
@@ -291,7 +310,7 @@ _LIB.impl("cpu_gemv", cpu_gemv_kernel, "CPU")
 
 
 @torch.library.register_fake("auto_quant::cpu_gemv", lib=_LIB)
-def _cpu_gemv_fake(x, codes, scales, zeros, zero, bias, out_features):
+def _cpu_gemv_fake(x, data, zero, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -305,20 +324,20 @@ class CpuGemvLinear:
     """
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None):
-        self.weight = w = weight
-        self.in_features = w.in_features
-        self.out_features = w.out_features
+        self.weight = weight
+        # flat attributes: what a compiled graph reads is guarded, one attribute at a time
+        self.data, self.zero = weight.data, weight.zero
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        self.args = LayerArgs(w.out_features, w.in_features, w.codes.data_ptr(), w.scales.data_ptr(),
-                              None if w.zeros is None else w.zeros.data_ptr(),
-                              None if self.bias is None else self.bias.data_ptr(), w.zero)
+        self.args = LayerArgs(self.out_features, self.in_features, self.data.data_ptr(),
+                              None if self.bias is None else self.bias.data_ptr(), self.zero)
         self.args_ptr = ctypes.addressof(self.args)
         self.gemm_layer = load_library().aq_gemm_layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            w = self.weight
-            return torch.ops.auto_quant.cpu_gemv(x, w.codes, w.scales, w.zeros, w.zero, self.bias, self.out_features)
+            return torch.ops.auto_quant.cpu_gemv(x, self.data, self.zero, self.bias, self.out_features)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             return self(x.contiguous().to(torch.float32)).to(x.dtype)
         y = torch.empty(*x.shape[:-1], self.out_features)
