@@ -131,10 +131,14 @@ class Backend:
         return self.pip or "install " + " or ".join(self.requires)
 
 
-def c_compiler_found() -> bool:
-    """A C compiler is on PATH ($CC if set, else gcc or cc)."""
+def find_c_compiler() -> str | None:
+    """The C compiler on PATH: ``$CC`` if set, else gcc or cc (None: none)."""
     names = (os.environ["CC"],) if os.environ.get("CC") else ("gcc", "cc")
-    return any(shutil.which(n) for n in names)
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def c_compiler_found() -> bool:
+    return find_c_compiler() is not None
 
 
 def _imports(module: str) -> bool:

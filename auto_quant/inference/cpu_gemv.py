@@ -41,7 +41,6 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -51,10 +50,11 @@ from pathlib import Path
 import torch
 
 from auto_quant.errors import BackendError
+from auto_quant.inference.backends import find_c_compiler
 
 BLOCK = 32  # inputs per activation block and per scale
 TILE_N = 16  # weight rows interleaved in one tile
-COMPILERS = ("gcc", "cc")
+TILE_BYTES = BLOCK * TILE_N // 2  # packed codes of one tile and block
 NATIVE = "-march=native"
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 
@@ -74,18 +74,6 @@ GEMM_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int6
 # ----------------------------------------------------------------------------------------- build
 
 
-def find_compiler() -> str | None:
-    """The C compiler to build with: ``$CC`` if set and found, else gcc or cc on PATH (None: none)."""
-    env = os.environ.get("CC")
-    if env:
-        return shutil.which(env)
-    for name in COMPILERS:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def source_path() -> Path:
     return Path(str(resources.files("auto_quant.kernels").joinpath("cpu_gemv.c")))
 
@@ -95,6 +83,7 @@ def cache_dir() -> Path:
     return Path(base) / "auto_quant" / "kernels"
 
 
+@functools.cache
 def _compiler_version(cc: str) -> str:
     try:
         return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
@@ -121,7 +110,8 @@ def library_path(cc: str, flags: tuple[str, ...]) -> Path:
     return cache_dir() / f"cpu_gemv-{h.hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, flags: tuple[str, ...], out: Path) -> subprocess.CompletedProcess:
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
+    """Build the library at ``out``; None on success, else what went wrong."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
@@ -130,7 +120,10 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> subprocess.Completed
                               timeout=300)
         if proc.returncode == 0:
             os.replace(tmp, out)  # atomic: a racing process sees either no file or a whole one
-        return proc
+            return None
+        return proc.stderr.strip()[-2000:] or f"exit status {proc.returncode}, no output"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -140,20 +133,20 @@ def build_library(cc: str | None = None, march: str = NATIVE) -> Path:
     """Compile the kernel (with OpenMP if it links, else without) unless already cached; returns its path.
 
     ``march`` picks the instruction set (tests build ``-march=x86-64`` for the scalar path)."""
-    cc = cc or find_compiler()
+    cc = cc or find_c_compiler()
     if cc is None:
         raise BackendError("the cpu_gemv backend compiles a C kernel at first use but no C compiler was found "
                            "(looked for $CC, gcc, cc); install gcc (e.g. apt-get install gcc) or pass backend='auto'")
+    variants = (BASE_FLAGS + (march, "-fopenmp"), BASE_FLAGS + (march,))
+    for flags in variants:
+        if library_path(cc, flags).exists():
+            return library_path(cc, flags)
     errors = []
-    for flags in (BASE_FLAGS + (march, "-fopenmp"), BASE_FLAGS + (march,)):
-        path = library_path(cc, flags)
-        if path.exists():
-            return path
-        proc = _compile(cc, flags, path)
-        if proc.returncode == 0:
-            return path
-        said = proc.stderr.strip()[-2000:] or f"exit status {proc.returncode}, no output"
-        errors.append(f"$ {cc} {' '.join(flags)}: {said}")
+    for flags in variants:
+        failure = _compile(cc, flags, library_path(cc, flags))
+        if failure is None:
+            return library_path(cc, flags)
+        errors.append(f"$ {cc} {' '.join(flags)}: {failure}")
     raise BackendError("the cpu_gemv backend could not compile its C kernel " + str(source_path()) + ":\n"
                        + "\n".join(errors) + "\ninstall a working gcc (e.g. apt-get install gcc) or pass backend='auto'")
 
@@ -193,22 +186,26 @@ class PackedWeight:
         return -(-self.out_features // TILE_N)
 
     @property
+    def tile_blocks(self) -> int:
+        """How many (tile, block of 32 inputs) pairs the layer has."""
+        return self.tiles * (self.in_features // BLOCK)
+
+    @property
     def codes(self) -> torch.Tensor:
         """uint8 ``[tiles, in / 32, 4, 16, 4]`` (a view of ``data``)."""
-        nb = self.in_features // BLOCK
-        return self.data[: self.tiles * nb * 256].view(self.tiles, nb, 4, TILE_N, 4)
+        return self.data[: self.tile_blocks * TILE_BYTES].view(self.tiles, -1, 4, TILE_N, 4)
 
     @property
     def scales(self) -> torch.Tensor:
         """float16 ``[tiles, in / 32, 16]`` (a view of ``data``)."""
-        n = self.tiles * (self.in_features // BLOCK) * TILE_N
-        return self.data[n * 16: n * 18].view(torch.float16).view(self.tiles, -1, TILE_N)
+        start = self.tile_blocks * TILE_BYTES
+        return self.data[start: start + self.tile_blocks * TILE_N * 2].view(torch.float16).view(self.tiles, -1, TILE_N)
 
     @property
     def zeros(self) -> torch.Tensor | None:
         """uint8 ``[tiles, in / 32, 16]`` per-block zero points (a view of ``data``), or None."""
-        n = self.tiles * (self.in_features // BLOCK) * TILE_N
-        return None if self.zero >= 0 else self.data[n * 18:].view(self.tiles, -1, TILE_N)
+        start = self.tile_blocks * (TILE_BYTES + TILE_N * 2)
+        return None if self.zero >= 0 else self.data[start:].view(self.tiles, -1, TILE_N)
 
 
 def check_shape(in_features: int, group_size: int) -> None:
@@ -260,7 +257,8 @@ def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bi
     z = block_values(zero.to(torch.int32), in_f, group_size)  # [out, in / 32]
     scales = block_values(scale.to(torch.float32), in_f, group_size).to(torch.float16)
     if not bool(torch.isfinite(scales).all()):
-        raise ValueError("cpu_gemv keeps scales in fp16 and this layer's scales overflow it")
+        raise BackendError("cpu_gemv keeps scales in fp16 and this layer's scales overflow it; "
+                           "pass backend='torch_cpu_int4' (bf16 scales) or 'torch'")
     zeros, const = None, int(z.flatten()[0]) if z.numel() else 0
     if bool((z != const).any()):
         shifted = codes - z.repeat_interleave(BLOCK, dim=1) + 8
