@@ -1,6 +1,10 @@
-"""Sweep the M = 1 ``gemv`` kernel's tile shapes, warps, pipeline depth and split-K on the GPU; prints JSON.
+"""Sweep a kernel's tile shapes, warps, pipeline depth and split-K on the GPU; prints JSON.
 
     python benchmarks/gemv_sweep.py [--shapes 4096x4096,4096x14336] [--formats w4g128,w2g64] [--top 8]
+    python benchmarks/gemv_sweep.py --kernel tdot --ms 8,16,64,256 [--shapes ...] [--formats ...]
+
+``gemv``: the M = 1 kernel. ``tdot``: the weight-side tensor-core kernel at the given row counts,
+with dequantize + cuBLAS and the older ``dot`` tiles (the tuner's other candidates) timed alongside.
 
 Each configuration is timed like ``benchmarks/kernels.py`` times its rows (one CUDA graph over enough
 weight copies to exceed L2, median of replays), next to bf16 cuBLAS in the same process, and checked
@@ -39,6 +43,71 @@ TILES = [(32, 64, 4, 3), (32, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3), (128, 1
 DEEP = [(512, 2, 4, 4), (512, 2, 4, 6), (512, 4, 4, 4), (512, 4, 4, 5), (512, 4, 4, 6), (512, 8, 4, 3), (512, 8, 4, 4),
         (512, 8, 8, 4), (1024, 4, 8, 4), (1024, 4, 8, 5), (512, 16, 8, 3), (512, 2, 2, 4), (512, 4, 2, 4)]
 SPLITS = [1, 2, 4, 8, 16, 33, 66, 132, 264]
+# tdot: (block_n, block_k, warps, stages); block_m from the row count
+TDOT_TILES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
+              (128, 128, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 128, 8, 3), (128, 32, 4, 5)]
+TDOT_SPLITS = [1, 2, 3, 4, 6, 8, 16]
+
+
+def sweep_tdot(args, out):
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, candidates, launch, quant_matmul
+
+    dev = torch.device("cuda")
+    dt = getattr(torch, args.dtype)
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        wb = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        copies_b = [wb] + [wb.clone() for _ in range(max(2, math.ceil(GRAPH_BYTES / (N * K * 2))) - 1)]
+        for fmt in args.formats.split(","):
+            bits, gs = int(fmt[1:fmt.index("g")]), int(fmt[fmt.index("g") + 1:])
+            w = random_kernel_weight(N, K, bits, gs, True, dev)
+            W = dequantize(w).double()
+            copies = [w] + [clone_weight(w) for _ in range(max(2, math.ceil(GRAPH_BYTES / w.nbytes())) - 1)]
+            ws = Workspace()
+            for M in (int(m) for m in args.ms.split(",")):
+                x = torch.randn(M, K, device=dev, dtype=dt)
+                ref = x.double() @ W.t()
+                bf16_us = graph_time_us([lambda wb=wb: F.linear(x, wb) for wb in copies_b])
+                bms = sorted({min(max(16, 1 << (M - 1).bit_length()), 128), min(max(16, M // 2), 128)})
+                cfgs = [KernelConfig("tdot", bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in TDOT_TILES
+                        for sp in TDOT_SPLITS if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
+                        and K >= bk * 2 * sp]
+                others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != "tdot"]
+                timings = []
+                for cfg in cfgs + others:
+                    try:
+                        y = launch(x, w, None, cfg, ws)
+                        err = ((y.double() - ref).norm() / ref.norm()).item()
+                        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
+                    except Exception as e:  # out of resources: skip
+                        timings.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                        continue
+                    timings.append({"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err})
+                good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
+                best_other = next((t for t in good if t["config"]["kind"] != "tdot"), None)
+                tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
+                quant_matmul(x, w, tuner=tuner, workspace=ws)
+                pick = tuner.best[tuner.key(x, w)]
+                pick_us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])
+                res = {"N": N, "K": K, "M": M, "format": fmt, "bf16_us": round(bf16_us, 2), "tested": len(timings),
+                       "failed": sum("error" in t for t in timings),
+                       "max_rel_err": max(t["rel_err"] for t in good),
+                       "errors": sorted({t["error"] for t in timings if "error" in t})[:5],
+                       "best": good[: args.top], "best_other": best_other,
+                       "tuner_pick": dataclasses.asdict(pick), "tuner_pick_us": round(pick_us, 2)}
+                out["results"].append(res)
+                b = good[0]
+                c = b["config"]
+                print(f"{fmt} {N}x{K} M={M}: best {b['us']}us (x{bf16_us / b['us']:.2f} bf16) {c['kind']} bm{c['block_m']} "
+                      f"bn{c['block_n']} bk{c['block_k']} s{c['split_k']} w{c['num_warps']} st{c['num_stages']}; "
+                      f"best other {best_other and best_other['us']}us {best_other and best_other['config']['kind']}; "
+                      f"tuner pick {pick_us:.2f}us {pick.kind}; bf16 {bf16_us:.2f}us; {len(timings)} configs",
+                      file=sys.stderr, flush=True)
+            del copies, w
+            torch.cuda.empty_cache()
+        del copies_b, wb
+
 
 
 def main():
@@ -51,11 +120,18 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
+    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot"])
+    p.add_argument("--ms", default="8,16,32,64,256", help="tdot: row counts")
     args = p.parse_args()
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)
     out = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv), "results": []}
     t0 = time.time()
+    if args.kernel == "tdot":
+        sweep_tdot(args, out)
+        out["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(out, indent=1))
+        return
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
         wb = torch.randn(N, K, device=dev, dtype=dt) * 0.02

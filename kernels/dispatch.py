@@ -1,8 +1,11 @@
 """Choosing and launching a Triton kernel variant per call: ``quant_matmul(x, weight, bias)``.
 
-* ``KernelConfig`` is one variant (``gemv`` / ``fma`` / ``dot`` / ``dequant``) with its tile sizes,
-  split-K factor, warps and pipeline stages. ``gemv`` (:mod:`auto_quant.kernels.triton_gemv`) serves
-  one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits.
+* ``KernelConfig`` is one variant (``gemv`` / ``fma`` / ``tdot`` / ``dot`` / ``dequant``) with its tile
+  sizes, split-K factor, warps and pipeline stages. ``gemv`` (:mod:`auto_quant.kernels.triton_gemv`) serves
+  one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits; ``tdot``
+  (:mod:`auto_quant.kernels.triton_qmm_wt`) is the tensor-core kernel with the weight as the tall
+  operand (2/4/8 bits, a few to a few hundred rows); ``dot`` the older one with the activations as
+  the tall operand (every bit width).
 * ``default_config`` is a shape heuristic, used when no tuner is given (tests, first calls
   under CUDA-graph capture).
 * ``Tuner`` times the candidate variants for a shape on first use (``triton.testing.do_bench``,
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv"/"fma" (one row per program), "dot" (tensor cores), "dequant" (dequantize + cuBLAS)
+    kind: str  # "gemv"/"fma" (one row per program), "tdot"/"dot" (tensor cores), "dequant" (dequantize + cuBLAS)
     block_m: int = 1
     block_n: int = 64
     block_k: int = 64
@@ -37,13 +40,13 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "dot", "dequant"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
         if self.kind == "gemv" and self.block_m not in (1, 2, 4, 8, 16):
             raise ValueError("the gemv kernel serves 1, 2, 4, 8 or 16 rows per program")
-        if self.kind == "dot" and min(self.block_m, self.block_n, self.block_k) < 16:
+        if self.kind in ("dot", "tdot") and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError("tl.dot needs block sizes >= 16")
 
 
@@ -118,6 +121,9 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         bn, bkw = 512, 4
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
+    if M <= 256 and bits in TDOT_BITS:
+        bm = tdot_row_blocks(M)[0]
+        return tdot_config(M, N, K, bits, group_size, sms, TDOT_TILES[bm][0], bm)
     if M <= 16:
         c = _cfg("dot", 16, 64, 16, bits, warps=4, stages=3)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, 64), K, c.block_k, sms))
@@ -152,6 +158,11 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                 out.append(dataclasses.replace(_gemv(512, br, bits, warps=4, stages=st), block_m=bm,
                                                split_k=_gemv_split(N, K, bits, 512, br, target)))
 
+    if M > 1 and bits in TDOT_BITS:
+        for c in tdot_candidates(M, N, K, bits, group_size, sms):
+            if c not in out:
+                out.append(c)
+
     def add(kind, bm, bn, bkw, warps, stages, splits=("auto",), fill=1):
         for s in splits:
             c = _cfg(kind, bm, bn, bkw, bits, 1, warps, stages)
@@ -168,6 +179,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     if M == 1:
         for bn, bkw, w in ((512, 4, 4), (256, 8, 4), (512, 8, 8), (1024, 4, 8)):
             add("fma", 1, bn, bkw, w, 1, splits=("auto", "half", "quarter"), fill=2)
+    elif bits in TDOT_BITS:
+        pass  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
     elif M <= 16:
         for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
             add("dot", 16, bn, bkw, w, 3, splits=("auto", "double"))
@@ -180,6 +193,52 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
             add("dot", bm, bn, bkw, w, st, splits=(1,))
     if M > 1:  # dequantize + cuBLAS: the floor every batched shape is measured against
         out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))
+    return out
+
+
+# (block_n, block_k, warps, stages) of the tdot kernel per row block, from benchmarks/gemv_sweep.py --kernel tdot on
+# an H100 (W4 g128, Llama-3-8B shapes): narrow 64-row tiles win at 8-16 rows, 128 rows x 8 warps from 64 rows up
+TDOT_TILES = {16: ((64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)),
+              32: ((64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)),
+              64: ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 8, 4)),
+              128: ((128, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 3), (256, 64, 8, 3))}
+
+
+def _tdot_block_k(block_k: int, bits: int, group_size: int) -> int:
+    """``block_k`` cut to the group when a group is shorter (one scale per tile keeps the paired path)."""
+    if group_size != -1 and group_size < block_k and group_size % codes_per_row(bits) == 0 and group_size >= 16:
+        return group_size
+    return block_k
+
+
+def tdot_row_blocks(M: int) -> list[int]:
+    """Row blocks worth timing: the smallest tensor-core width (16 to 128) holding ``M`` rows, and half of it
+    from 64 rows up."""
+    bm = min(max(16, m_bucket(M)), 128)
+    return [bm, bm // 2] if bm >= 64 else [bm]
+
+
+def tdot_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int, tile: tuple, block_m: int,
+                split: int | None = None) -> KernelConfig:
+    bn, bk, warps, stages = tile
+    bk = _tdot_block_k(bk, bits, group_size)
+    if split is None:
+        split = auto_split(_cdiv(N, bn) * _cdiv(M, block_m), K, bk, sms)
+    return KernelConfig("tdot", block_m, bn, bk, split, warps, stages)
+
+
+def tdot_candidates(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[KernelConfig]:
+    """``tdot`` variants for ``M`` rows: per row block its tiles, split-K around the split that covers the machine."""
+    out = []
+    for bm in tdot_row_blocks(M):
+        for tile in TDOT_TILES[bm]:
+            auto = tdot_config(M, N, K, bits, group_size, sms, tile, bm)
+            for split in (auto.split_k, max(1, auto.split_k // 2), auto.split_k * 2):
+                if split > 1 and K < auto.block_k * 2 * split:
+                    continue
+                c = dataclasses.replace(auto, split_k=split)
+                if c not in out:
+                    out.append(c)
     return out
 
 
@@ -235,6 +294,8 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         return torch.addmm(bias.to(x2.dtype), x2, wt)
     if cfg.kind == "gemv":
         return _launch_gemv(x2, w, bias, cfg, ws)
+    if cfg.kind == "tdot":
+        return _launch_tdot(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -264,6 +325,48 @@ def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
     return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
             and w.bits in (2, 4) and w.in_features % per == 0 and x2.stride(0) % 2 == 0
             and x2.data_ptr() % 4 == 0)
+
+
+TDOT_BITS = (2, 4, 8)
+
+
+def tdot_pairs(x2: torch.Tensor, w: KernelWeight, block_k: int) -> bool:
+    """Whether the ``tdot`` kernel builds its tile with the paired PTX (CUDA, fp16/bf16, 2/4 bits, one group
+    per tile or per-channel scales); otherwise it takes the portable float32 path."""
+    return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16) and w.bits in (2, 4)
+            and (w.group_size == -1 or w.group_size % block_k == 0))
+
+
+def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
+                 ws: Workspace) -> torch.Tensor:
+    """The tensor-core kernel with the weight as the tall operand (``y^T = W x^T``)."""
+    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import triton_qmm_wt as t
+
+    M, K = x2.shape
+    N = w.out_features
+    per = codes_per_row(w.bits)
+    if w.bits not in TDOT_BITS or cfg.block_k % per:
+        raise ValueError(f"the tdot kernel serves {TDOT_BITS} bits in tiles of whole words, not {w.bits} bits "
+                         f"with block_k={cfg.block_k}")
+    k_per_split = _cdiv(_cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (_cdiv(N, cfg.block_n), _cdiv(M, cfg.block_m), _cdiv(K, k_per_split))
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
+    pairs = tdot_pairs(x2, w, cfg.block_k)
+    act = "fp16" if x2.dtype == torch.float16 else "bf16"
+    zero = None if w.zeros is not None else 1 << (w.bits - 1)
+    t._qmm_wt_kernel[grid](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
+        BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=grid[2] > 1,
+        EVEN_K=K % cfg.block_k == 0, PAIRS=pairs, DEQ=g.dequant_asm(w.bits, act, zero) if pairs else "",
+        DEQ_CONS=g.dequant_constraints(w.bits, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
+        STAGES=cfg.num_stages, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps,
+    )
+    return out
 
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,

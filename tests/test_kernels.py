@@ -79,6 +79,8 @@ VARIANTS = [
     (1, "gemv", 1, 64, 16, 1, 3),
     (1, "fma", 1, 64, 2, 1, 2),
     (1, "fma", 1, 32, 4, 3, 2),
+    (5, "tdot", 16, 32, 8, 2, 2),  # weight-side tensor-core tile, wider than g32 (and g64 at 2 bits)
+    (20, "tdot", 32, 64, 4, 1, 3),
     (5, "dot", 16, 32, 16, 2, 2),
     (20, "dot", 16, 64, 16, 1, 2),
     (6, "dequant", 1, 64, 2, 1, 2),
@@ -107,7 +109,7 @@ def run_interpreter_checks() -> dict:
             dt = torch.float16 if (i + c) % 2 == 0 else torch.bfloat16
             x = torch.randn(M, K, generator=g).to(dt)
             bias = torch.randn(N, generator=g).to(dt)
-            kind = "fma" if kind == "gemv" and bits == 3 else kind
+            kind = "fma" if kind == "gemv" and bits == 3 else "dot" if kind == "tdot" and bits == 3 else kind
             y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split, stages=stages), workspace=ws)
             ref = x.double() @ W.t() + bias.double()
             ok = y.dtype == dt and tuple(y.shape) == (M, N) and bool(torch.isfinite(y).all())
@@ -164,7 +166,9 @@ def test_default_config_choice_and_bad_input():
     cpu = torch.device("cpu")
     assert default_config(1, 4096, 4096, cpu).kind == "gemv"
     assert default_config(1, 4096, 4096, cpu, bits=3).kind == "fma"
-    assert default_config(16, 4096, 4096, cpu).kind == "dot"
+    assert default_config(16, 4096, 4096, cpu).kind == "tdot"
+    assert default_config(256, 4096, 4096, cpu, bits=8).kind == "tdot"
+    assert default_config(16, 4096, 4096, cpu, bits=3).kind == "dot"  # tdot serves 2/4/8 bits
     assert default_config(512, 4096, 4096, cpu).kind == "dequant"
     qw = quantized(32, 256, 4, 64, False)
     kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
@@ -176,6 +180,14 @@ def test_default_config_choice_and_bad_input():
         quant_matmul(torch.randn(3, 256, dtype=torch.float16), kw, config=KernelConfig("gemv", 4, 512, 16, 1, 4, 3))
     with pytest.raises(ValueError, match="1, 2, 4, 8 or 16 rows"):
         KernelConfig("gemv", 3, 512, 16)
+    with pytest.raises(ValueError, match="whole words"):  # 3-bit codes straddle words
+        quant_matmul(torch.randn(3, 256, dtype=torch.float16), pack_codes(*_q3(), 3, 64),
+                     config=KernelConfig("tdot", 16, 32, 64, 1, 4, 2))
+
+
+def _q3():
+    qw = quantized(32, 256, 3, 64, True)
+    return qw.codes, qw.zero, qw.scale
 
 
 # ------------------------------------------------------------------------ compiled for the GPU, on the CPU
@@ -223,6 +235,32 @@ def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
     if stages > 1:  # Triton's pipeliner copies tiles ahead with cp.async
         assert "cp.async" in ptx
+
+
+def _compile_tdot_sm90(bits, act, sym, group, block_k, pairs):
+    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import triton_qmm_wt as t
+
+    zero = 1 << (bits - 1) if sym else None
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k,
+                 SPLIT=True, EVEN_K=True, PAIRS=pairs, DEQ=g.dequant_asm(bits, act, zero) if pairs else "",
+                 DEQ_CONS=g.dequant_constraints(bits, zero) if pairs else "", ACT_FP16=act == "fp16", STAGES=3,
+                 DOT_F32=False)
+    ints = ["M", "N", "K", "stride_xm", "stride_om", "k_per_split"]
+    return _compile_sm90(t._qmm_wt_kernel, act, ints, const)
+
+
+@pytest.mark.parametrize("bits,act,sym,group,block_k", [
+    (4, "bf16", True, 128, 128), (4, "fp16", False, 64, 64), (2, "bf16", False, 0, 128), (2, "fp16", True, 128, 128),
+    (8, "bf16", False, 128, 64), (4, "bf16", True, 32, 64),  # 8 bits and tiles wider than the group: float32 path
+])
+def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
+    """The weight-side tile compiles to Hopper's wgmma with the paired PTX where it applies, and pipelines its copies."""
+    pairs = bits in (2, 4) and (group == 0 or group % block_k == 0)
+    ptx = _compile_tdot_sm90(bits, act, sym, group, block_k, pairs).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async" in ptx
+    if pairs:
+        assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
 
 
 def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):

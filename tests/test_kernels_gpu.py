@@ -101,6 +101,58 @@ def test_gemv_every_candidate(bits, group_size, sym):
         assert not acc.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] != 3])
+def test_tdot_every_candidate(bits, group_size, sym):
+    """The weight-side tensor-core kernel: every candidate for a few row counts, fp16 and bf16; 2/4 bits take the
+    paired PTX tile wherever a tile lies in one group."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, launch, tdot_candidates, tdot_pairs
+
+    N, K = 4096, 4096
+    kw = quantized_weight(N, K, bits, group_size, sym, seed=bits * 37 + group_size)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M, dts in ((3, (torch.float16, torch.bfloat16)), (16, (torch.bfloat16,)), (40, (torch.float16,)),
+                   (256, (torch.bfloat16,))):
+        cands = tdot_candidates(M, N, K, bits, group_size, sms)
+        assert cands
+        for dt in dts:
+            x = torch.randn(M, K, device="cuda").to(dt)
+            bias = torch.randn(N, device="cuda").to(dt)
+            ref = x.double() @ W.t() + bias.double()
+            for cfg in cands:
+                assert tdot_pairs(x, kw, cfg.block_k) == (bits in (2, 4))
+                y = launch(x, kw, bias, cfg, ws)
+                assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (M, dt, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
+def test_tdot_odd_shapes_and_wide_tiles():
+    """Partial tiles in every dimension, tiles wider than the group (float path), per-channel asym, a strided x."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch, quant_matmul
+
+    ws = Workspace()
+    for bits, gs, sym, N, K in ((4, 32, False, 200, 416), (2, 64, True, 136, 320), (8, 128, False, 72, 384),
+                                (4, -1, False, 4096, 1000)):
+        kw = quantized_weight(N, K, bits, gs, sym, seed=N + K)
+        W = dequantize(kw).double()
+        for dt in (torch.float16, torch.bfloat16):
+            base = torch.randn(37, K + 8, device="cuda").to(dt)
+            x = base[:, 4:4 + K]  # rows not contiguous with each other
+            ref = x.double() @ W.t()
+            for cfg in (KernelConfig("tdot", 16, 64, 128, 1, 4, 3), KernelConfig("tdot", 64, 128, 64, 2, 4, 3),
+                        KernelConfig("tdot", 32, 128, 256, 3, 8, 2)):
+                y = quant_matmul(x, kw, config=cfg, workspace=ws)
+                assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (bits, gs, dt, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
 @pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] in (2, 4)])
 def test_gemv_rows_every_candidate(bits, group_size, sym):
     """The multi-row gemv (2-16 rows): every candidate the tuner may time, fp16 and bf16."""

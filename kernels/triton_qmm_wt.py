@@ -1,0 +1,166 @@
+"""Triton kernel: the transposed tensor-core product ``y^T[N, M] = W[N, K] @ x^T[K, M]`` for 2 <= M <= a few hundred.
+
+Why transposed: on Hopper a tensor-core tile is 64 rows tall (``wgmma``), and its left operand may
+come from registers while the right one is read from shared memory. The dequantized weight is made
+in registers, so it is the left operand, its output features the tall side; the few activation rows
+(8-256 tokens) are the short side, which Triton's pipeline copies ahead into shared memory
+(``STAGES``). On Ampere the same code compiles to ``mma.sync``.
+
+Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
+:mod:`~auto_quant.kernels.pack` layout, every word read once) and expands it to ``[BLOCK_N, BLOCK_K]``:
+
+* ``PAIRS`` (CUDA, fp16/bf16, 2/4 bits, one group per tile or per-channel scales): the PTX of
+  :func:`~auto_quant.kernels.triton_gemv.dequant_asm` makes the exact ``code - zero`` as packed half
+  pairs, about one instruction per weight; :func:`_paired_tile` puts them in input order.
+* otherwise (8 bits, tiles wider than a group, Triton's CPU interpreter): the exponent trick in
+  float32, ``bitcast(code | 0x4B000000) - (2**23 + zero)``, exact.
+
+The scale multiplies the tile in the activation dtype (the rounding of a dequantized weight, as in
+dequantize + cuBLAS), so one accumulator chains every tile's ``tl.dot`` and the tensor cores run
+asynchronously behind the next tile's dequantization; per-channel scales multiply the fp32 result
+once at the end instead. Split-K over grid axis 2 shares the epilogue of the other kernels
+(:func:`~auto_quant.kernels.triton_qmm._write_output`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from auto_quant.kernels.triton_gemv import _zero_pair
+from auto_quant.kernels.triton_qmm import _write_output
+
+
+@triton.jit
+def _halves(d, ACT_FP16: tl.constexpr):
+    """The two 16-bit lanes of the b32 pairs ``d`` as activation-dtype tensors ``(low, high)``."""
+    if ACT_FP16:
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [d], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
+    else:
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [d],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    return lo, hi
+
+
+@triton.jit
+def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.constexpr, ZERO_IN: tl.constexpr,
+                 ACT_FP16: tl.constexpr):
+    """``[BN, BKW * PER]`` exact ``code - zero`` in the activation dtype, inputs in order.
+
+    :func:`dequant_asm` leaves pair ``i`` (codes ``i`` and ``i + PER/2``) in one b32. The pairs are joined on
+    new trailing axes (the bits of ``i``, low bit first) and their two lanes on the last; permuting those axes
+    puts code ``c = lane * PER/2 + i`` at position ``c`` of its word, so the activations are read in order
+    (and pipelined) while the registers keep each pair together until the tile is stored for the tensor cores.
+    """
+    if BITS == 4:
+        if ZERO_IN:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [wq, tl.broadcast_to(zz, wq.shape)],
+                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [wq], dtype=(tl.int32,) * 4, is_pure=True,
+                                                       pack=1)
+        lo, hi = _halves(tl.join(tl.join(d0, d1), tl.join(d2, d3)), ACT_FP16)
+        t = tl.permute(tl.join(lo, hi), (0, 1, 4, 3, 2))
+    else:
+        if ZERO_IN:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                DEQ, DEQ_CONS, [wq, tl.broadcast_to(zz, wq.shape)], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                DEQ, DEQ_CONS, [wq], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        lo, hi = _halves(tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7))),
+                         ACT_FP16)
+        t = tl.permute(tl.join(lo, hi), (0, 1, 5, 4, 3, 2))
+    return tl.reshape(t, (wq.shape[0], wq.shape[1] * (32 // BITS)))
+
+
+@triton.jit
+def _qmm_wt_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, k_per_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, PAIRS: tl.constexpr, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr,
+    ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # GROUP == 0: per output feature. k_per_split is a multiple of BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16,
+    # 2/4 bits): dequant_asm makes the tile; it needs one group per tile (GROUP % BLOCK_K == 0) or per-channel.
+    # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 8388608.0
+    ZC: tl.constexpr = 1 << (BITS - 1)
+    ONE_GROUP: tl.constexpr = GROUP != 0 and GROUP % BLOCK_K == 0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BKW)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    act = x_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    if not PAIRS:
+        shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+
+    if GROUP == 0:
+        s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) if HAS_ZERO else ZC
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        rows = k0 // PER + offs_r
+        k = k0 + offs_k
+        if EVEN_K:
+            wq = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_mask[None, :], other=0.0)
+        else:
+            wq = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
+                         mask=n_mask[:, None] & (rows < tl.cdiv(K, PER))[None, :], other=0)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_mask[None, :] & (k < K)[:, None],
+                         other=0.0)
+        # zero point and scale of the tile: per output feature, per tile, or per input (tiles wider than a group)
+        if GROUP == 0:
+            z = z_row
+        elif ONE_GROUP:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) if HAS_ZERO else ZC
+        else:
+            gk = (k // GROUP)[None, :]
+            gm = n_mask[:, None] & (k < K)[None, :]
+            s = tl.load(s_ptr + gk * N + offs_n[:, None], mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + gk * N + offs_n[:, None], mask=gm, other=0).to(tl.float32) if HAS_ZERO else ZC
+        if PAIRS:
+            zz = _zero_pair(z, ACT_FP16)[:, None] if HAS_ZERO else 0
+            w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16)
+            if GROUP != 0:
+                w = w * s.to(act)[:, None]
+        else:
+            # code j of word row r is input r * PER + j: [BN, BKW, PER] flattens to [BN, BLOCK_K] in input order
+            q3 = ((wq[:, :, None] >> shifts) & MASK) | 0x4B000000
+            code = tl.reshape(q3, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # 2**23 + code
+            if GROUP == 0 or ONE_GROUP:
+                w = code - (z + MAGIC)[:, None] if HAS_ZERO else code - (MAGIC + ZC)
+            else:
+                w = code - (z + MAGIC) if HAS_ZERO else code - (MAGIC + ZC)
+            if ONE_GROUP:
+                w = w * s[:, None]
+            elif GROUP != 0:
+                w = w * s
+            w = w.to(act)
+        if DOT_F32:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w, xt, acc)
+
+    if GROUP == 0:
+        acc = acc * s_row[:, None]
+    res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    _write_output(res, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                  ws_ptr, offs_m[:, None] * N + offs_n[None, :], b_ptr, offs_n, n_mask, cnt_ptr, HAS_BIAS, SPLIT)
