@@ -121,7 +121,7 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         bn, bkw = 512, 4
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
-    if M <= 256 and bits in TDOT_BITS:
+    if M <= TDOT_MAX_M and bits in TDOT_BITS:
         bm = tdot_row_blocks(M)[0]
         return tdot_config(M, N, K, bits, group_size, sms, TDOT_TILES[bm][0], bm)
     if M <= 16:
@@ -158,7 +158,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                 out.append(dataclasses.replace(_gemv(512, br, bits, warps=4, stages=st), block_m=bm,
                                                split_k=_gemv_split(N, K, bits, 512, br, target)))
 
-    if M > 1 and bits in TDOT_BITS:
+    use_tdot = 1 < M <= TDOT_MAX_M and bits in TDOT_BITS
+    if use_tdot:
         for c in tdot_candidates(M, N, K, bits, group_size, sms):
             if c not in out:
                 out.append(c)
@@ -179,7 +180,7 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     if M == 1:
         for bn, bkw, w in ((512, 4, 4), (256, 8, 4), (512, 8, 8), (1024, 4, 8)):
             add("fma", 1, bn, bkw, w, 1, splits=("auto", "half", "quarter"), fill=2)
-    elif bits in TDOT_BITS:
+    elif use_tdot:
         pass  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
     elif M <= 16:
         for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
@@ -328,6 +329,9 @@ def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
 
 
 TDOT_BITS = (2, 4, 8)
+# above this many rows dequantize + cuBLAS is the floor the tuner chooses from (H100: the tuner's timing misjudged
+# dequantize + cuBLAS against tdot at 1024 rows on 4096x4096, a 0.78x -> 0.60x regression in the graph timing)
+TDOT_MAX_M = 256
 
 
 def tdot_pairs(x2: torch.Tensor, w: KernelWeight, block_k: int) -> bool:
