@@ -49,9 +49,22 @@ TDOT_TILES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3),
 TDOT_SPLITS = [1, 2, 3, 4, 6, 8, 16]
 
 
+def time_config(cfg, x, w, copies, ref, ws) -> dict:
+    """One variant: its relative error and its graph time over the weight copies, or why it did not run."""
+    from auto_quant.kernels.dispatch import launch
+
+    try:
+        y = launch(x, w, None, cfg, ws)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
+    except Exception as e:  # out of resources: skip
+        return {"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"}
+    return {"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err}
+
+
 def sweep_tdot(args, out):
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, candidates, launch, quant_matmul
+    from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, candidates, quant_matmul
 
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)
@@ -74,16 +87,7 @@ def sweep_tdot(args, out):
                         for sp in TDOT_SPLITS if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
                         and K >= bk * 2 * sp]
                 others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != "tdot"]
-                timings = []
-                for cfg in cfgs + others:
-                    try:
-                        y = launch(x, w, None, cfg, ws)
-                        err = ((y.double() - ref).norm() / ref.norm()).item()
-                        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
-                    except Exception as e:  # out of resources: skip
-                        timings.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
-                        continue
-                    timings.append({"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err})
+                timings = [time_config(cfg, x, w, copies, ref, ws) for cfg in cfgs + others]
                 good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
                 best_other = next((t for t in good if t["config"]["kind"] != "tdot"), None)
                 tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
@@ -112,7 +116,7 @@ def sweep_tdot(args, out):
 
 def main():
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import Tuner, Workspace, _gemv, codes_per_row, launch, quant_matmul
+    from auto_quant.kernels.dispatch import Tuner, Workspace, _gemv, codes_per_row, quant_matmul
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,28672x4096")
@@ -152,15 +156,7 @@ def main():
                     progs = math.ceil(N / bn) * split
                     if not 32 <= progs <= 4096 or rows / split < br:
                         continue
-                    cfg = _gemv(bn, br, bits, split, warps, stages)
-                    try:
-                        y = launch(x, w, None, cfg, ws)
-                        err = ((y.double() - ref).norm() / ref.norm()).item()
-                        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
-                    except Exception as e:  # out of resources: skip
-                        timings.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
-                        continue
-                    timings.append({"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err})
+                    timings.append(time_config(_gemv(bn, br, bits, split, warps, stages), x, w, copies, ref, ws))
             good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
             tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
             quant_matmul(x, w, tuner=tuner, workspace=ws)

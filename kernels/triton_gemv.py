@@ -292,6 +292,30 @@ def _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS: tl.constexpr, EVEN_K:
 
 
 @triton.jit
+def _dequant4(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
+    """4 bits: the four packed ``code - zero`` pairs of every word of ``w`` (:func:`dequant_asm`); ``zz`` the
+    per-column ``-(base + zero)`` pairs when ``ZERO_IN``."""
+    if ZERO_IN:
+        d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def _dequant2(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
+    """2 bits: the eight packed ``code - zero`` pairs of every word of ``w`` (see :func:`_dequant4`)."""
+    if ZERO_IN:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            DEQ, DEQ_CONS, [w], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return d0, d1, d2, d3, d4, d5, d6, d7
+
+
+@triton.jit
 def _zero_pair(z, ACT_FP16: tl.constexpr):
     """The b32 pair ``-(base + zero)`` the paired path takes per column."""
     if ACT_FP16:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_quant.kernels.triton_gemv import _columns, _load_tile, _scale_zero, _x_pair, _zero_pair
+from auto_quant.kernels.triton_gemv import (_columns, _dequant2, _dequant4, _load_tile, _scale_zero, _x_pair,
+                                           _zero_pair)
 from auto_quant.kernels.triton_qmm import _write_output
 
 
@@ -32,12 +33,7 @@ def _rows_term(w, zz, base, xm, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, DOT: 
     p2 = tl.load(base + 2, mask=xm, other=0)
     p3 = tl.load(base + 3, mask=xm, other=0)
     if BITS == 4:  # pair i = (x[i], x[i + 4])
-        if ZERO_IN:
-            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)],
-                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-        else:
-            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w], dtype=(tl.int32,) * 4, is_pure=True,
-                                                       pack=1)
+        d0, d1, d2, d3 = _dequant4(w, zz, DEQ, DEQ_CONS, ZERO_IN)
         r = tl.inline_asm_elementwise(DOT, DOT_CONS, [
             d0[None, :, :], d1[None, :, :],
             d2[None, :, :], d3[None, :, :],
@@ -50,12 +46,7 @@ def _rows_term(w, zz, base, xm, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, DOT: 
         p5 = tl.load(base + 5, mask=xm, other=0)
         p6 = tl.load(base + 6, mask=xm, other=0)
         p7 = tl.load(base + 7, mask=xm, other=0)
-        if ZERO_IN:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-        else:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                DEQ, DEQ_CONS, [w], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant2(w, zz, DEQ, DEQ_CONS, ZERO_IN)
         r = tl.inline_asm_elementwise(DOT, DOT_CONS, [
             d0[None, :, :], d1[None, :, :],
             d2[None, :, :], d3[None, :, :],

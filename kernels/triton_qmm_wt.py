@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_quant.kernels.triton_gemv import _zero_pair
+from auto_quant.kernels.triton_gemv import _dequant2, _dequant4, _zero_pair
 from auto_quant.kernels.triton_qmm import _write_output
 
 
@@ -54,21 +54,11 @@ def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.con
     (and pipelined) while the registers keep each pair together until the tile is stored for the tensor cores.
     """
     if BITS == 4:
-        if ZERO_IN:
-            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [wq, tl.broadcast_to(zz, wq.shape)],
-                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-        else:
-            d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [wq], dtype=(tl.int32,) * 4, is_pure=True,
-                                                       pack=1)
+        d0, d1, d2, d3 = _dequant4(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
         lo, hi = _halves(tl.join(tl.join(d0, d1), tl.join(d2, d3)), ACT_FP16)
         t = tl.permute(tl.join(lo, hi), (0, 1, 4, 3, 2))
     else:
-        if ZERO_IN:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                DEQ, DEQ_CONS, [wq, tl.broadcast_to(zz, wq.shape)], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-        else:
-            d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                DEQ, DEQ_CONS, [wq], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant2(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
         lo, hi = _halves(tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7))),
                          ACT_FP16)
         t = tl.permute(tl.join(lo, hi), (0, 1, 5, 4, 3, 2))
