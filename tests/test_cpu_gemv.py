@@ -178,6 +178,25 @@ def test_failing_compile_is_a_clear_error(monkeypatch, tmp_path):
         G.build_library(cc="false")
 
 
+def test_automatic_selection_moves_on_when_the_kernel_does_not_build(monkeypatch, tmp_path, caplog):
+    """A compiler that is there but cannot build: automatic selection warns once and takes torch_cpu_int4;
+    forcing cpu_gemv raises the build error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    G.load_library.cache_clear()
+    try:
+        model = torch.nn.Sequential(make_layer(64, 576), make_layer(64, 576, seed=1)).to(torch.bfloat16)
+        with caplog.at_level(logging.WARNING, logger="auto_quant.inference.backends"):
+            chosen = B.attach_backends(model)
+        assert set(chosen.values()) == {"torch_cpu_int4"}
+        warned = [r for r in caplog.records if "cpu_gemv is unavailable here" in r.getMessage()]
+        assert len(warned) == 1  # the second layer does not try the build again
+        with pytest.raises(BackendError, match="could not compile its C kernel"):
+            B.attach_backends(model, backend="cpu_gemv")
+    finally:
+        G.load_library.cache_clear()
+
+
 def test_selection():
     key = B.LayerKey(576, 64, 4, 32, True, "gptq")
     assert B.select_backend(key, "cpu", act_dtype=torch.bfloat16).name == "cpu_gemv"

@@ -280,6 +280,12 @@ class Availability:
             self._seen[b.name] = b.available()
         return self._seen[b.name]
 
+    def failed(self, b: Backend, why: str) -> None:
+        """``b`` could not prepare a layer here (a kernel that does not build): skip it for the rest of the attach."""
+        self._seen[b.name] = False
+        log.warning("auto_quant: backend %s is unavailable here, using the next one: %s", b.name,
+                    why.splitlines()[0] if why else "")
+
 
 def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None,
                auto: bool = True) -> list[Backend]:
@@ -396,9 +402,16 @@ def attach_layer(module: nn.Module, device: torch.device | str, ctx: AttachConte
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    b = select_backend(module, device, ctx.forced, ctx.table, ctx.act_dtype, ctx.available)
-    prepare = load_impl(b)
-    run = prepare(module, ctx) if prepare is not None else None
+    while True:
+        b = select_backend(module, device, ctx.forced, ctx.table, ctx.act_dtype, ctx.available)
+        prepare = load_impl(b)
+        try:
+            run = prepare(module, ctx) if prepare is not None else None
+            break
+        except BackendError as e:  # automatic selection moves on; a forced backend's failure is the user's error
+            if ctx.forced != "auto":
+                raise
+            ctx.available.failed(b, str(e))
     module.kernel = Attached(b, run, device, ctx)
     module.backend = b.name
     return b
