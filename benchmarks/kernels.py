@@ -1,6 +1,6 @@
 """Kernel and decode benchmarks for the inference backends; prints JSON.
 
-GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N]
+GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N] [--e2e-batches 1,4,16]
   * Llama-3-8B linear shapes (out x in): 4096x4096, 4096x14336, 14336x4096, 6144x4096 (fused qkv),
     28672x4096 (fused gate_up); M in {1, 4, 16, 64, 256, 1024}.
   * Each timing is one CUDA graph that runs the matmul once per weight copy, with enough copies
@@ -156,8 +156,11 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
 
 
 def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 128, device: str = "cuda",
-               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256)):
-    """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs."""
+               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256), batches: tuple[int, ...] = (1,)):
+    """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs.
+
+    The first batch size fills the top-level keys (batch 1 by default); others go to ``"batched"``,
+    tokens/s counting every sequence's tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
     from auto_quant.inference.backends import attach_backends
@@ -174,9 +177,9 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     max_len = steps + 8
 
-    def run(label):
+    def run(label, batch=1):
         cache = StaticCache(config=cfg, max_cache_len=max_len)
-        ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         pos = torch.zeros(1, dtype=torch.long, device=dev)
 
         def step():
@@ -218,10 +221,13 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
                 one(i)
             sync()
             dt = time.perf_counter() - t
-        return {"label": label, "mode": mode, "tokens_per_s": round(steps / dt, 2), "ms_per_token": round(dt / steps * 1e3, 3)}
+        return {"label": label, "mode": mode, "batch": batch, "tokens_per_s": round(batch * steps / dt, 2),
+                "ms_per_step": round(dt / steps * 1e3, 3)}
 
-    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch 1, {steps} decode steps"}
-    out["bf16"] = run("bf16")
+    first, rest = batches[0], batches[1:]
+    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch {first}, {steps} decode steps"}
+    out["bf16"] = run("bf16", first)
+    bf16_rest = [run("bf16", b) for b in rest]
     out["bf16"]["linear_weight_GB"] = round(sum(m.weight.numel() * 2 for n, m in model.named_modules()
                                                  if isinstance(m, torch.nn.Linear) and n != "lm_head") / 1e9, 3)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=True)
@@ -237,10 +243,17 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     chosen = attach_backends(model)
-    out[f"w{bits}g{group_size}"] = run(f"w{bits}g{group_size}")
-    out[f"w{bits}g{group_size}"]["backends"] = sorted(set(chosen.values()))
-    out[f"w{bits}g{group_size}"]["linear_weight_GB"] = round(qbytes / 1e9, 3)
-    out["speedup"] = round(out[f"w{bits}g{group_size}"]["tokens_per_s"] / out["bf16"]["tokens_per_s"], 3)
+    label = f"w{bits}g{group_size}"
+    out[label] = run(label, first)
+    out[label]["backends"] = sorted(set(chosen.values()))
+    out[label]["linear_weight_GB"] = round(qbytes / 1e9, 3)
+    out["speedup"] = round(out[label]["tokens_per_s"] / out["bf16"]["tokens_per_s"], 3)
+    if rest:
+        out["batched"] = []
+        for b, ref in zip(rest, bf16_rest):
+            q = run(label, b)
+            out["batched"].append({"batch": b, "bf16": ref, label: q,
+                                   "speedup": round(q["tokens_per_s"] / ref["tokens_per_s"], 3)})
     return out
 
 
@@ -267,7 +280,7 @@ def gpu_main(args):
     result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0), args.compare_previous)
     result["matmul_seconds"] = round(time.time() - t, 1)
     if not args.no_e2e:
-        result["e2e"] = e2e_decode(args.layers)
+        result["e2e"] = e2e_decode(args.layers, batches=tuple(int(b) for b in args.e2e_batches.split(",")))
     print(json.dumps(result, indent=1))
 
 
@@ -511,6 +524,7 @@ def main():
     g.add_argument("--layers", type=int, default=32)
     g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
     g.add_argument("--ms", default="", help="comma-separated batch sizes (default 1,4,16,64,256,1024)")
+    g.add_argument("--e2e-batches", default="1", help="end-to-end decode batch sizes, e.g. 1,4,16")
     g.add_argument("--compare-previous", action="store_true",
                    help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")
     c = sub.add_parser("cpu")
