@@ -4,7 +4,7 @@ Why transposed: on Hopper a tensor-core tile is 64 rows tall (``wgmma``), and it
 come from registers while the right one is read from shared memory. The dequantized weight is made
 in registers, so it is the left operand, its output features the tall side; the few activation rows
 (8-256 tokens) are the short side, which Triton's pipeline copies ahead into shared memory
-(``STAGES``). On Ampere the same code compiles to ``mma.sync``.
+(``STAGES``). On Ampere Triton lowers the same ``tl.dot`` to ``mma.sync`` (only the H100 was measured).
 
 Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
 :mod:`~auto_quant.kernels.pack` layout, every word read once) and expands it to ``[BLOCK_N, BLOCK_K]``:
