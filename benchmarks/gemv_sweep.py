@@ -45,7 +45,8 @@ DEEP = [(512, 2, 4, 4), (512, 2, 4, 6), (512, 4, 4, 4), (512, 4, 4, 5), (512, 4,
 SPLITS = [1, 2, 4, 8, 16, 33, 66, 132, 264]
 # tdot: (block_n, block_k, warps, stages); block_m from the row count
 TDOT_TILES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
-              (128, 128, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 128, 8, 3), (128, 32, 4, 5)]
+              (128, 128, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 128, 8, 3), (128, 32, 4, 5),
+              (128, 64, 8, 2), (128, 32, 8, 3)]
 TDOT_SPLITS = [1, 2, 3, 4, 6, 8, 16]
 
 
@@ -82,7 +83,7 @@ def sweep_tdot(args, out):
                 x = torch.randn(M, K, device=dev, dtype=dt)
                 ref = x.double() @ W.t()
                 bf16_us = graph_time_us([lambda wb=wb: F.linear(x, wb) for wb in copies_b])
-                bms = sorted({min(max(16, 1 << (M - 1).bit_length()), 128), min(max(16, M // 2), 128)})
+                bms = sorted({min(max(16, 1 << (M - 1).bit_length()), args.max_bm), min(max(16, M // 2), 128)})
                 cfgs = [KernelConfig("tdot", bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in TDOT_TILES
                         for sp in TDOT_SPLITS if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
                         and K >= bk * 2 * sp]
@@ -126,6 +127,7 @@ def main():
     p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
     p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot"])
     p.add_argument("--ms", default="8,16,32,64,256", help="tdot: row counts")
+    p.add_argument("--max-bm", type=int, default=128, help="tdot: the largest row block tried (tensor-core N, <= 256)")
     args = p.parse_args()
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)

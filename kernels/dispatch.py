@@ -137,10 +137,11 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     sms = _sms(device)
     out: list[KernelConfig] = []
     if M == 1 and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
-        # benchmarks/gemv_sweep.py on an H100: 512 columns and 4 warps won every shape, with 2-4 word rows
-        # per tile, register prefetch or a 3-4 deep cp.async pipeline, and about 2-4 programs per SM
+        # benchmarks/gemv_sweep.py on an H100: 512 columns and 4 warps won the large shapes, with 2-4 word rows
+        # per tile, register prefetch or a 3-4 deep cp.async pipeline, and about 2-4 programs per SM; narrow,
+        # tall tiles without split-K (32 x 64 or 64 x 32 word rows) won 4096x4096 and 14336x4096
         for bn, br, w, st in ((512, 2, 4, 1), (512, 4, 4, 1), (512, 2, 4, 3), (512, 4, 4, 3), (512, 4, 4, 4),
-                              (512, 8, 4, 3), (1024, 4, 8, 3), (256, 4, 2, 4)):
+                              (512, 8, 4, 3), (1024, 4, 8, 3), (256, 4, 2, 4), (32, 64, 4, 4), (64, 32, 4, 3)):
             for target in (sms, 2 * sms, 4 * sms, 8 * sms):
                 if gemv_rows_per_split(K, bits, group_size, br, 1) is None:
                     continue
