@@ -133,68 +133,78 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
 
 def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                group_size: int = 128) -> list[KernelConfig]:
-    """Variants worth timing for one shape."""
+    """Variants worth timing for one shape: per kernel kind, the tiles the H100 sweeps kept."""
     sms = _sms(device)
-    out: list[KernelConfig] = []
-    if M == 1 and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
-        # benchmarks/gemv_sweep.py on an H100: 512 columns and 4 warps won the large shapes, with 2-4 word rows
-        # per tile, register prefetch or a 3-4 deep cp.async pipeline, and about 2-4 programs per SM; narrow,
-        # tall tiles without split-K (32 x 64 or 64 x 32 word rows) won 4096x4096 and 14336x4096
-        for bn, br, w, st in ((512, 2, 4, 1), (512, 4, 4, 1), (512, 2, 4, 3), (512, 4, 4, 3), (512, 4, 4, 4),
-                              (512, 8, 4, 3), (1024, 4, 8, 3), (256, 4, 2, 4), (32, 64, 4, 4), (64, 32, 4, 3)):
-            for target in (sms, 2 * sms, 4 * sms, 8 * sms):
-                if gemv_rows_per_split(K, bits, group_size, br, 1) is None:
-                    continue
-                c = dataclasses.replace(_gemv(bn, br, bits, warps=w, stages=st),
-                                        split_k=_gemv_split(N, K, bits, bn, br, target))
-                if c not in out:
-                    out.append(c)
-        if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
-            return out
-    if 2 <= M <= 16 and bits in (2, 4) and gemv_rows_per_split(K, bits, group_size, 1, 1) is not None:
-        # a few rows: the multi-row gemv (paired PTX; fp16/bf16 on CUDA only: elsewhere the tuner skips it)
-        bm = m_bucket(M)
-        for br, st in ((1, 3), (2, 3), (2, 4)) if bm <= 8 else ((1, 3), (1, 4)):
-            for target in (sms, 2 * sms, 4 * sms):
-                out.append(dataclasses.replace(_gemv(512, br, bits, warps=4, stages=st), block_m=bm,
-                                               split_k=_gemv_split(N, K, bits, 512, br, target)))
-
+    gemv_ok = gemv_rows_per_split(K, bits, group_size, 1, 1) is not None
     use_tdot = 1 < M <= TDOT_MAX_M and bits in TDOT_BITS
-    if use_tdot:
-        for c in tdot_candidates(M, N, K, bits, group_size, sms):
-            if c not in out:
-                out.append(c)
-
-    def add(kind, bm, bn, bkw, warps, stages, splits=("auto",), fill=1):
-        for s in splits:
-            c = _cfg(kind, bm, bn, bkw, bits, 1, warps, stages)
-            tiles = _cdiv(N, bn) * (M if kind == "fma" else _cdiv(M, bm))
-            auto = auto_split(tiles, K, c.block_k, fill * sms)
-            split = {"auto": auto, "half": max(1, auto // 2), "quarter": max(1, auto // 4),
-                     "double": auto * 2}.get(s, s)
-            if split > 1 and K < c.block_k * 2 * split:
-                continue
-            c = dataclasses.replace(c, split_k=split)
-            if c not in out:
-                out.append(c)
-
+    out: list[KernelConfig] = []
+    if M == 1 and gemv_ok:
+        out += _gemv_candidates(N, K, bits, group_size, sms)
+        if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
+            return _unique(out)
     if M == 1:
-        for bn, bkw, w in ((512, 4, 4), (256, 8, 4), (512, 8, 8), (1024, 4, 8)):
-            add("fma", 1, bn, bkw, w, 1, splits=("auto", "half", "quarter"), fill=2)
-    elif use_tdot:
-        pass  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
+        out += _split_variants("fma", M, N, K, bits, sms, ((1, 512, 4, 4, 1), (1, 256, 8, 4, 1), (1, 512, 8, 8, 1),
+                                                          (1, 1024, 4, 8, 1)), ("auto", "half", "quarter"), fill=2)
+        return _unique(out)
+    if M <= 16 and bits in (2, 4) and gemv_ok:
+        out += _rows_candidates(M, N, K, bits, sms)
+    if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
+        out += tdot_candidates(M, N, K, bits, group_size, sms)
     elif M <= 16:
-        for bn, bkw, w in ((64, 16, 4), (128, 16, 4), (128, 32, 8)):
-            add("dot", 16, bn, bkw, w, 3, splits=("auto", "double"))
+        out += _split_variants("dot", M, N, K, bits, sms, ((16, 64, 16, 4, 3), (16, 128, 16, 4, 3),
+                                                          (16, 128, 32, 8, 3)), ("auto", "double"))
     elif M <= 64:
         bm = 32 if M <= 32 else 64
-        for bn, bkw, w in ((64, 16, 4), (128, 16, 8)):
-            add("dot", bm, bn, bkw, w, 3, splits=("auto", 1))
+        out += _split_variants("dot", M, N, K, bits, sms, ((bm, 64, 16, 4, 3), (bm, 128, 16, 8, 3)), ("auto", 1))
     else:
-        for bm, bn, bkw, w, st in ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3), (128, 256, 16, 8, 3)):
-            add("dot", bm, bn, bkw, w, st, splits=(1,))
-    if M > 1:  # dequantize + cuBLAS: the floor every batched shape is measured against
-        out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))
+        out += _split_variants("dot", M, N, K, bits, sms, ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3),
+                                                          (128, 256, 16, 8, 3)), (1,))
+    out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))  # dequantize + cuBLAS: the floor of every batched shape
+    return _unique(out)
+
+
+def _unique(configs: list[KernelConfig]) -> list[KernelConfig]:
+    return list(dict.fromkeys(configs))
+
+
+def _gemv_candidates(N: int, K: int, bits: int, group_size: int, sms: int) -> list[KernelConfig]:
+    """M = 1. benchmarks/gemv_sweep.py on an H100: 512 columns and 4 warps won the large shapes, with 2-4 word rows
+    per tile, register prefetch or a 3-4 deep cp.async pipeline, and about 2-4 programs per SM; narrow, tall tiles
+    without split-K (32 x 64 or 64 x 32 word rows) won 4096x4096 and 14336x4096."""
+    out = []
+    for bn, br, w, st in ((512, 2, 4, 1), (512, 4, 4, 1), (512, 2, 4, 3), (512, 4, 4, 3), (512, 4, 4, 4),
+                          (512, 8, 4, 3), (1024, 4, 8, 3), (256, 4, 2, 4), (32, 64, 4, 4), (64, 32, 4, 3)):
+        if gemv_rows_per_split(K, bits, group_size, br, 1) is None:
+            continue
+        for target in (sms, 2 * sms, 4 * sms, 8 * sms):
+            out.append(dataclasses.replace(_gemv(bn, br, bits, warps=w, stages=st),
+                                           split_k=_gemv_split(N, K, bits, bn, br, target)))
+    return out
+
+
+def _rows_candidates(M: int, N: int, K: int, bits: int, sms: int) -> list[KernelConfig]:
+    """2-16 rows: the multi-row gemv (paired PTX; fp16/bf16 on CUDA only: elsewhere the tuner skips it)."""
+    bm = m_bucket(M)
+    return [dataclasses.replace(_gemv(512, br, bits, warps=4, stages=st), block_m=bm,
+                                split_k=_gemv_split(N, K, bits, 512, br, target))
+            for br, st in (((1, 3), (2, 3), (2, 4)) if bm <= 8 else ((1, 3), (1, 4)))
+            for target in (sms, 2 * sms, 4 * sms)]
+
+
+def _split_variants(kind: str, M: int, N: int, K: int, bits: int, sms: int, tiles: tuple, splits: tuple,
+                    fill: int = 1) -> list[KernelConfig]:
+    """``fma``/``dot`` tiles ``(block_m, block_n, word rows, warps, stages)`` at split-K factors named relative to
+    the one that covers ``fill`` x the machine (``"auto"``, ``"half"``, ``"quarter"``, ``"double"``) or given."""
+    out = []
+    for bm, bn, bkw, warps, stages in tiles:
+        c = _cfg(kind, bm, bn, bkw, bits, 1, warps, stages)
+        tile_count = _cdiv(N, bn) * (M if kind == "fma" else _cdiv(M, bm))
+        auto = auto_split(tile_count, K, c.block_k, fill * sms)
+        for s in splits:
+            split = {"auto": auto, "half": max(1, auto // 2), "quarter": max(1, auto // 4), "double": auto * 2}.get(s, s)
+            if split > 1 and K < c.block_k * 2 * split:
+                continue
+            out.append(dataclasses.replace(c, split_k=split))
     return out
 
 
