@@ -1,19 +1,23 @@
-/* auto_quant CPU GEMV/GEMM for 2/3/4-bit weights with int8-quantized activations.
+/* auto_quant CPU GEMV/GEMM for 2/3/4/8-bit weights with int8-quantized activations.
  *
  * Plain C, no torch headers: auto_quant/inference/cpu_gemv.py compiles it with
  * `gcc -O3 -march=native -shared -fPIC [-fopenmp]` and calls it through ctypes.
  *
  * Packing contract (built once per layer by cpu_gemv.pack_weight): output rows are grouped in
- * tiles of 16 (N padded with zero rows, scale 0). One uint8 buffer `data` holds, in this order:
- *   codes   uint8 [tiles][K/32][4][16][4]  byte (t, b, u, r, i) holds the code of row 16t + r at
- *                           input 32b + 4u + i in its low nibble and the one at input 32b + 16 + 4u + i
+ * tiles of 16 (N padded with zero rows, scale 0). The layout has a bit width `bits`: 4 (codes in
+ * 0..15, two per byte) or 8 (codes in 0..255, one per byte). One uint8 buffer `data` holds, in order:
+ *   codes   bits 4: uint8 [tiles][K/32][4][16][4]  byte (t, b, u, r, i) holds the code of row 16t + r
+ *                           at input 32b + 4u + i in its low nibble and the one at input 32b + 16 + 4u + i
  *                           in its high nibble: one 64-byte word u gives 4 + 4 inputs of all 16 rows,
  *                           one row per int32 lane, as vpdpbusd wants them.
+ *           bits 8: uint8 [tiles][K/32][8][16][4]  byte (t, b, u, r, i) is the code of row 16t + r at
+ *                           input 32b + 4u + i: one 64-byte word u gives 4 inputs of all 16 rows.
  *   scales  fp16  [tiles][K/32][16]  each block's weight scale (its group's scale, repeated).
  *   zeros   uint8 [tiles][K/32][16]  each block's integer zero point; only when the `zero`
  *                           argument is negative. Otherwise every zero equals `zero` (symmetric
  *                           weights, or zeros folded into the codes at pack time).
  *   w[n][k] = (code[n][k] - zero[n][k / 32]) * scale[n][k / 32];  K % 32 == 0.
+ * With 8-bit codes and zeros every integer term stays far inside int32: |code - zero| * 127 * 32 < 2^21.
  *
  * Activations x float32 [M][K] are quantized per row and block of 32 like llama.cpp's Q8_0:
  * d = absmax / 127, q = round(x / d) in int8, and the block sum of q is kept for the zero
@@ -22,7 +26,8 @@
  * multiplied by scale * d; fp32 accumulation.  y float32 [M][N] = x @ w^T (+ bias).
  *
  * Paths: AVX-512 VNNI (_mm512_dpbusd_epi32, 16 rows x 4 inputs per instruction), AVX2
- * (_mm256_maddubs_epi16 + _mm256_madd_epi16 on 8-row halves), portable scalar C. Activation
+ * (_mm256_maddubs_epi16 + _mm256_madd_epi16 on 8-row halves; 8-bit codes as two nibbles, which
+ * cannot saturate vpmaddubsw), portable scalar C. Activation
  * rows are processed 4 at a time per unpacked weight block, so prefill is not M GEMVs.
  */
 
@@ -41,7 +46,7 @@
 #define AQ_BLOCK 32
 #define AQ_TILE_M 4   /* activation rows per unpacked weight tile */
 #define AQ_TILE_N 16  /* weight rows interleaved in one tile */
-#define AQ_TILE_BYTES (AQ_BLOCK * AQ_TILE_N / 2)  /* packed bytes of one block of one tile */
+#define AQ_TILE_BYTES(BITS) (AQ_BLOCK * AQ_TILE_N * (BITS) / 8)  /* code bytes of one block of one tile */
 #define AQ_INLINE static inline __attribute__((always_inline))
 #define AQ_STACK_SCRATCH 65536
 
@@ -124,7 +129,8 @@ void aq_quantize_rows(const float *x, int64_t M, int64_t K, int32_t zero, int8_t
 /* ------------------------------------------------------------------------ tile dot paths */
 
 /* Each path computes, for one tile of 16 weight rows and MT (<= 4) activation rows,
- * out[m][r] = sum_b scale[r][b] * d[m][b] * (sum_j code[r][j] * q[m][j] + zero term). */
+ * out[m][r] = sum_b scale[r][b] * d[m][b] * (sum_j code[r][j] * q[m][j] + zero term).
+ * MT, ZR (per-block zeros) and BITS (4 or 8) are constants at every call site. */
 
 AQ_INLINE int32_t load_i32(const int8_t *p) {
     int32_t v;
@@ -134,23 +140,32 @@ AQ_INLINE int32_t load_i32(const int8_t *p) {
 
 #if defined(AQ_PATH_VNNI)
 
-/* One 16-row tile: the 16 rows are the 16 int32 lanes; each 64-byte word u of a block holds
- * 4 inputs per row in the low nibbles (inputs 4u..4u+3) and 4 in the high ones (16+4u..);
- * vpdpbusd multiplies them with those 4 activations broadcast to every lane. */
-AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+/* One block of a tile as 8 registers: register u holds inputs 4u..4u+3 of the 16 rows, one row
+ * per int32 lane. 4 bits: word u's low nibbles are inputs 4u.., its high nibbles 16+4u..;
+ * 8 bits: the 8 words as they are. */
+AQ_INLINE void load_block(const int BITS, const uint8_t *p, __m512i w[8]) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    if (BITS == 8) {
+        for (int u = 0; u < 8; u++) w[u] = _mm512_loadu_si512((const void *)(p + 64 * u));
+        return;
+    }
+    for (int u = 0; u < 4; u++) {
+        __m512i v = _mm512_loadu_si512((const void *)(p + 64 * u));
+        w[u] = _mm512_and_si512(v, mask);
+        w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    }
+}
+
+/* One 16-row tile: the 16 rows are the 16 int32 lanes; vpdpbusd multiplies register u's 4 codes
+ * per row (u8) with activations 4u..4u+3 (s8) broadcast to every lane. */
+AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
                          const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
                          float out[][AQ_TILE_N]) {
-    const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 acc[AQ_TILE_M];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = wc + b * AQ_TILE_BYTES;
         __m512i w[8];
-        for (int u = 0; u < 4; u++) {
-            __m512i v = _mm512_loadu_si512((const void *)(p + 64 * u));
-            w[u] = _mm512_and_si512(v, mask);
-            w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        }
+        load_block(BITS, wc + b * AQ_TILE_BYTES(BITS), w);
         __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + b * AQ_TILE_N)));
         __m512i zr = ZR ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wz + b * AQ_TILE_N)))
                         : _mm512_setzero_si512();
@@ -180,15 +195,36 @@ AQ_INLINE __m256i dot4_avx2(__m256i w, const int8_t *a) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+/* The integer dots of one half tile and block (zero term not included). 8-bit codes are split
+ * into nibbles, code = lo + 16 hi: a pair of 255 * 127 products would saturate vpmaddubsw. */
+AQ_INLINE __m256i block_dot_avx2(const int BITS, const uint8_t *p, const int8_t *a) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i dot = _mm256_setzero_si256();
+    if (BITS == 8) {
+        for (int u = 0; u < 8; u++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
+            __m256i hi = dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), a + 4 * u);
+            dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
+            dot = _mm256_add_epi32(dot, _mm256_slli_epi32(hi, 4));
+        }
+        return dot;
+    }
+    for (int u = 0; u < 4; u++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
+        dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
+        dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), a + 16 + 4 * u));
+    }
+    return dot;
+}
+
+AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
                          const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
                          float out[][AQ_TILE_N]) {
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int h = 0; h < 2; h++) {
         __m256 acc[AQ_TILE_M];
         for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = wc + b * AQ_TILE_BYTES + 32 * h;
+            const uint8_t *p = wc + b * AQ_TILE_BYTES(BITS) + 32 * h;
             __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b * AQ_TILE_N + 8 * h)));
             __m256i zr = ZR ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wz + b * AQ_TILE_N + 8 * h)))
                             : _mm256_setzero_si256();
@@ -196,12 +232,7 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const ui
                 const int8_t *a = q + m * K + b * AQ_BLOCK;
                 __m256i dot = _mm256_set1_epi32(zsum[m * nb + b]); /* the zero term: -zero * sum q */
                 if (ZR) dot = _mm256_mullo_epi32(zr, dot);
-                for (int u = 0; u < 4; u++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
-                    dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
-                    dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                                                          a + 16 + 4 * u));
-                }
+                dot = _mm256_add_epi32(dot, block_dot_avx2(BITS, p, a));
                 __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(d[m * nb + b]));
                 acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[m]);
             }
@@ -212,24 +243,31 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const ui
 
 #else /* portable scalar C */
 
-AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
+/* Row r's integer dot with one block of activations a (zero term not included). */
+AQ_INLINE int32_t block_dot_scalar(const int BITS, const uint8_t *p, int r, const int8_t *a) {
+    int32_t dot = 0;
+    for (int u = 0; u < (BITS == 8 ? 8 : 4); u++) {
+        for (int i = 0; i < 4; i++) {
+            const uint8_t c = p[64 * u + 4 * r + i];
+            if (BITS == 8) dot += c * a[4 * u + i];
+            else dot += (c & 15) * a[4 * u + i] + (c >> 4) * a[16 + 4 * u + i];
+        }
+    }
+    return dot;
+}
+
+AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
                          const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
                          float out[][AQ_TILE_N]) {
     for (int m = 0; m < MT; m++)
         for (int r = 0; r < AQ_TILE_N; r++) out[m][r] = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = wc + b * AQ_TILE_BYTES;
+        const uint8_t *p = wc + b * AQ_TILE_BYTES(BITS);
         for (int m = 0; m < MT; m++) {
             const int8_t *a = q + m * K + b * AQ_BLOCK;
             const float dm = d[m * nb + b];
             for (int r = 0; r < AQ_TILE_N; r++) {
-                int32_t dot = zsum[m * nb + b] * (ZR ? wz[b * AQ_TILE_N + r] : 1);
-                for (int u = 0; u < 4; u++) {
-                    for (int i = 0; i < 4; i++) {
-                        const uint8_t c = p[64 * u + 4 * r + i];
-                        dot += (c & 15) * a[4 * u + i] + (c >> 4) * a[16 + 4 * u + i];
-                    }
-                }
+                int32_t dot = zsum[m * nb + b] * (ZR ? wz[b * AQ_TILE_N + r] : 1) + block_dot_scalar(BITS, p, r, a);
                 out[m][r] += (float)dot * (half_to_float(ws[b * AQ_TILE_N + r]) * dm);
             }
         }
@@ -241,13 +279,13 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const uint8_t *wc, const ui
 /* ------------------------------------------------------------------------------ GEMM */
 
 /* Output columns of row tiles [t0, t1) for every activation row, from quantized activations. */
-static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, const uint8_t *codes,
+static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, int32_t bits, const uint8_t *codes,
                        const uint16_t *scales, const uint8_t *zeros, const float *bias,
                        const int8_t *q, const float *d, const int32_t *zsum, float *y) {
     const int64_t nb = K / AQ_BLOCK;
     float out[AQ_TILE_M][AQ_TILE_N];
     for (int64_t t = t0; t < t1; t++) {
-        const uint8_t *wc = codes + t * nb * AQ_TILE_BYTES;
+        const uint8_t *wc = codes + t * nb * AQ_TILE_BYTES(bits);
         const uint16_t *ws = scales + t * nb * AQ_TILE_N;
         const uint8_t *wz = zeros ? zeros + t * nb * AQ_TILE_N : NULL;
         const int64_t n0 = t * AQ_TILE_N, nr = N - n0 < AQ_TILE_N ? N - n0 : AQ_TILE_N;
@@ -256,8 +294,9 @@ static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, 
             const int8_t *qm = q + m * K;
             const float *dm = d + m * nb;
             const int32_t *zm = zsum + m * nb;
-#define AQ_TILE_CALL(MT) \
-    (wz ? tile_rows(MT, 1, wc, ws, wz, nb, qm, dm, zm, K, out) : tile_rows(MT, 0, wc, ws, wz, nb, qm, dm, zm, K, out))
+#define AQ_TILE_CALL_ZB(MT, ZR, BITS) tile_rows(MT, ZR, BITS, wc, ws, wz, nb, qm, dm, zm, K, out)
+#define AQ_TILE_CALL_B(MT, BITS) (wz ? AQ_TILE_CALL_ZB(MT, 1, BITS) : AQ_TILE_CALL_ZB(MT, 0, BITS))
+#define AQ_TILE_CALL(MT) (bits == 8 ? AQ_TILE_CALL_B(MT, 8) : AQ_TILE_CALL_B(MT, 4))
             switch (mt) {
                 case 1: AQ_TILE_CALL(1); break;
                 case 2: AQ_TILE_CALL(2); break;
@@ -265,6 +304,8 @@ static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, 
                 default: AQ_TILE_CALL(4); break;
             }
 #undef AQ_TILE_CALL
+#undef AQ_TILE_CALL_B
+#undef AQ_TILE_CALL_ZB
             for (int64_t i = 0; i < mt; i++) {
                 float *yr = y + (m + i) * N + n0;
                 for (int64_t r = 0; r < nr; r++) yr[r] = out[i][r] + (bias ? bias[n0 + r] : 0.0f);
@@ -273,15 +314,17 @@ static void gemm_tiles(int64_t t0, int64_t t1, int64_t M, int64_t N, int64_t K, 
     }
 }
 
-/* y [M][N] = x [M][K] @ w^T + bias, w = the packed layer `data` (codes, then scales, then per-block
- * zeros when zero < 0; see the packing contract above); zero >= 0 is the constant zero point. bias
- * may be NULL. threads > 1 splits the row tiles over OpenMP threads when compiled with -fopenmp.
- * Returns 0, or -1 when the activation scratch cannot be allocated. */
-int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uint8_t *data, int32_t zero,
-            const float *bias, int32_t threads) {
+/* y [M][N] = x [M][K] @ w^T + bias, w = the packed layer `data` of bit width `bits` (4 or 8): codes,
+ * then scales, then per-block zeros when zero < 0 (see the packing contract above); zero >= 0 is the
+ * constant zero point. bias may be NULL. threads > 1 splits the row tiles over OpenMP threads when
+ * compiled with -fopenmp. Returns 0, -1 when the activation scratch cannot be allocated, -2 for
+ * another bit width. */
+int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uint8_t *data, int32_t bits,
+            int32_t zero, const float *bias, int32_t threads) {
+    if (bits != 4 && bits != 8) return -2;
     const int64_t nb = K / AQ_BLOCK, tiles = (N + AQ_TILE_N - 1) / AQ_TILE_N;
     const uint8_t *codes = data;
-    const uint16_t *scales = (const uint16_t *)(data + tiles * nb * AQ_TILE_BYTES);
+    const uint16_t *scales = (const uint16_t *)(data + tiles * nb * AQ_TILE_BYTES(bits));
     const uint8_t *zeros = zero < 0 ? (const uint8_t *)(scales + tiles * nb * AQ_TILE_N) : NULL;
     const size_t need = (size_t)(M * K) + (size_t)(M * nb) * (sizeof(float) + sizeof(int32_t)) + 64;
     _Alignas(64) unsigned char stack[AQ_STACK_SCRATCH];
@@ -296,29 +339,29 @@ int aq_gemm(const float *x, float *y, int64_t M, int64_t N, int64_t K, const uin
 #pragma omp parallel num_threads(threads)
         {
             const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-            gemm_tiles(tiles * t / nt, tiles * (t + 1) / nt, M, N, K, codes, scales, zeros, bias, q, d, zsum, y);
+            gemm_tiles(tiles * t / nt, tiles * (t + 1) / nt, M, N, K, bits, codes, scales, zeros, bias, q, d, zsum, y);
         }
     } else
 #endif
     {
         (void)threads;
-        gemm_tiles(0, tiles, M, N, K, codes, scales, zeros, bias, q, d, zsum, y);
+        gemm_tiles(0, tiles, M, N, K, bits, codes, scales, zeros, bias, q, d, zsum, y);
     }
     if (scratch != stack) free(scratch);
     return 0;
 }
 
-/* One prepared layer, so an eager call passes 5 arguments instead of 9 (ctypes converts each). */
+/* One prepared layer, so an eager call passes 5 arguments instead of 10 (ctypes converts each). */
 typedef struct {
     int64_t N, K;
     const uint8_t *data;
     const float *bias;
-    int32_t zero;
+    int32_t bits, zero;
 } aq_layer;
 
 /* aq_gemm for a prepared layer (x and y as there). */
 int aq_gemm_layer(const aq_layer *L, const float *x, float *y, int64_t M, int32_t threads) {
-    return aq_gemm(x, y, M, L->N, L->K, L->data, L->zero, L->bias, threads);
+    return aq_gemm(x, y, M, L->N, L->K, L->data, L->bits, L->zero, L->bias, threads);
 }
 
 /* Which vector path this build uses: 2 = AVX-512 VNNI, 1 = AVX2, 0 = scalar C. */

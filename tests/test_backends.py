@@ -174,7 +174,7 @@ def test_forward_dispatch_keeps_reference_path():
     x = torch.randn(2, 256)
     ref = layer.forward_reference(x)
     assert torch.equal(layer(x), ref)  # nothing attached
-    B.attach_backends(layer)
+    B.attach_backends(layer, act_dtype=torch.float32)  # a bare layer has no float parameter to tell its dtype
     assert layer.backend == "torch" and torch.equal(layer(x), ref)
 
 

@@ -1,5 +1,6 @@
-"""The cpu_gemv backend: the C kernel against the torch reference, its packing contract, its three
-vector paths, a reloaded tiny Llama, torch.compile, and what happens without a C compiler."""
+"""The cpu_gemv backend: the C kernel against the torch reference (2/3/4 and 8 bits), its packing
+contracts, its three vector paths, reloaded tiny Llamas, torch.compile, and what happens without a C
+compiler."""
 
 from __future__ import annotations
 
@@ -35,14 +36,23 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def coarser_reference(layer, x):
-    """The reference output with every code's lowest bit dropped (a grid one bit coarser, same range)."""
+def coarser_reference(layer, x, drop=1):
+    """The reference output with every code's ``drop`` lowest bits dropped (a coarser grid, same range)."""
     codes, zero, scale = layer.unpack()
     gs = layer.in_features if layer.group_size == -1 else layer.group_size
     z = zero.repeat_interleave(gs, dim=1)[:, :layer.in_features].float()
     s = scale.float().repeat_interleave(gs, dim=1)[:, :layer.in_features]
-    w = ((codes >> 1) * 2 + 0.5 - z) * s
+    step = 2 ** drop
+    w = ((codes >> drop) * step + (step - 1) / 2 - z) * s
     return torch.nn.functional.linear(x, w, layer.bias.float())
+
+
+def q8_activations(x):
+    """x with the kernel's activation rounding: int8 per block of 32, absmax / 127 (llama.cpp's Q8_0)."""
+    blocks = x.reshape(*x.shape[:-1], -1, G.BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(blocks / d), 0.0).clamp(-127, 127)
+    return (q * d).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------------------- numerics
@@ -63,6 +73,27 @@ def test_matches_reference(bits, group_size, sym, in_f):
         err = rel_err(y, ref)
         assert err < TOL, (m, err)
         assert err < rel_err(coarser_reference(layer, x), ref) / 5, (m, err)
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f", [576, 96])
+def test_8bit_matches_reference(group_size, sym, in_f):
+    """8-bit weights are about as fine as the int8 activations, so the error (still ~5e-3) is all
+    activation rounding: the bound is against a 3-bit-coarser (5-bit) grid, and the same
+    activation rounding done in torch gives the kernel's output to float32 accuracy."""
+    layer = make_layer(in_f=in_f, bits=8, group_size=group_size, sym=sym, seed=8)
+    run = G.prepare(layer)
+    assert run.weight.bits == 8
+    for m in (1, 3, 9):
+        x = torch.randn(m, in_f)
+        ref = layer(x)
+        y = run(x)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        err = rel_err(y, ref)
+        assert err < TOL, (m, err)
+        assert err < rel_err(coarser_reference(layer, x, drop=3), ref) / 4, (m, err)
+        assert rel_err(y, layer(q8_activations(x))) < 1e-5, m
 
 
 def test_input_dtypes_shapes_and_bias():
@@ -101,7 +132,8 @@ def test_many_rows_and_threads():
 def test_fallback_paths_agree(march, path):
     lib = G.load_library(march)
     assert G.vector_path(lib) == path
-    for bits, group_size, sym in ((4, 32, True), (4, 128, False), (3, -1, False), (2, 64, True)):
+    for bits, group_size, sym in ((4, 32, True), (4, 128, False), (3, -1, False), (2, 64, True), (8, 32, True),
+                                  (8, 128, False), (8, -1, False)):
         layer = make_layer(in_f=96, bits=bits, group_size=group_size, sym=sym)
         run = G.prepare(layer)
         for m in (1, 6):
@@ -136,6 +168,20 @@ def test_packing_contract():
     assert torch.equal(G.tile_blocks(per_block)[1, :, 3], scale[19])
 
 
+def test_8bit_packing_contract():
+    codes = torch.randint(0, 256, (20, 64))
+    packed = G.pack_code_bytes(codes)
+    assert packed.shape == (2, 2, 8, 16, 4) and packed.dtype == torch.uint8
+    for n, k in ((0, 0), (3, 5), (17, 20), (19, 63), (5, 47)):
+        t, r, b, j = n // 16, n % 16, k // 32, k % 32
+        assert int(packed[t, b, j // 4, r, j % 4]) == int(codes[n, k])
+    assert int(packed[1, :, :, 4:].max()) == 0  # padding rows
+    w = G.pack_weight(codes, torch.full((20, 1), 128), torch.rand(20, 1), bits=8, group_size=-1)
+    assert w.bits == 8 and w.zero == 128 and w.zeros is None
+    assert torch.equal(w.codes, packed) and w.scales.shape == (2, 2, 16)
+    assert w.data.numel() == 2 * 2 * (512 + 32)  # codes, fp16 scales, no zeros
+
+
 def test_zero_points_fold_or_stay_per_block():
     sym = G.pack_weight(*make_layer(bits=4, sym=True).unpack(), bits=4, group_size=32)
     assert sym.zeros is None and sym.zero == 8
@@ -143,6 +189,13 @@ def test_zero_points_fold_or_stay_per_block():
     assert asym3.zeros is None and asym3.zero == 8  # code - zero + 8 fits in 4 bits: folded
     asym4 = G.pack_weight(*make_layer(bits=4, sym=False).unpack(), bits=4, group_size=32)
     assert asym4.zero == -1 and asym4.zeros.shape == (3, 18, 16) and int(asym4.zeros.max()) <= 15
+    assert sym.bits == asym3.bits == asym4.bits == 4
+    sym8 = G.pack_weight(*make_layer(bits=8, sym=True).unpack(), bits=8, group_size=32)
+    assert sym8.bits == 8 and sym8.zeros is None and sym8.zero == 128
+    asym8 = G.pack_weight(*make_layer(bits=8, sym=False).unpack(), bits=8, group_size=32)
+    assert asym8.bits == 8 and asym8.zero == -1 and asym8.zeros.shape == (3, 18, 16)
+    with pytest.raises(ValueError, match=r"packs 4-bit codes in \[0, 15\]"):
+        G.pack_weight(torch.full((16, 32), 16), torch.zeros(16, 1), torch.ones(16, 1), 4, -1)
     with pytest.raises(ValueError, match="multiples of 32"):
         G.pack_weight(torch.zeros(16, 48, dtype=torch.int32), torch.zeros(16, 1), torch.ones(16, 1), 4, -1)
 
@@ -203,8 +256,11 @@ def test_selection():
     assert B.select_backend(key, "cpu", act_dtype=torch.float32).name == "torch"  # float32 stays exact
     assert B.select_backend(key, "cpu", "cpu_gemv", act_dtype=torch.float32).name == "cpu_gemv"
     assert B.select_backend(B.LayerKey(576, 64, 4, 32, True, "gptq"), "cpu", "gemv_cpu").name == "cpu_gemv"
-    with pytest.raises(BackendError, match=r"cannot serve .* serves 2/3/4 bits, not 8"):
-        B.select_backend(B.LayerKey(576, 64, 8, 32, True, "gptq"), "cpu", "cpu_gemv")
+    key8 = B.LayerKey(576, 64, 8, 32, False, "gptq")
+    assert B.select_backend(key8, "cpu", act_dtype=torch.bfloat16).name == "cpu_gemv"
+    assert B.select_backend(key8, "cpu", act_dtype=torch.float32).name == "torch"
+    with pytest.raises(BackendError, match=r"cannot serve .* serves 2/3/4/8 bits, not 6"):
+        B.select_backend(B.LayerKey(576, 64, 6, 32, True, "gptq"), "cpu", "cpu_gemv")
     with pytest.raises(BackendError, match=r"multiples of 32, not 48"):
         B.select_backend(B.LayerKey(96, 64, 4, 48, True, "gptq"), "cpu", "cpu_gemv")
 
@@ -212,30 +268,40 @@ def test_selection():
 # ------------------------------------------------------------------------------- models and compile
 
 
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
+def save_tiny(out, bits, group_size, sym):
     from tiny_models import tiny_model, token_data
 
     from auto_quant import AutoRound
 
     model = tiny_model("llama", intermediate_size=192)
-    out = tmp_path_factory.mktemp("q") / "tiny_w4"
-    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
-              seqlen=32, progress=False).quantize_and_save(str(out))
+    AutoRound(model, None, bits=bits, group_size=group_size, sym=sym, iters=0, dataset=token_data(2, 32),
+              nsamples=2, seqlen=32, progress=False).quantize_and_save(str(out))
     return out
 
 
-def test_reloaded_tiny_llama_generates_like_the_reference(saved_tiny, caplog):
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("q") / "tiny_w4", 4, 32, True)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_w8(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("q") / "tiny_w8", 8, 128, False)
+
+
+@pytest.mark.parametrize("saved, logged", [("saved_tiny", "14 4-bit g32 sym"), ("saved_tiny_w8", "14 8-bit g128 asym")])
+def test_reloaded_tiny_llama_generates_like_the_reference(saved, logged, request, caplog):
     from transformers import AutoModelForCausalLM
 
     from auto_quant import AutoRoundConfig
 
+    saved_dir = request.getfixturevalue(saved)
     with caplog.at_level(logging.INFO, logger="auto_quant.inference.backends"):
-        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
+        m = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32,
                                                  quantization_config=AutoRoundConfig(backend="cpu_gemv")).eval()
     assert {q.backend for q in m.modules() if isinstance(q, QuantLinear)} == {"cpu_gemv"}
-    assert any("backend cpu_gemv for 14 4-bit g32 sym layers on cpu" in r.getMessage() for r in caplog.records)
-    ref = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32).eval()  # float32: reference path
+    assert any(f"backend cpu_gemv for {logged} layers on cpu" in r.getMessage() for r in caplog.records)
+    ref = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32).eval()  # float32: reference path
     assert {q.backend for q in ref.modules() if isinstance(q, QuantLinear)} == {"torch"}
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -175,7 +175,7 @@ BACKENDS: tuple[Backend, ...] = (
     Backend(
         name="cpu_gemv",
         devices=frozenset({"cpu"}),
-        bits=frozenset({2, 3, 4}),
+        bits=frozenset({2, 3, 4, 8}),
         group_multiple=32,
         in_multiple=32,
         # activations are quantized to int8 per block of 32: chosen automatically only for

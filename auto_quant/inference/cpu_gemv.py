@@ -1,4 +1,4 @@
-"""The ``cpu_gemv`` backend: auto_quant's hand-vectorised C GEMV/GEMM for 2/3/4-bit layers on CPU.
+"""The ``cpu_gemv`` backend: auto_quant's hand-vectorised C GEMV/GEMM for 2/3/4/8-bit layers on CPU.
 
 ``kernels/cpu_gemv.c`` (package data of ``auto_quant.kernels``) is compiled at first use with
 ``gcc -O3 -march=native -shared -fPIC`` (plus ``-fopenmp`` where it links) into
@@ -9,7 +9,7 @@ builds its own; the build goes to a temporary file first and is renamed into pla
 processes may race.
 
 Numerics: activations are quantized per row and block of 32 to int8 (absmax / 127, like
-llama.cpp's Q8_0), the integer dot of each block with the 4-bit codes is exact, and the zero
+llama.cpp's Q8_0), the integer dot of each block with the codes is exact, and the zero
 point is subtracted in integers; scales are kept in fp16. The output differs from the float32
 reference by the activation rounding, about 5e-3 relative on random data (bf16: 3e-3), so the
 backend is chosen automatically only for half-precision models (``backends.HALFS``); force it for
@@ -17,18 +17,22 @@ float32 with ``AutoRoundConfig(backend="cpu_gemv")``.
 
 Packing contract (:func:`pack_weight`, once per layer; the checkpoint buffers stay untouched).
 Output rows are grouped in tiles of 16 (``out`` padded with zero rows of scale 0), the 16 int32
-lanes of an AVX-512 register. One uint8 tensor ``data`` holds, in this order, per tile and block of
-32 inputs:
+lanes of an AVX-512 register. The layout's bit width ``bits`` (:attr:`PackedWeight.bits`) is 4, for
+any code of at most 4 bits (2/3/4-bit layers), or 8, one byte per code (8-bit layers). One uint8
+tensor ``data`` holds, in this order, per tile and block of 32 inputs:
 
-* ``codes`` uint8 ``[tiles, in / 32, 4, 16, 4]``: byte ``(t, b, u, r, i)`` holds the code of row
-  ``16 t + r`` at input ``32 b + 4 u + i`` in its low nibble and the one at input
+* ``codes``, ``bits = 4``: uint8 ``[tiles, in / 32, 4, 16, 4]``: byte ``(t, b, u, r, i)`` holds the
+  code of row ``16 t + r`` at input ``32 b + 4 u + i`` in its low nibble and the one at input
   ``32 b + 16 + 4 u + i`` in its high nibble (one 64-byte word gives 4 + 4 inputs of 16 rows).
+* ``codes``, ``bits = 8``: uint8 ``[tiles, in / 32, 8, 16, 4]``: byte ``(t, b, u, r, i)`` is the code
+  of row ``16 t + r`` at input ``32 b + 4 u + i`` (one 64-byte word gives 4 inputs of 16 rows,
+  used by ``vpdpbusd`` as they are).
 * ``scales`` fp16 ``[tiles, in / 32, 16]``: each block's group scale (repeated over a group's
   blocks, so any group size that is a multiple of 32 costs the same as 32).
 * ``zeros`` uint8 ``[tiles, in / 32, 16]`` per-block integer zero points, only with ``zero = -1``.
   Otherwise one constant ``zero`` serves every block: symmetric weights, and asymmetric ones whose
-  ``code - zero + 8`` fits in [0, 15] (every 2/3-bit layer), which are folded into the codes with
-  ``zero = 8``.
+  ``code - zero + 2 ** (bits - 1)`` fits in the layout's codes (every 2/3-bit layer), which are folded
+  into the codes with ``zero = 2 ** (bits - 1)`` (8, or 128 for ``bits = 8``).
 
 ``w[n, k] = (code[n, k] - zero[n, k // 32]) * scale[n, k // 32]``; ``in_features % 32 == 0`` and
 the group size (``in_features`` for per-channel) a multiple of 32.
@@ -54,7 +58,6 @@ from auto_quant.inference.backends import find_c_compiler
 
 BLOCK = 32  # inputs per activation block and per scale
 TILE_N = 16  # weight rows interleaved in one tile
-TILE_BYTES = BLOCK * TILE_N // 2  # packed codes of one tile and block
 NATIVE = "-march=native"
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 
@@ -63,12 +66,12 @@ class LayerArgs(ctypes.Structure):
     """``aq_layer`` of cpu_gemv.c: a prepared layer's constant arguments."""
 
     _fields_ = [("N", ctypes.c_int64), ("K", ctypes.c_int64), ("data", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("zero", ctypes.c_int32)]
+                ("bits", ctypes.c_int32), ("zero", ctypes.c_int32)]
 
 
 GEMM_LAYER_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
 GEMM_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                 ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+                 ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -171,12 +174,25 @@ def vector_path(lib: ctypes.CDLL | None = None) -> str:
 # --------------------------------------------------------------------------------------- packing
 
 
+def layout_bits(bits: int) -> int:
+    """The packed layout for ``bits``-bit codes: 4 (nibbles) up to 4 bits, 8 (bytes) up to 8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cpu_gemv serves codes of at most 8 bits (got {bits}-bit codes)")
+    return 4 if bits <= 4 else 8
+
+
+def tile_bytes(bits: int) -> int:
+    """Packed code bytes of one tile and block of 32 inputs in the ``bits`` layout (4 or 8)."""
+    return BLOCK * TILE_N * bits // 8
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A layer in the kernel's layout (see the module docstring): one uint8 buffer, so that a
     compiled graph guards one tensor per layer."""
 
     data: torch.Tensor  # uint8: codes, scales (fp16 bytes), then per-block zeros when zero < 0
+    bits: int  # the layout's code width: 4 (nibbles, any code of at most 4 bits) or 8 (bytes)
     zero: int  # the constant zero point, or -1: per-block zeros in ``data``
     out_features: int
     in_features: int
@@ -192,19 +208,20 @@ class PackedWeight:
 
     @property
     def codes(self) -> torch.Tensor:
-        """uint8 ``[tiles, in / 32, 4, 16, 4]`` (a view of ``data``)."""
-        return self.data[: self.tile_blocks * TILE_BYTES].view(self.tiles, -1, 4, TILE_N, 4)
+        """uint8 ``[tiles, in / 32, bits, 16, 4]`` (a view of ``data``; 4 or 8 words per block)."""
+        words = tile_bytes(self.bits) // (TILE_N * 4)  # 64-byte words per block: 4 of nibbles, 8 of bytes
+        return self.data[: self.tile_blocks * tile_bytes(self.bits)].view(self.tiles, -1, words, TILE_N, 4)
 
     @property
     def scales(self) -> torch.Tensor:
         """float16 ``[tiles, in / 32, 16]`` (a view of ``data``)."""
-        start = self.tile_blocks * TILE_BYTES
+        start = self.tile_blocks * tile_bytes(self.bits)
         return self.data[start: start + self.tile_blocks * TILE_N * 2].view(torch.float16).view(self.tiles, -1, TILE_N)
 
     @property
     def zeros(self) -> torch.Tensor | None:
         """uint8 ``[tiles, in / 32, 16]`` per-block zero points (a view of ``data``), or None."""
-        start = self.tile_blocks * (TILE_BYTES + TILE_N * 2)
+        start = self.tile_blocks * (tile_bytes(self.bits) + TILE_N * 2)
         return None if self.zero >= 0 else self.data[start:].view(self.tiles, -1, TILE_N)
 
 
@@ -247,12 +264,26 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return packed.permute(0, 2, 3, 1, 4).contiguous()
 
 
+def pack_code_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """codes ``[out, in]`` in [0, 255] -> uint8 ``[tiles, in / 32, 8, 16, 4]``.
+
+    Byte ``(t, b, u, r, i)`` = code of row ``16 t + r`` at input ``32 b + 4 u + i``.
+    """
+    c = pad_rows(codes.to(torch.uint8))
+    tiles, nb = c.shape[0] // TILE_N, c.shape[1] // BLOCK
+    c = c.reshape(tiles, TILE_N, nb, 8, 4)  # (t, r, b, u, i)
+    return c.permute(0, 2, 3, 1, 4).contiguous()
+
+
 def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> PackedWeight:
     """Repack ``w = (codes - zero) * scale`` (``codes [out, in]``, ``zero``/``scale [out, n_groups]``)."""
     out_f, in_f = codes.shape
     check_shape(in_f, group_size)
-    if bits > 4 or int(codes.min()) < 0 or int(codes.max()) > 15:
-        raise ValueError(f"cpu_gemv serves codes of at most 4 bits (got {bits}-bit codes)")
+    layout = layout_bits(bits)
+    top, middle = 2 ** layout - 1, 2 ** (layout - 1)
+    if int(codes.min()) < 0 or int(codes.max()) > top:
+        raise ValueError(f"cpu_gemv packs {bits}-bit codes in [0, {top}] "
+                         f"(got [{int(codes.min())}, {int(codes.max())}])")
     codes = codes.to(torch.int32)
     z = block_values(zero.to(torch.int32), in_f, group_size)  # [out, in / 32]
     scales = block_values(scale.to(torch.float32), in_f, group_size).to(torch.float16)
@@ -261,13 +292,14 @@ def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bi
                            "pass backend='torch_cpu_int4' (bf16 scales) or 'torch'")
     zeros, const = None, int(z.flatten()[0]) if z.numel() else 0
     if bool((z != const).any()):
-        shifted = codes - z.repeat_interleave(BLOCK, dim=1) + 8
-        if bool((shifted >= 0).all()) and bool((shifted <= 15).all()):
-            codes, const = shifted, 8  # fold the zeros into the codes: one constant zero
+        shifted = codes - z.repeat_interleave(BLOCK, dim=1) + middle
+        if bool((shifted >= 0).all()) and bool((shifted <= top).all()):
+            codes, const = shifted, middle  # fold the zeros into the codes: one constant zero
         else:
             zeros, const = tile_blocks(z.to(torch.uint8)), -1
-    parts = [pack_codes(codes), tile_blocks(scales).view(torch.uint8)] + ([zeros] if zeros is not None else [])
-    return PackedWeight(torch.cat([p.flatten() for p in parts]), const, out_f, in_f)
+    packed_codes = pack_codes(codes) if layout == 4 else pack_code_bytes(codes)
+    parts = [packed_codes, tile_blocks(scales).view(torch.uint8)] + ([zeros] if zeros is not None else [])
+    return PackedWeight(torch.cat([p.flatten() for p in parts]), layout, const, out_f, in_f)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -279,7 +311,8 @@ def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: 
     m = x2.shape[0]
     y = torch.empty((m, w.out_features), dtype=torch.float32)
     if (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, w.out_features, w.in_features,
-                                       w.data.data_ptr(), w.zero, None if bias is None else bias.data_ptr(), threads):
+                                       w.data.data_ptr(), w.bits, w.zero, None if bias is None else bias.data_ptr(),
+                                       threads):
         raise MemoryError(f"cpu_gemv could not allocate scratch for {m} activation rows")
     return y
 
@@ -288,18 +321,19 @@ def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: 
 # custom_op's Python autograd wrapper costs about 14 µs per call (3 ms per SmolLM2 decode step of
 # ~210 calls), a plain CPU kernel about 2 µs. The layer is inference-only: no autograd formula.
 _LIB = torch.library.Library("auto_quant", "FRAGMENT")
-_LIB.define("cpu_gemv(Tensor x, Tensor data, int zero, Tensor? bias, int out_features) -> Tensor")
+_LIB.define("cpu_gemv(Tensor x, Tensor data, int bits, int zero, Tensor? bias, int out_features) -> Tensor")
 
 
-def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, zero: int, bias: torch.Tensor | None,
+def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
-    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype; ``data``/``zero`` as in :class:`PackedWeight`."""
+    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype; ``data``/``bits``/``zero`` as in
+    :class:`PackedWeight`."""
     if x.dtype is not torch.float32 or not x.is_contiguous():
-        return cpu_gemv_kernel(x.contiguous().to(torch.float32), data, zero, bias, out_features).to(x.dtype)
+        return cpu_gemv_kernel(x.contiguous().to(torch.float32), data, bits, zero, bias, out_features).to(x.dtype)
     in_f = x.shape[-1]
     y = torch.empty(*x.shape[:-1], out_features)
     if load_library().aq_gemm(x.data_ptr(), y.data_ptr(), x.numel() // in_f, out_features, in_f, data.data_ptr(),
-                              zero, None if bias is None else bias.data_ptr(), torch.get_num_threads()):
+                              bits, zero, None if bias is None else bias.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"cpu_gemv could not allocate scratch for {x.numel() // in_f} rows")
     return y
 
@@ -308,7 +342,7 @@ _LIB.impl("cpu_gemv", cpu_gemv_kernel, "CPU")
 
 
 @torch.library.register_fake("auto_quant::cpu_gemv", lib=_LIB)
-def _cpu_gemv_fake(x, data, zero, bias, out_features):
+def _cpu_gemv_fake(x, data, bits, zero, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -324,18 +358,18 @@ class CpuGemvLinear:
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None):
         self.weight = weight
         # flat attributes: what a compiled graph reads is guarded, one attribute at a time
-        self.data, self.zero = weight.data, weight.zero
+        self.data, self.bits, self.zero = weight.data, weight.bits, weight.zero
         self.in_features = weight.in_features
         self.out_features = weight.out_features
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
         self.args = LayerArgs(self.out_features, self.in_features, self.data.data_ptr(),
-                              None if self.bias is None else self.bias.data_ptr(), self.zero)
+                              None if self.bias is None else self.bias.data_ptr(), self.bits, self.zero)
         self.args_ptr = ctypes.addressof(self.args)
         self.gemm_layer = load_library().aq_gemm_layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.auto_quant.cpu_gemv(x, self.data, self.zero, self.bias, self.out_features)
+            return torch.ops.auto_quant.cpu_gemv(x, self.data, self.bits, self.zero, self.bias, self.out_features)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             return self(x.contiguous().to(torch.float32)).to(x.dtype)
         y = torch.empty(*x.shape[:-1], self.out_features)
