@@ -88,6 +88,7 @@ def sweep_tdot(args, out):
                     else TDOT_TILES
                 cfgs = [KernelConfig("tdot", bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
                         for sp in TDOT_SPLITS if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
+                        and (bm < 128 or wa >= 8)  # KernelConfig refuses 128-row blocks on 4 warps
                         and K >= bk * 2 * sp]
                 others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != "tdot"]
                 timings = [time_config(cfg, x, w, copies, ref, ws) for cfg in cfgs + others]

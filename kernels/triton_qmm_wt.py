@@ -17,8 +17,10 @@ Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
 
 The scale multiplies the tile in the activation dtype (the rounding of a dequantized weight, as in
 dequantize + cuBLAS), so one accumulator chains every tile's ``tl.dot`` and the tensor cores run
-asynchronously behind the next tile's dequantization; per-channel scales multiply the fp32 result
-once at the end instead. Split-K over grid axis 2 shares the epilogue of the other kernels
+asynchronously behind the next tile's dequantization. Per-channel scales take the same path (their one
+row is read per tile): scaling the fp32 result after the loop instead gave intermittently wrong tiles
+(about 13 % relative error in 1 of 30 launches) on the H100 with 128 x 256 tiles and split-K, found by a
+repeated-launch stress run. Split-K over grid axis 2 shares the epilogue of the other kernels
 (:func:`~auto_quant.kernels.triton_qmm._write_output`).
 """
 
@@ -74,15 +76,16 @@ def _qmm_wt_kernel(
     EVEN_K: tl.constexpr, PAIRS: tl.constexpr, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr,
     ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # GROUP == 0: per output feature. k_per_split is a multiple of BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16,
-    # 2/4 bits): dequant_asm makes the tile; it needs one group per tile (GROUP % BLOCK_K == 0) or per-channel.
+    # GROUP == 0: per output feature (scale row 0, read per tile like a group's). k_per_split is a multiple of
+    # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16, 2/4 bits): dequant_asm makes the tile; it needs one group per
+    # tile (GROUP % BLOCK_K == 0) or per-channel.
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
     MASK: tl.constexpr = (1 << BITS) - 1
     MAGIC: tl.constexpr = 8388608.0
     ZC: tl.constexpr = 1 << (BITS - 1)
-    ONE_GROUP: tl.constexpr = GROUP != 0 and GROUP % BLOCK_K == 0
+    ONE_GROUP: tl.constexpr = GROUP == 0 or GROUP % BLOCK_K == 0  # one scale row per tile (per-channel: row 0)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -98,10 +101,6 @@ def _qmm_wt_kernel(
     if not PAIRS:
         shifts = (tl.arange(0, PER) * BITS)[None, None, :]
 
-    if GROUP == 0:
-        s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) if HAS_ZERO else ZC
-
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         rows = k0 // PER + offs_r
@@ -115,10 +114,8 @@ def _qmm_wt_kernel(
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_mask[None, :] & (k < K)[:, None],
                          other=0.0)
         # zero point and scale of the tile: per output feature, per tile, or per input (tiles wider than a group)
-        if GROUP == 0:
-            z = z_row
-        elif ONE_GROUP:
-            g = k0 // GROUP
+        if ONE_GROUP:
+            g = 0 if GROUP == 0 else k0 // GROUP
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) if HAS_ZERO else ZC
         else:
@@ -128,29 +125,21 @@ def _qmm_wt_kernel(
             z = tl.load(z_ptr + gk * N + offs_n[:, None], mask=gm, other=0).to(tl.float32) if HAS_ZERO else ZC
         if PAIRS:
             zz = _zero_pair(z, ACT_FP16)[:, None] if HAS_ZERO else 0
-            w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16)
-            if GROUP != 0:
-                w = w * s.to(act)[:, None]
+            w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16) * s.to(act)[:, None]
         else:
             # code j of word row r is input r * PER + j: [BN, BKW, PER] flattens to [BN, BLOCK_K] in input order
             q3 = ((wq[:, :, None] >> shifts) & MASK) | 0x4B000000
             code = tl.reshape(q3, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # 2**23 + code
-            if GROUP == 0 or ONE_GROUP:
-                w = code - (z + MAGIC)[:, None] if HAS_ZERO else code - (MAGIC + ZC)
-            else:
-                w = code - (z + MAGIC) if HAS_ZERO else code - (MAGIC + ZC)
             if ONE_GROUP:
-                w = w * s[:, None]
-            elif GROUP != 0:
-                w = w * s
+                w = (code - (z + MAGIC)[:, None] if HAS_ZERO else code - (MAGIC + ZC)) * s[:, None]
+            else:
+                w = (code - (z + MAGIC) if HAS_ZERO else code - (MAGIC + ZC)) * s
             w = w.to(act)
         if DOT_F32:
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
         else:
             acc = tl.dot(w, xt, acc)
 
-    if GROUP == 0:
-        acc = acc * s_row[:, None]
     res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     _write_output(res, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
                   ws_ptr, offs_m[:, None] * N + offs_n[None, :], b_ptr, offs_n, n_mask, cnt_ptr, HAS_BIAS, SPLIT)
