@@ -308,11 +308,16 @@ def pack_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bi
 def gemm(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, threads: int,
          lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``x2 [M, in]`` float32 contiguous -> float32 ``[M, out]`` through the C kernel (``lib``: another build)."""
-    m = x2.shape[0]
-    y = torch.empty((m, w.out_features), dtype=torch.float32)
-    if (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, w.out_features, w.in_features,
-                                       w.data.data_ptr(), w.bits, w.zero, None if bias is None else bias.data_ptr(),
-                                       threads):
+    return _gemm(x2, w.data, w.bits, w.zero, bias, w.out_features, threads, lib)
+
+
+def _gemm(x2: torch.Tensor, data: torch.Tensor, bits: int, zero: int, bias: torch.Tensor | None, out_features: int,
+          threads: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """One ``aq_gemm`` call on a float32 contiguous ``x2 [M, in]``; float32 ``[M, out]``."""
+    m, in_f = x2.shape
+    y = torch.empty((m, out_features), dtype=torch.float32)
+    if (lib or load_library()).aq_gemm(x2.data_ptr(), y.data_ptr(), m, out_features, in_f, data.data_ptr(), bits,
+                                       zero, None if bias is None else bias.data_ptr(), threads):
         raise MemoryError(f"cpu_gemv could not allocate scratch for {m} activation rows")
     return y
 
@@ -330,12 +335,8 @@ def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, b
     :class:`PackedWeight`."""
     if x.dtype is not torch.float32 or not x.is_contiguous():
         return cpu_gemv_kernel(x.contiguous().to(torch.float32), data, bits, zero, bias, out_features).to(x.dtype)
-    in_f = x.shape[-1]
-    y = torch.empty(*x.shape[:-1], out_features)
-    if load_library().aq_gemm(x.data_ptr(), y.data_ptr(), x.numel() // in_f, out_features, in_f, data.data_ptr(),
-                              bits, zero, None if bias is None else bias.data_ptr(), torch.get_num_threads()):
-        raise MemoryError(f"cpu_gemv could not allocate scratch for {x.numel() // in_f} rows")
-    return y
+    y = _gemm(x.reshape(-1, x.shape[-1]), data, bits, zero, bias, out_features, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 _LIB.impl("cpu_gemv", cpu_gemv_kernel, "CPU")
