@@ -33,6 +33,21 @@ def _cfg(arch: str, **over):
     elif arch == "gemma3":
         c = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=16, sliding_window=8, **common)
+    elif arch == "mixtral":  # MoE: transformers 5 stores the experts fused, as 3-D tensors
+        c = transformers.MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
+    elif arch == "qwen2_moe":  # MoE with a shared expert and its Linear gate
+        c = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=64, shared_expert_intermediate_size=64, **common)
+    elif arch == "qwen3_moe":
+        c = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=64, **common)
+    elif arch == "gpt_oss":  # MoE with transposed, interleaved gate/up and biases, and a clamped gate
+        c = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                      **common)
     else:
         raise ValueError(arch)
     for k, v in over.items():
@@ -41,6 +56,7 @@ def _cfg(arch: str, **over):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2", "gemma", "gemma2", "gemma3")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
 
 def tiny_model(arch: str, seed: int = 0, **over):

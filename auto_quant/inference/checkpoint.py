@@ -16,6 +16,7 @@ from torch import nn
 from auto_quant.errors import CheckpointError
 from auto_quant.inference.qlinear import QuantLinear
 from auto_quant.models.discovery import Conv1D, find_block_list, find_lm_head, is_quantizable, set_submodule
+from auto_quant.models.moe import split_fused_experts
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,12 @@ def layer_quant_for(name: str, qc: dict, blocks: list[str]) -> LayerQuant | None
 
 
 def convert_for_loading(model: nn.Module, qc: dict, modules_to_not_convert: list[str] | None = None) -> dict[str, LayerQuant]:
-    """Replace the quantized layers of ``model`` with empty QuantLinear modules shaped like the checkpoint."""
+    """Replace the quantized layers of ``model`` with empty QuantLinear modules shaped like the checkpoint.
+
+    Fused MoE experts are split into per-expert linears first, matching how auto_quant (and the original
+    per-expert checkpoints) name them: ``<...>.experts.<e>.gate_proj``.
+    """
+    split_fused_experts(model)
     qm = qc.get("quant_method", "auto-round")
     data_type = str(qc.get("data_type", "int"))
     if not data_type.startswith("int"):

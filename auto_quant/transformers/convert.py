@@ -18,6 +18,7 @@ from torch import nn
 
 from auto_quant.errors import CheckpointError, ConfigError
 from auto_quant.models.discovery import Conv1D, find_block_list, find_lm_head, set_submodule
+from auto_quant.models.moe import split_fused_experts
 from auto_quant.transformers.modules import LayerTarget, build_embedding, build_linear, make_cpu_embedding
 from auto_quant.transformers.qtypes import (
     KQUANT_FALLBACK,
@@ -266,6 +267,24 @@ def convert_in_place(model: nn.Module, plan: Plan, importance: Importance | None
     if plan.tied_head and plan.head_name in plan.linears:
         untie_config(model)
     return model
+
+
+def quantize_fused_experts(model: nn.Module, settings: LowBitSettings, importance: dict | None = None) -> list[str]:
+    """Split a loaded model's fused MoE experts (:mod:`auto_quant.models.moe`) and encode their linears as
+    ``settings`` says; returns the new layers' names. transformers loads experts as 3-D tensors, so they are
+    encoded after loading rather than while it streams."""
+    before = {n for n, m in model.named_modules() if _is_linear(m)}
+    if not split_fused_experts(model):
+        return []
+    plan = plan_model(model, settings)
+    plan.linears = {n: t for n, t in plan.linears.items() if n not in before}
+    plan.embedding = None
+    modules = dict(model.named_modules())
+    imp = Importance(importance)
+    if not any(imp.get(n, n == plan.head_name, _shape(modules[n])[1]) is not None for n in plan.linears):
+        imp = Importance(None)  # an imatrix without expert entries: the experts are encoded without one
+    convert_in_place(model, plan, imp)
+    return list(plan.linears)
 
 
 # ------------------------------------------------------------------------------------------

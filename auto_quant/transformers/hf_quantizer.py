@@ -24,6 +24,7 @@ from auto_quant.transformers.convert import (
     finish_pending,
     install_pending,
     plan_model,
+    quantize_fused_experts,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class LowBitHfQuantizer(HfQuantizer):
         if self.late_layers:
             log.info("auto_quant: %d layers were encoded after loading (their weight was not assigned while loading)",
                      len(self.late_layers))
+        self.expert_layers = quantize_fused_experts(model, self.quantization_config.settings,
+                                                    self.quantization_config.importance)
         if self.quantization_config.optimize_model:
             from auto_quant.inference.backends import attach_backends
 

@@ -29,6 +29,7 @@ from auto_quant import __version__
 from auto_quant.errors import CheckpointError, ConfigError
 from auto_quant.export.base import float_state_dict, save_safetensors_shards, write_atomically
 from auto_quant.models.discovery import set_submodule
+from auto_quant.models.moe import split_fused_experts
 from auto_quant.transformers.modules import empty_module, layer_record
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def load_low_bit(path, auto_cls=None, optimize_model: bool = True, trust_remote_
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype)
+    split_fused_experts(model)  # save_low_bit saw per-expert linears (auto_quant.models.moe)
     for name, rec in manifest["modules"].items():
         try:
             set_submodule(model, name, empty_module(rec["class"], rec["args"]))

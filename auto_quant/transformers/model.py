@@ -13,6 +13,7 @@ from torch import nn
 
 from auto_quant.errors import ConfigError, ModelLoadError
 from auto_quant.transformers.config import resolve_request
+from auto_quant.models.moe import split_fused_experts
 from auto_quant.transformers.convert import Importance, LowBitSettings, convert_in_place, plan_model, untie_config
 from auto_quant.transformers.imatrix import load_imatrix
 from auto_quant.transformers.lowbit_io import load_low_bit as _load_low_bit
@@ -90,7 +91,10 @@ def _importance(imatrix) -> dict | None:
 
 
 def quantize_model(model: nn.Module, settings: LowBitSettings, imatrix=None, optimize_model: bool = True) -> nn.Module:
-    """Convert a loaded float model in place, layer by layer (each float weight freed once encoded)."""
+    """Convert a loaded float model in place, layer by layer (each float weight freed once encoded).
+
+    Fused MoE experts are split into per-expert linears first, so they are quantized too."""
+    split_fused_experts(model)
     plan = plan_model(model, settings)
     convert_in_place(model, plan, Importance(_importance(imatrix)))
     log.info("auto_quant: quantized %s", plan.summary())

@@ -8,7 +8,8 @@ The step does exactly what the eager loop does (``unit_loss`` of one full batch,
 ``p -= lr * sign(grad)``, clamping), with the learning rates read from device scalars so one
 recording serves every iteration. It applies only when every batch has the same shapes and the
 same call arguments: one batch size, no padding masks, call arguments shared by every sample,
-targets stored per sample, every parameter on the tuning device and one micro-batch per step.
+targets stored per sample, every parameter on the tuning device, one micro-batch per step, and no
+MoE layer (its routing picks the experts from the data).
 :func:`build_static_step` returns None otherwise and the eager loop runs.
 
 On a device without CUDA graphs (tests on CPU) the same step runs directly on the static
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auto_quant.models.moe import SplitExperts
 from auto_quant.tuning.capture import collate_calls, move_call
 from auto_quant.tuning.wrapper import TunableLinear, clamp_all, sign_step
 
@@ -150,6 +152,8 @@ def build_static_step(unit: nn.Module, wrappers: list[TunableLinear], data, forw
         return None
     if not all(_on(p, dev) for p in list(unit.parameters()) + list(unit.buffers())):
         return None  # layers spread over devices (placement hooks)
+    if any(isinstance(m, SplitExperts) for m in unit.modules()):
+        return None  # MoE routing picks experts from the data: no fixed graph
     call, shared = _shared_call(data.calls, bs)
     if not shared:
         return None

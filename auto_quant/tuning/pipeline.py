@@ -27,6 +27,7 @@ from auto_quant.models.discovery import (
     untie_lm_head,
     weight_as_out_in,
 )
+from auto_quant.models.moe import router_layers, split_fused_experts
 from auto_quant.quant import QuantSpec
 from auto_quant.quant.search import rtn_weight, search_clip_coef
 from auto_quant.tuning.capture import BlockCall, capture_block_inputs
@@ -48,7 +49,13 @@ class QuantizationOutcome:
 
 
 def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str, QuantSpec | None], str | None]:
-    """Which layers get which spec; validates layer_config against real layer names."""
+    """Which layers get which spec; validates layer_config against real layer names.
+
+    Fused MoE experts are split into per-expert linears first (:mod:`auto_quant.models.moe`), in place:
+    every expert is then a layer like any other; MoE routers stay in 16 bits unless layer_config names them.
+    """
+    split_fused_experts(model)
+    routers = router_layers(model)
     blist = find_block_list(model)
     specs: dict[str, QuantSpec | None] = {}
     names = []
@@ -59,7 +66,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str
     head_name = head[0] if head else None
     cfg.check_rules_match(names + ([head_name] if head_name else []))
     for name in names:
-        specs[name] = cfg.spec_for(name)
+        explicit_rule = any(r.matches(name) for r in cfg.layer_rules)
+        specs[name] = None if name in routers and not explicit_rule else cfg.spec_for(name)
     if head_name is not None:
         specs[head_name] = cfg.spec_for(head_name, is_lm_head=True)
     explicit = {n for n in specs if any(r.matches(n) for r in cfg.layer_rules)}

@@ -1,0 +1,186 @@
+"""Mixture-of-experts layers as per-expert linears, so every expert is quantized like any other layer.
+
+transformers 5 stores the experts of an MoE layer (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, OLMoE,
+gpt-oss, ...) as one module with 3-D parameters — ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``
+(``[E, in, out]`` when transposed) — not as ``nn.Linear``. :func:`split_fused_experts` replaces each
+such module with :class:`SplitExperts`, an ``nn.ModuleList`` of :class:`ExpertMLP` holding plain
+``gate_proj`` / ``up_proj`` / ``down_proj`` linears, which computes the same function. Layers are
+then named ``<...>.experts.<e>.gate_proj`` — the per-expert naming of the original checkpoints that
+vLLM-class servers read for quantized MoE models.
+
+The layout of a fused module comes from the flags transformers' ``use_experts_implementation``
+sets on it (``has_gate``, ``is_concatenated``, ``is_transposed``, ``has_bias``); the gating function is the
+module's own ``_apply_gate`` (gpt-oss clamps, others ``act(gate) * up``), so the split module needs
+no per-architecture code. A fused module in a layout it cannot reproduce (an expert norm, extra
+tensors) is left fused, with one warning: its weights stay in 16 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+_BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers-5 experts module: 3-D ``down_proj`` plus ``gate_up_proj`` or ``up_proj``."""
+    if isinstance(module, SplitExperts):
+        return False
+    down = module._parameters.get("down_proj")
+    up = module._parameters.get("gate_up_proj", module._parameters.get("up_proj"))
+    return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
+
+
+def _why_not_splittable(module: nn.Module) -> str | None:
+    if getattr(module, "has_post_expert_norm", False):
+        return "it normalises each expert's output"
+    extra = [n for n, _ in module.named_parameters() if n not in _WEIGHTS + _BIASES]
+    extra += [n for n, _ in module.named_buffers()]
+    if extra:
+        return f"it holds other tensors ({', '.join(extra)})"
+    if "gate_up_proj" not in module._parameters and getattr(module, "has_gate", False):
+        return "it is gated but has no gate_up_proj"
+    if "gate_up_proj" in module._parameters and not hasattr(module, "_apply_gate") and not hasattr(module, "act_fn"):
+        return "it has no gating function"
+    return None
+
+
+def _gate_fn(module: nn.Module):
+    """The fused module's gating as a function of the ``[.., 2I]`` gate/up output in its own layout."""
+    apply = getattr(type(module), "_apply_gate", None)
+    if apply is not None:
+        return lambda gu: apply(module, gu)
+    act = module.act_fn
+
+    def gate(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return act(g) * u
+
+    return gate
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(gate_fn([gate(x); up(x)]))`` (or ``down(act(up(x)))`` without a gate)."""
+
+    def __init__(self, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, gating, concatenated: bool):
+        super().__init__()
+        if gate_proj is not None:
+            self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self.__dict__["_gating"] = gating  # the stripped fused module (no tensors): act_fn / _apply_gate
+        self.__dict__["_concatenated"] = concatenated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.__dict__["_gating"]
+        if "gate_proj" in self._modules:
+            g, u = self.gate_proj(x), self.up_proj(x)
+            gu = torch.cat([g, u], dim=-1) if self.__dict__["_concatenated"] else torch.stack([g, u], dim=-1).flatten(-2)
+            h = _gate_fn(fused)(gu)
+        else:
+            h = fused.act_fn(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class SplitExperts(nn.ModuleList):
+    """The experts of one MoE layer as a list of :class:`ExpertMLP`; called like the fused module,
+    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        n = len(self)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index.long(), num_classes=n + 1).permute(2, 1, 0)  # [E + 1, k, T]
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit.flatten().tolist():
+            if e >= n:
+                continue
+            pos, tok = torch.where(mask[e])
+            y = self[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A Linear owning a contiguous copy of ``weight [out, in]`` (meta stays meta)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone().contiguous(), requires_grad=False)
+    return lin
+
+
+def split_module(module: nn.Module) -> SplitExperts:
+    """The :class:`SplitExperts` computing what the fused ``module`` computes; ``module`` is emptied of its
+    tensors (it stays on as the experts' gating function)."""
+    p = module._parameters
+    transposed = bool(getattr(module, "is_transposed", False))
+    concatenated = bool(getattr(module, "is_concatenated", True))
+    gated = "gate_up_proj" in p
+    up_all = p["gate_up_proj"] if gated else p["up_proj"]
+    up_bias = p.get("gate_up_proj_bias" if gated else "up_proj_bias")
+    down_all, down_bias = p["down_proj"], p.get("down_proj_bias")
+    experts = []
+    for e in range(up_all.shape[0]):
+        w_up = up_all[e].t() if transposed else up_all[e]  # [2I or I, H]
+        w_down = down_all[e].t() if transposed else down_all[e]  # [H, I]
+        b_up = None if up_bias is None else up_bias[e]
+        if gated:
+            inter = w_up.shape[0] // 2
+            if concatenated:
+                rows_g, rows_u = slice(0, inter), slice(inter, 2 * inter)
+            else:
+                rows_g, rows_u = slice(0, None, 2), slice(1, None, 2)
+            gate = _linear(w_up[rows_g], None if b_up is None else b_up[rows_g])
+            up = _linear(w_up[rows_u], None if b_up is None else b_up[rows_u])
+        else:
+            gate, up = None, _linear(w_up, b_up)
+        down = _linear(w_down, None if down_bias is None else down_bias[e])
+        experts.append(ExpertMLP(gate, up, down, module, concatenated))
+    for name in _WEIGHTS + _BIASES:
+        p.pop(name, None)
+    return SplitExperts(experts)
+
+
+def split_fused_experts(model: nn.Module) -> list[str]:
+    """Replace every fused experts module of ``model`` with a :class:`SplitExperts`; returns their names.
+
+    Idempotent. Modules it cannot reproduce stay fused, with a warning that their weights stay in 16 bits.
+    """
+    done = []
+    for name, module in list(model.named_modules()):
+        if not is_fused_experts(module):
+            continue
+        why = _why_not_splittable(module)
+        if why is not None:
+            log.warning("auto_quant: the experts of %s (%s) stay in 16 bits: %s", name, type(module).__name__, why)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, split_module(module))
+        done.append(name)
+    if done:
+        log.info("auto_quant: split %d fused MoE expert modules into per-expert linears", len(done))
+    return done
+
+
+_ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def router_layers(model: nn.Module) -> set[str]:
+    """Linear routers and expert gates of MoE layers (siblings of a :class:`SplitExperts` named ``gate``,
+    ``router`` or ``shared_expert_gate``): they score experts and stay in 16 bits, as serving engines load them."""
+    out = set()
+    for name, module in model.named_modules():
+        if not any(isinstance(c, SplitExperts) for c in module.children()):
+            continue
+        for child_name, child in module.named_children():
+            if child_name in _ROUTER_NAMES and isinstance(child, nn.Linear):
+                out.add(f"{name}.{child_name}" if name else child_name)
+    return out

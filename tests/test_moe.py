@@ -1,0 +1,180 @@
+"""Mixture-of-experts models: transformers 5 keeps the experts fused (3-D tensors); auto_quant splits them
+into per-expert linears so every expert is tuned, exported and loaded back like any other layer."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import auto_quant  # noqa: F401  (routes auto-round checkpoints to auto_quant's loader)
+from auto_quant import AutoRound
+from auto_quant.convert import load_quantized
+from auto_quant.inference.qlinear import QuantLinear
+from auto_quant.models.moe import ExpertMLP, SplitExperts, is_fused_experts, split_fused_experts
+from tiny_models import MOE_ARCHS, tiny_model, token_data
+
+
+def _ids(seed: int = 5) -> torch.Tensor:
+    return torch.tensor(token_data(2, 24, seed=seed))
+
+
+def _experts(model) -> SplitExperts:
+    return model.model.layers[0].mlp.experts
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_split_experts_compute_what_the_fused_module_computes(arch):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the init, so a wrong layout shows
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+        ref = model(_ids()).logits
+    assert is_fused_experts(_experts(model))
+    names = split_fused_experts(model)
+    assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert split_fused_experts(model) == []  # idempotent
+    experts = _experts(model)
+    assert isinstance(experts, SplitExperts) and len(experts) == 4 and isinstance(experts[0], ExpertMLP)
+    assert isinstance(experts[3].down_proj, nn.Linear) and isinstance(experts[3].gate_proj, nn.Linear)
+    assert not any(p.dim() == 3 for p in model.parameters())
+    with torch.no_grad():
+        got = model(_ids()).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _expert_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if ".experts." in n and isinstance(m, (nn.Linear, QuantLinear))]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_tuned_moe_exports_and_loads_back_in_transformers(arch, tmp_path):
+    model = tiny_model(arch)
+    x = _ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=3, nsamples=8, seqlen=32, dataset=token_data(8, 32),
+                   progress=False)
+    ar.quantize()
+    experts = _expert_names(model)
+    assert len(experts) == 2 * 4 * 3
+    assert set(experts) <= set(ar.outcome.layers), "every expert linear is quantized"
+    w = model.get_submodule("model.layers.1.mlp.experts.2.up_proj").weight
+    assert torch.equal(w, ar.outcome.layers["model.layers.1.mlp.experts.2.up_proj"].weight.dequantize(torch.float32).to(w.dtype))
+    with torch.no_grad():
+        fq = model(x).logits
+    assert not torch.equal(fq, ref)
+    out = tmp_path / "q"
+    ar.save_quantized(out, format="auto_round")
+    q = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(_experts(q), SplitExperts)
+    assert all(isinstance(q.get_submodule(n), QuantLinear) for n in experts)
+    with torch.no_grad():
+        got = q(x).logits
+    torch.testing.assert_close(got, fq, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("fmt", ["auto_gptq", "auto_awq", "auto_round"])
+def test_moe_router_stays_float_and_integer_formats_round_trip(fmt, tmp_path):
+    model = tiny_model("qwen2_moe")
+    ar = AutoRound(model, None, bits=4, group_size=32, sym=False, iters=0, progress=False)
+    ar.quantize()
+    gates = [n for n in ar.outcome.specs if n.endswith("shared_expert_gate")]
+    assert len(gates) == 2 and all(ar.outcome.specs[n] is None for n in gates)
+    assert len([n for n in ar.outcome.layers if ".experts." in n]) == 2 * 4 * 3
+    x = _ids()
+    with torch.no_grad():
+        fq = model(x).logits
+    ar.save_quantized(tmp_path / "q", format=fmt)
+    q, _ = load_quantized(tmp_path / "q", dtype=torch.float32, backend="torch")
+    assert isinstance(q.get_submodule("model.layers.1.mlp.experts.3.down_proj"), QuantLinear)
+    assert isinstance(q.get_submodule("model.layers.1.mlp.shared_expert_gate"), nn.Linear)
+    with torch.no_grad():
+        got = q(x).logits
+    torch.testing.assert_close(got, fq, rtol=1e-4, atol=1e-4)
+
+
+def test_one_expert_in_layer_config_harmonises_every_expert_of_its_layer(caplog):
+    model = tiny_model("mixtral")
+    with caplog.at_level(logging.WARNING):
+        ar = AutoRound(model, None, bits=4, group_size=32, iters=0, progress=False,
+                       layer_config={"model.layers.0.mlp.experts.2.down_proj": {"bits": 8}})
+    ar.quantize()
+    bits = {n: s.bits for n, s in ar.outcome.specs.items() if s is not None and ".experts." in n}
+    assert {b for n, b in bits.items() if n.startswith("model.layers.0.")} == {8}
+    assert {b for n, b in bits.items() if n.startswith("model.layers.1.")} == {4}
+
+
+def test_low_bit_api_quantizes_experts_and_round_trips(tmp_path):
+    from auto_quant.transformers import AutoModelForCausalLM as LowBit
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "float")
+    x = _ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    q = LowBit.from_pretrained(tmp_path / "float", load_in_low_bit="sym_int8")
+    assert isinstance(_experts(q), SplitExperts)
+    assert not any(isinstance(q.get_submodule(n), nn.Linear) for n in _expert_names(q))
+    with torch.no_grad():
+        got = q(x).logits
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    q.save_low_bit(tmp_path / "lb")
+    again = LowBit.load_low_bit(tmp_path / "lb")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, got)
+
+
+class _NormedExperts(nn.Module):
+    """A fused experts module with an expert norm: a layout SplitExperts does not reproduce."""
+
+    has_post_expert_norm = True
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+        self.down_proj = nn.Parameter(torch.randn(2, 4, 4))
+        self.post_expert_norm = nn.LayerNorm(4)
+
+
+def test_unsupported_fused_layout_stays_fused_with_a_warning(caplog):
+    holder = nn.Module()
+    holder.experts = _NormedExperts()
+    with caplog.at_level(logging.WARNING):
+        assert split_fused_experts(holder) == []
+    assert isinstance(holder.experts, _NormedExperts)
+    assert "stay in 16 bits" in caplog.text and "normalises" in caplog.text
+
+
+
+def test_moe_tunes_eagerly_when_graphs_are_asked_for():
+    model = tiny_model("mixtral")
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=2, nsamples=4, seqlen=16, dataset=token_data(4, 16),
+                   cuda_graphs=True, progress=False)
+    ar.quantize()
+    assert len([n for n in ar.outcome.layers if ".experts." in n]) == 2 * 4 * 3
+
+
+@pytest.mark.gpu
+def test_moe_tunes_on_cuda_and_serves_through_triton(tmp_path):
+    model = tiny_model("qwen3_moe")
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=4, nsamples=8, seqlen=32, dataset=token_data(8, 32),
+                   device="cuda", progress=False)
+    ar.quantize()
+    x = _ids()
+    with torch.no_grad():
+        fq = model(x).logits
+    ar.save_quantized(tmp_path / "q", format="auto_round")
+    from auto_quant import AutoRoundConfig
+
+    q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float16, device_map="cuda",
+                                                          quantization_config=AutoRoundConfig(backend="triton"))
+    layer = q.get_submodule("model.layers.1.mlp.experts.3.down_proj")
+    assert isinstance(layer, QuantLinear) and layer.backend == "triton"
+    with torch.no_grad():
+        got = q(x.cuda()).logits.float().cpu()
+    assert (got - fq).abs().max() < 2e-2 * fq.abs().max() + 2e-3
