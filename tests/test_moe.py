@@ -14,7 +14,7 @@ import auto_quant  # noqa: F401  (routes auto-round checkpoints to auto_quant's 
 from auto_quant import AutoRound
 from auto_quant.convert import load_quantized
 from auto_quant.inference.qlinear import QuantLinear
-from auto_quant.models.moe import ExpertMLP, SplitExperts, is_fused_experts, split_fused_experts
+from auto_quant.models.moe import DenseSplitExperts, ExpertMLP, SplitExperts, is_fused_experts, split_fused_experts
 from tiny_models import MOE_ARCHS, tiny_model, token_data
 
 
@@ -34,17 +34,28 @@ def test_split_experts_compute_what_the_fused_module_computes(arch):
             if p.dim() > 1:
                 p.normal_(0, 0.1)
         ref = model(_ids()).logits
-    assert is_fused_experts(_experts(model))
+    fused = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    assert len(fused) == 2
     names = split_fused_experts(model)
-    assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert names == fused
     assert split_fused_experts(model) == []  # idempotent
-    experts = _experts(model)
-    assert isinstance(experts, SplitExperts) and len(experts) == 4 and isinstance(experts[0], ExpertMLP)
+    experts = model.get_submodule(names[0])
+    assert isinstance(experts, (SplitExperts, DenseSplitExperts)) and len(experts) == 4
+    assert isinstance(experts[3], ExpertMLP)
     assert isinstance(experts[3].down_proj, nn.Linear) and isinstance(experts[3].gate_proj, nn.Linear)
     assert not any(p.dim() == 3 for p in model.parameters())
     with torch.no_grad():
         got = model(_ids()).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["hunyuan_v1_moe", "llama4_text"])
+def test_routers_stay_float(arch):
+    model = tiny_model(arch)
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=0, progress=False)
+    routers = {"hunyuan_v1_moe": "model.layers.0.mlp.gate.wg", "llama4_text": "model.layers.0.feed_forward.router"}[arch]
+    assert routers in ar.specs and ar.specs[routers] is None
+    assert sum(s is not None for n, s in ar.specs.items() if ".experts." in n) == 2 * 4 * 3
 
 
 def _expert_names(model) -> list[str]:
@@ -133,6 +144,8 @@ class _NormedExperts(nn.Module):
     """A fused experts module with an expert norm: a layout SplitExperts does not reproduce."""
 
     has_post_expert_norm = True
+    has_gate = True  # the flags transformers' use_experts_implementation sets
+    is_transposed = False
 
     def __init__(self):
         super().__init__()
@@ -148,6 +161,21 @@ def test_unsupported_fused_layout_stays_fused_with_a_warning(caplog):
         assert split_fused_experts(holder) == []
     assert isinstance(holder.experts, _NormedExperts)
     assert "stay in 16 bits" in caplog.text and "normalises" in caplog.text
+
+    class Unknown(nn.Module):  # no layout flags and a routed signature: not guessed
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+            self.down_proj = nn.Parameter(torch.randn(2, 4, 4))
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    holder.experts = Unknown()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert split_fused_experts(holder) == []
+    assert "calling convention or weight layout" in caplog.text
 
 
 
@@ -178,3 +206,19 @@ def test_moe_tunes_on_cuda_and_serves_through_triton(tmp_path):
     with torch.no_grad():
         got = q(x.cuda()).logits.float().cpu()
     assert (got - fq).abs().max() < 2e-2 * fq.abs().max() + 2e-3
+
+
+def test_alibi_bias_folding_the_batch_is_replayed_sample_by_sample():
+    # Bloom passes every block an ALiBi bias of [batch * heads, 1, seq]; one sample's copy must not be
+    # broadcast over a batch of several
+    from auto_quant.tuning.capture import BlockCall, collate_calls
+
+    alibi = torch.zeros(4, 1, 16)
+    rope = torch.zeros(1, 16, 8)
+    assert collate_calls([BlockCall(args=(), kwargs={"alibi": alibi})] * 3) is None
+    assert collate_calls([BlockCall(args=(), kwargs={"cos": rope})] * 3).kwargs["cos"] is rope
+    model = tiny_model("bloom")
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=2, nsamples=4, seqlen=16, batch_size=4,
+                   dataset=token_data(4, 16), progress=False)
+    ar.quantize()
+    assert len(ar.outcome.layers) == 8

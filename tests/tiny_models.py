@@ -48,6 +48,16 @@ def _cfg(arch: str, **over):
         c = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                       **common)
+    elif arch == "llama4_text":  # MoE whose experts take router-scaled inputs for every token ("dense")
+        c = transformers.Llama4TextConfig(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          num_local_experts=4, num_experts_per_tok=1, pad_token_id=0, **common)
+    elif arch == "hunyuan_v1_moe":  # MoE whose router Linear sits inside a gate module (mlp.gate.wg)
+        c = transformers.HunYuanMoEV1Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                            moe_topk=2, pad_token_id=0, **common)
+    elif arch == "bloom":  # ALiBi: a bias of [batch * heads, 1, seq] passed to every block
+        c = transformers.BloomConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB)
     else:
         raise ValueError(arch)
     for k, v in over.items():
@@ -56,7 +66,7 @@ def _cfg(arch: str, **over):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2", "gemma", "gemma2", "gemma3")
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "llama4_text", "hunyuan_v1_moe")
 
 
 def tiny_model(arch: str, seed: int = 0, **over):

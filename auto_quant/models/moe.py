@@ -11,12 +11,14 @@ vLLM-class servers read for quantized MoE models.
 The layout of a fused module comes from the flags transformers' ``use_experts_implementation``
 sets on it (``has_gate``, ``is_concatenated``, ``is_transposed``, ``has_bias``); the gating function is the
 module's own ``_apply_gate`` (gpt-oss clamps, others ``act(gate) * up``), so the split module needs
-no per-architecture code. A fused module in a layout it cannot reproduce (an expert norm, extra
-tensors) is left fused, with one warning: its weights stay in 16 bits.
+no per-architecture code. Llama 4's experts, which take router-scaled inputs for every token, become a
+:class:`DenseSplitExperts`. A fused module in a layout it cannot reproduce (an expert norm, extra
+tensors, an unknown calling convention) is left fused, with one warning: its weights stay in 16 bits.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -30,14 +32,34 @@ _BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers-5 experts module: 3-D ``down_proj`` plus ``gate_up_proj`` or ``up_proj``."""
-    if isinstance(module, SplitExperts):
+    if isinstance(module, (SplitExperts, DenseSplitExperts)):
         return False
     down = module._parameters.get("down_proj")
     up = module._parameters.get("gate_up_proj", module._parameters.get("up_proj"))
     return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
 
 
+def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:
+    """``(kind, transposed, concatenated)`` of a fused experts module, None when it is not recognised.
+
+    ``"routed"``: called as ``(hidden_states, top_k_index, top_k_weights)``, the layout from the flags
+    transformers' ``use_experts_implementation`` puts on the module. ``"dense"``: Llama 4's experts, called
+    with ``[E * T, H]`` inputs already scaled by the router (every expert sees every token), weights
+    ``[E, H, 2I]`` / ``[E, I, H]``.
+    """
+    if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+        return "routed", bool(module.is_transposed), bool(getattr(module, "is_concatenated", True))
+    params = [p for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    up, down = module._parameters.get("gate_up_proj"), module._parameters["down_proj"]
+    if len(params) == 2 and up is not None and up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2]:
+        return "dense", True, True
+    return None
+
+
 def _why_not_splittable(module: nn.Module) -> str | None:
+    if _layout(module) is None:
+        return "its calling convention or weight layout is not one auto_quant knows"
     if getattr(module, "has_post_expert_norm", False):
         return "it normalises each expert's output"
     extra = [n for n, _ in module.named_parameters() if n not in _WEIGHTS + _BIASES]
@@ -107,6 +129,15 @@ class SplitExperts(nn.ModuleList):
         return out
 
 
+class DenseSplitExperts(nn.ModuleList):
+    """Llama 4's experts as a list of :class:`ExpertMLP`: ``[E * T, H]`` inputs, already scaled by the
+    router, expert ``e`` taking rows ``e * T .. (e + 1) * T``; returns ``[E * T, H]``."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+        return torch.cat([expert(h[e]) for e, expert in enumerate(self)], dim=0)
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A Linear owning a contiguous copy of ``weight [out, in]`` (meta stays meta)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
@@ -116,12 +147,11 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def split_module(module: nn.Module) -> SplitExperts:
-    """The :class:`SplitExperts` computing what the fused ``module`` computes; ``module`` is emptied of its
-    tensors (it stays on as the experts' gating function)."""
+def split_module(module: nn.Module) -> SplitExperts | DenseSplitExperts:
+    """The :class:`SplitExperts` (or :class:`DenseSplitExperts`) computing what the fused ``module`` computes;
+    ``module`` is emptied of its tensors (it stays on as the experts' gating function)."""
     p = module._parameters
-    transposed = bool(getattr(module, "is_transposed", False))
-    concatenated = bool(getattr(module, "is_concatenated", True))
+    kind, transposed, concatenated = _layout(module)
     gated = "gate_up_proj" in p
     up_all = p["gate_up_proj"] if gated else p["up_proj"]
     up_bias = p.get("gate_up_proj_bias" if gated else "up_proj_bias")
@@ -145,7 +175,7 @@ def split_module(module: nn.Module) -> SplitExperts:
         experts.append(ExpertMLP(gate, up, down, module, concatenated))
     for name in _WEIGHTS + _BIASES:
         p.pop(name, None)
-    return SplitExperts(experts)
+    return SplitExperts(experts) if kind == "routed" else DenseSplitExperts(experts)
 
 
 def split_fused_experts(model: nn.Module) -> list[str]:
@@ -174,13 +204,18 @@ _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def router_layers(model: nn.Module) -> set[str]:
-    """Linear routers and expert gates of MoE layers (siblings of a :class:`SplitExperts` named ``gate``,
-    ``router`` or ``shared_expert_gate``): they score experts and stay in 16 bits, as serving engines load them."""
+    """The linears of MoE routers and expert gates: in an MoE layer (the parent of split experts), a child
+    named ``gate``, ``router`` or ``shared_expert_gate`` that is a Linear, or the Linears inside it
+    (Hunyuan's ``gate.wg``). They score experts and stay in 16 bits, as serving engines load them."""
     out = set()
     for name, module in model.named_modules():
-        if not any(isinstance(c, SplitExperts) for c in module.children()):
+        if not any(isinstance(c, (SplitExperts, DenseSplitExperts)) for c in module.children()):
             continue
         for child_name, child in module.named_children():
-            if child_name in _ROUTER_NAMES and isinstance(child, nn.Linear):
-                out.add(f"{name}.{child_name}" if name else child_name)
+            if child_name not in _ROUTER_NAMES:
+                continue
+            prefix = f"{name}.{child_name}" if name else child_name
+            for sub_name, sub in child.named_modules():
+                if isinstance(sub, nn.Linear):
+                    out.add(f"{prefix}.{sub_name}" if sub_name else prefix)
     return out

@@ -109,6 +109,15 @@ class TunableLinear(nn.Module):
         self.min_coef = nn.Parameter(cmin.clone(), requires_grad=tune_minmax)
         self.max_coef = nn.Parameter(cmax.clone(), requires_grad=tune_minmax)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's float weight, for model code that reads ``proj.weight`` (e.g. its dtype)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def tunables(self) -> list[nn.Parameter]:
         return [p for p in (self.v, self.min_coef, self.max_coef) if p.requires_grad]
 
