@@ -162,10 +162,10 @@ def test_unsupported_fused_layout_stays_fused_with_a_warning(caplog):
     assert isinstance(holder.experts, _NormedExperts)
     assert "stay in 16 bits" in caplog.text and "normalises" in caplog.text
 
-    class Unknown(nn.Module):  # no layout flags and a routed signature: not guessed
+    class Unknown(nn.Module):  # no layout flags, and shapes that fit no known layout: not guessed
         def __init__(self):
             super().__init__()
-            self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 6, 4))
             self.down_proj = nn.Parameter(torch.randn(2, 4, 4))
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -176,6 +176,22 @@ def test_unsupported_fused_layout_stays_fused_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         assert split_fused_experts(holder) == []
     assert "calling convention or weight layout" in caplog.text
+
+
+def test_experts_without_layout_flags_split_by_their_shapes():
+    # transformers 5 releases before use_experts_implementation's flags: the shapes decide the layout
+    model = tiny_model("qwen3_moe")
+    ref_in = torch.randn(5, 64)
+    experts = model.model.layers[0].mlp.experts
+    idx, wts = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 1], [0, 1]]), torch.rand(5, 2)
+    with torch.no_grad():
+        ref = experts(ref_in, idx, wts)
+    for flag in ("has_gate", "is_transposed", "is_concatenated"):
+        experts.__dict__.pop(flag, None)
+    assert not hasattr(experts, "is_transposed")
+    split_fused_experts(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.layers[0].mlp.experts(ref_in, idx, wts), ref)
 
 
 

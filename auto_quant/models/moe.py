@@ -43,7 +43,8 @@ def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:
     """``(kind, transposed, concatenated)`` of a fused experts module, None when it is not recognised.
 
     ``"routed"``: called as ``(hidden_states, top_k_index, top_k_weights)``, the layout from the flags
-    transformers' ``use_experts_implementation`` puts on the module. ``"dense"``: Llama 4's experts, called
+    transformers' ``use_experts_implementation`` puts on the module (without them, from the shapes when
+    only one layout fits; gate/up then concatenated). ``"dense"``: Llama 4's experts, called
     with ``[E * T, H]`` inputs already scaled by the router (every expert sees every token), weights
     ``[E, H, 2I]`` / ``[E, I, H]``.
     """
@@ -52,8 +53,14 @@ def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:
     params = [p for p in inspect.signature(type(module).forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     up, down = module._parameters.get("gate_up_proj"), module._parameters["down_proj"]
-    if len(params) == 2 and up is not None and up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2]:
+    if up is None:
+        return None
+    as_out_in = up.shape[1] == 2 * down.shape[2] and up.shape[2] == down.shape[1]  # [E, 2I, H], [E, H, I]
+    as_in_out = up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2]  # [E, H, 2I], [E, I, H]
+    if len(params) == 2 and as_in_out:
         return "dense", True, True
+    if len(params) == 4 and as_out_in != as_in_out:  # no flags (older transformers 5): the shapes decide
+        return "routed", as_in_out, True
     return None
 
 
