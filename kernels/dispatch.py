@@ -336,10 +336,11 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
 
 
 def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
-    """Whether the gemv kernel takes its paired half-precision path (PTX; CUDA only, 2/4 bits)."""
+    """Whether the gemv kernel takes its PTX path (CUDA only, fp16/bf16): paired half precision at 2/4 bits,
+    one ``prmt`` per code at 8 bits (:func:`auto_quant.kernels.triton_gemv.byte_asm`)."""
     per = codes_per_row(w.bits)
     return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
-            and w.bits in (2, 4) and w.in_features % per == 0 and x2.stride(0) % 2 == 0
+            and w.bits in (2, 4, 8) and w.in_features % per == 0 and x2.stride(0) % 2 == 0
             and x2.data_ptr() % 4 == 0)
 
 
@@ -399,7 +400,7 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
     per = codes_per_row(w.bits)
     br = cfg.block_k // per
     pairs = paired(x2, w)
-    if cfg.block_m > 1 and not pairs:
+    if cfg.block_m > 1 and not (pairs and w.bits in (2, 4)):
         raise ValueError("the multi-row gemv needs fp16/bf16 activations with 4-byte aligned rows on CUDA and "
                          "2- or 4-bit weights whose in_features fill whole words")
     rows = gemv_rows_per_split(K, w.bits, w.group_size, br, cfg.split_k)

@@ -31,6 +31,7 @@ current one. Split-K: the programs of grid axis 2 share a column tile and reduce
 from __future__ import annotations
 
 import functools
+import struct
 
 import triton
 import triton.language as tl
@@ -43,8 +44,6 @@ _HALF = {"fp16": dict(mant=10, magic=0x6400, base=1024.0, typ="f16x2"),
 
 
 def _half_bits(v: float, act: str) -> int:
-    import struct
-
     if act == "bf16":
         return struct.unpack("<I", struct.pack("<f", v))[0] >> 16  # exact for the values used here
     return struct.unpack("<H", struct.pack("<e", v))[0]
@@ -107,14 +106,38 @@ def _sum_lanes(act: str, out: str) -> list[str]:
 _REGS = [".reg .b32 src, v, d, acc, mul, add, fl, fh;", ".reg .b16 hl, hh;"]
 
 
+W8_MAGIC = 8388608.0  # 2**23: the float32 whose low mantissa byte a prmt fills with a code
+
+
+@functools.cache  # pure; called on every launch
+def byte_asm(zero: int | None) -> str:
+    """8 bits, PTX for one word: ``$0`` (f32 bits) = sum over its four byte codes of ``x * (code - zero)``.
+
+    One ``prmt`` per code builds the float32 ``2**23 + code`` (byte ``j`` under the exponent byte 0x4B),
+    one subtraction leaves ``code - zero`` exactly and one ``fma`` adds its product with the float32
+    activation (exact: 8-bit times a half-precision value fits float32): three instructions per weight,
+    against about seven for the portable path. Inputs: ``$1`` the word, ``$2..$5`` the float32 activations
+    ``x[4r .. 4r+3]`` (b32); for ``zero=None`` then ``$6`` the float32 ``2**23 + zero``.
+    """
+    zz = "$6" if zero is None else f"0f{struct.unpack('<I', struct.pack('<f', W8_MAGIC + zero))[0]:08X}"
+    lines = ["{", ".reg .b32 v0, v1, v2, v3;", ".reg .f32 f0, f1, f2, f3, acc;"]
+    lines += [f"prmt.b32 v{j}, $1, 0x4B000000, {0x7440 + j:#06x};" for j in range(4)]
+    lines += [f"sub.f32 f{j}, v{j}, {zz};" for j in range(4)]
+    lines += ["mul.f32 acc, f0, $2;", "fma.rn.f32 acc, f1, $3, acc;", "fma.rn.f32 acc, f2, $4, acc;",
+              "fma.rn.f32 acc, f3, $5, acc;", "mov.b32 $0, acc;", "}"]
+    return "\n".join(lines)
+
+
 @functools.cache  # pure; called on every launch
 def pair_asm(bits: int, act: str, zero: int | None) -> str:
     """PTX for one word: ``$0`` (f32 bits) = sum over its codes of ``x * (code - zero)``.
 
     Inputs: ``$1`` the word, ``$2..`` the activation pairs ``(x[i], x[i + PER/2])`` (b32 each); for
     ``zero=None`` (per-column zeros) then the b32 pair ``-(base + zero)``; a given ``zero`` is folded
-    into the code.
+    into the code. 8 bits: :func:`byte_asm`.
     """
+    if bits == 8:
+        return byte_asm(zero)
     n_pairs = 16 // bits
     lines = ["{", *_REGS, "mov.b32 acc, 0x80008000;"]
     for i, group in enumerate(_dequant_groups(bits, act, zero, "$1", f"${2 + n_pairs}")):
@@ -156,7 +179,7 @@ def dot_constraints(bits: int) -> str:
 
 @functools.cache  # pure; called on every launch
 def pair_constraints(bits: int, act: str, zero: int | None) -> str:
-    n_in = 1 + 16 // bits + (0 if zero is not None else 1)
+    n_in = 1 + (4 if bits == 8 else 16 // bits) + (0 if zero is not None else 1)
     return "=r," + ",".join(["r"] * n_in)
 
 
@@ -202,11 +225,27 @@ def _masked_load(ptr, mask, EVEN_R: tl.constexpr):
 
 
 @triton.jit
-def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr, PAIRS: tl.constexpr):
-    """The activation pairs ``(x[2m], x[2m+1])`` (b32) of word rows ``rows``: 4 for 4 bits, 8 for 2 bits
-    (row indices, never loaded or used, where the paired path is off)."""
+def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr, PAIRS: tl.constexpr,
+                ACT_FP16: tl.constexpr):
+    """The activation pairs ``(x[2m], x[2m+1])`` (b32) of word rows ``rows``: 4 for 4 bits, 8 for 2 bits; for 8
+    bits the four activations as float32 (row indices, never loaded or used, where the paired path is off)."""
     if not PAIRS:
         return rows, rows, rows, rows, rows, rows, rows, rows
+    if BITS == 8:  # the word's four activations as float32 bits (:func:`byte_asm`)
+        if ACT_FP16:
+            xh = x32_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + rows * 4
+            a0 = _masked_load(xh + 0, live, EVEN_R).to(tl.float32).to(tl.int32, bitcast=True)
+            a1 = _masked_load(xh + 1, live, EVEN_R).to(tl.float32).to(tl.int32, bitcast=True)
+            a2 = _masked_load(xh + 2, live, EVEN_R).to(tl.float32).to(tl.int32, bitcast=True)
+            a3 = _masked_load(xh + 3, live, EVEN_R).to(tl.float32).to(tl.int32, bitcast=True)
+        else:  # bf16 is the top half of a float32: two 4-byte loads and a shift or a mask per value
+            lo = _masked_load(x32_ptr + rows * 2, live, EVEN_R)
+            hi = _masked_load(x32_ptr + rows * 2 + 1, live, EVEN_R)
+            a0 = lo << 16
+            a1 = lo & -65536
+            a2 = hi << 16
+            a3 = hi & -65536
+        return a0, a1, a2, a3, a0, a0, a0, a0
     NP: tl.constexpr = 16 // BITS
     base = x32_ptr + rows * NP
     p0 = _masked_load(base + 0, live, EVEN_R)
@@ -234,7 +273,17 @@ def _pair_term(w, p0, p1, p2, p3, p4, p5, p6, p7, zz, ASM: tl.constexpr, CONS: t
     ``p0..``: the word rows' adjacent activation pairs (:func:`_load_pairs`); ``zz``: the b32 pair
     ``-(base + zero)`` per column when the zeros are inputs (``ZERO_IN``).
     """
-    if BITS == 4:  # pair i = (x[i], x[i + 4]): x[i] in p[i // 2], x[i + 4] in p[2 + i // 2]
+    if BITS == 8:  # p0..p3: the float32 activations of the word's four codes
+        x0 = tl.broadcast_to(p0[:, None], w.shape)
+        x1 = tl.broadcast_to(p1[:, None], w.shape)
+        x2 = tl.broadcast_to(p2[:, None], w.shape)
+        x3 = tl.broadcast_to(p3[:, None], w.shape)
+        if ZERO_IN:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3, tl.broadcast_to(zz, w.shape)],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(ASM, CONS, [w, x0, x1, x2, x3], dtype=tl.int32, is_pure=True, pack=1)
+    elif BITS == 4:  # pair i = (x[i], x[i + 4]): x[i] in p[i // 2], x[i + 4] in p[2 + i // 2]
         x0 = tl.broadcast_to(_x_pair(p0, p2, 0, 4, ACT_FP16)[:, None], w.shape)
         x1 = tl.broadcast_to(_x_pair(p0, p2, 1, 4, ACT_FP16)[:, None], w.shape)
         x2 = tl.broadcast_to(_x_pair(p1, p3, 2, 4, ACT_FP16)[:, None], w.shape)
@@ -316,8 +365,10 @@ def _dequant2(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.cons
 
 
 @triton.jit
-def _zero_pair(z, ACT_FP16: tl.constexpr):
-    """The b32 pair ``-(base + zero)`` the paired path takes per column."""
+def _zero_pair(z, ACT_FP16: tl.constexpr, BITS: tl.constexpr):
+    """The b32 pair ``-(base + zero)`` the paired path takes per column (8 bits: the float32 ``2**23 + zero``)."""
+    if BITS == 8:
+        return (z + 8388608.0).to(tl.int32, bitcast=True)
     if ACT_FP16:
         zh = (-(z + 1024.0)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     else:
@@ -379,7 +430,7 @@ def _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, 
     """``[R, BN]`` float32 contribution of one tile (scaled, except per-channel scales: at the end)."""
     if PAIRS:
         if HAS_ZERO:
-            zz = _zero_pair(z, ACT_FP16)
+            zz = _zero_pair(z, ACT_FP16, BITS)
         else:
             zz = z
         part = _pair_term(w, q0, q1, q2, q3, q4, q5, q6, q7, zz, ASM, CONS, BITS, ACT_FP16, HAS_ZERO)
@@ -424,13 +475,13 @@ def _gemv_kernel(
         for r0 in tl.range(r_lo, r_hi, BLOCK_R, num_stages=STAGES):
             rows, live, w, s, z = _load_tile(qw_ptr, s_ptr, z_ptr, r0, offs_r, r_hi, offs_n, n_mask, N, s_ch, z_ch,
                                              GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
-            q0, q1, q2, q3, q4, q5, q6, q7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS, ACT_FP16)
             acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
                              BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
     else:
         rows, live, w_nx, s_nx, z_nx = _load_tile(qw_ptr, s_ptr, z_ptr, r_lo, offs_r, r_hi, offs_n, n_mask, N, s_ch,
                                                   z_ch, GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS, ACT_FP16)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + offs_r
             live = rows < r_hi
@@ -441,14 +492,14 @@ def _gemv_kernel(
             # prefetch the next tile
             nrows, nlive, w_nx, s_nx, z_nx = _load_tile(qw_ptr, s_ptr, z_ptr, r0 + BLOCK_R, offs_r, r_hi, offs_n,
                                                         n_mask, N, s_ch, z_ch, GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R, PAIRS)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, nrows, nlive, BITS, EVEN_R, PAIRS, ACT_FP16)
             acc += _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, K,
                              BITS, GROUP, HAS_ZERO, EVEN_K, PAIRS, ASM, CONS, ACT_FP16)
 
     res = tl.sum(acc, axis=0)
     if GROUP == 0:
         res = res * tl.sum(s_ch, axis=0)
-    if PAIRS and ACT_FP16:
+    if PAIRS and ACT_FP16 and BITS != 8:
         res = res * 64.0  # the pairs' 2**-6
     _write_output(res, out_ptr, pid_m * stride_om + offs_n, n_mask, ws_ptr, pid_m * N + offs_n, b_ptr, offs_n, n_mask,
                   cnt_ptr, HAS_BIAS, SPLIT)

@@ -91,7 +91,7 @@ def _gemv_rows_kernel(
         rows, live, w, s, z = _load_tile(qw_ptr, s_ptr, z_ptr, r0, offs_r, r_hi, offs_n, n_mask, N, s_ch, z_ch, GROUP,
                                          PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
         if HAS_ZERO:
-            zz = _zero_pair(z, ACT_FP16)
+            zz = _zero_pair(z, ACT_FP16, BITS)
         else:
             zz = z
         part = _rows_term(w, zz, x32_ptr + (rows * NP)[None, :], m_mask[:, None] & live[None, :], DEQ, DEQ_CONS,

@@ -124,7 +124,7 @@ def _qmm_wt_kernel(
             s = tl.load(s_ptr + gk * N + offs_n[:, None], mask=gm, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + gk * N + offs_n[:, None], mask=gm, other=0).to(tl.float32) if HAS_ZERO else ZC
         if PAIRS:
-            zz = _zero_pair(z, ACT_FP16)[:, None] if HAS_ZERO else 0
+            zz = _zero_pair(z, ACT_FP16, BITS)[:, None] if HAS_ZERO else 0
             w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16) * s.to(act)[:, None]
         else:
             # code j of word row r is input r * PER + j: [BN, BKW, PER] flattens to [BN, BLOCK_K] in input order
