@@ -57,7 +57,7 @@ def time_config(cfg, x, w, copies, ref, ws) -> dict:
     try:
         y = launch(x, w, None, cfg, ws)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10)
+        us = graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=10, warm_s=0.05)
     except Exception as e:  # out of resources: skip
         return {"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"}
     return {"config": dataclasses.asdict(cfg), "us": round(us, 2), "rel_err": err}

@@ -229,11 +229,12 @@ def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
     (2, "fp16", True, 64, 8, 1), (2, "bf16", False, -1, 4, 3), (8, "bf16", True, 128, 2, 3), (8, "fp16", False, 32, 16, 1),
 ])
 def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
-    pairs = bits in (2, 4)
-    ck = _compile_gemv_sm90(bits, act, sym, 0 if group == -1 else group, block_r, stages, pairs)
+    ck = _compile_gemv_sm90(bits, act, sym, 0 if group == -1 else group, block_r, stages, True)
     ptx = ck.asm["ptx"]
     assert ".target sm_90" in ptx and ck.asm["cubin"]
-    if pairs:  # the paired PTX made it in: packed half-precision fma on the right type
+    if bits == 8:  # one prmt per code, float32 products
+        assert "prmt.b32" in ptx and "fma.rn.f32" in ptx
+    else:  # the paired PTX made it in: packed half-precision fma on the right type
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
     if stages > 1:  # Triton's pipeliner copies tiles ahead with cp.async
         assert "cp.async" in ptx
