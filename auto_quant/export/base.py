@@ -179,3 +179,22 @@ def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_co
             pass
     if ctx.tokenizer is not None and hasattr(ctx.tokenizer, "save_pretrained"):
         ctx.tokenizer.save_pretrained(str(out_dir))
+    copy_processor_files(getattr(ctx.model, "name_or_path", None), out_dir)
+
+
+# what a vision-language (or audio) checkpoint needs besides the tokenizer to be served
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def copy_processor_files(source, out_dir: Path) -> list[str]:
+    """Copy the processor files of a local source checkpoint that the export did not write itself."""
+    if not source or not Path(str(source)).is_dir():
+        return []
+    copied = []
+    for name in PROCESSOR_FILES:
+        src, dst = Path(str(source)) / name, Path(out_dir) / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied

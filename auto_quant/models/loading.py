@@ -36,10 +36,32 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
+def _from_pretrained(source: str, kwargs: dict):
+    """A causal LM, or for a vision-language checkpoint (Qwen2.5-VL, LLaVA, ...) that has no causal-LM class,
+    the image-text-to-text model: text calibration then tunes its language model's blocks, the largest
+    block list, and the vision tower stays in 16 bits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        from transformers import AutoModelForImageTextToText
+
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False))
+        if type(cfg) not in AutoModelForImageTextToText._model_mapping:
+            raise ModelLoadError(f"{source!r} ({type(cfg).__name__}) is neither a causal LM nor an image-text-to-text "
+                                 "model that transformers can load; auto_quant quantizes language models") from None
+        log.info("%s has no causal-LM class; loading it as an image-text-to-text model (its language model is "
+                 "quantized, the vision tower stays in 16 bits)", source)
+        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+
+
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                trust_remote_code: bool = False):
     """Return ``(model, tokenizer)``. ``model`` is a directory, a ``.gguf`` file, a hub id, or None for the default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if model is None:
         model = default_model_path()
@@ -57,7 +79,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype | str 
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{str(path)!r} is a directory without config.json; it is not a transformers model")
             kwargs.setdefault("dtype", "auto")
-            m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            m = _from_pretrained(str(path), kwargs)
             tok = None
             try:
                 tok = AutoTokenizer.from_pretrained(str(path))
@@ -69,7 +91,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype | str 
         if not _looks_like_hub_id(str(model)):
             raise ModelLoadError(f"model path {str(model)!r} does not exist; pass a model directory, a .gguf file or a hub id")
         kwargs.setdefault("dtype", "auto")
-        m = AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
+        m = _from_pretrained(str(model), kwargs)
         tok = AutoTokenizer.from_pretrained(str(model))
         return m, tok
     except ModelLoadError:
