@@ -62,3 +62,20 @@ def test_a_config_no_auto_class_knows_fails_clearly(tmp_path):
                                   num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="neither a causal LM nor an image-text-to-text"):
         AutoRound(str(tmp_path), None, iters=0)
+
+
+def test_low_bit_api_loads_a_vision_language_model(tmp_path):
+    from auto_quant.transformers import AutoModelForImageTextToText as LowBit
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(_llava()).eval()
+    model.save_pretrained(tmp_path / "src")
+    x = torch.tensor(token_data(2, 16, seed=3))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    q = LowBit.from_pretrained(tmp_path / "src", load_in_low_bit="sym_int8",
+                               modules_to_not_convert=["vision_tower", "multi_modal_projector"])
+    assert isinstance(q.get_submodule("model.language_model.layers.1.mlp.down_proj"), QuantLinear)
+    assert isinstance(q.get_submodule("model.multi_modal_projector.linear_1"), torch.nn.Linear)
+    with torch.no_grad():
+        assert (q(input_ids=x).logits - ref).abs().max() < 0.05 * ref.abs().max()

@@ -15,6 +15,7 @@ from auto_quant.transformers.lowbit_io import load_low_bit, save_low_bit
 from auto_quant.transformers.model import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForNextSentencePrediction,
@@ -31,6 +32,7 @@ from auto_quant.transformers.qtypes import QTYPES, QType, resolve_qtype
 __all__ = [
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
     "AutoModelForMaskedLM",
     "AutoModelForMultipleChoice",
     "AutoModelForNextSentencePrediction",

@@ -222,10 +222,12 @@ AutoModelForQuestionAnswering = _auto("AutoModelForQuestionAnswering")
 AutoModelForNextSentencePrediction = _auto("AutoModelForNextSentencePrediction")
 AutoModelForMultipleChoice = _auto("AutoModelForMultipleChoice")
 AutoModelForTokenClassification = _auto("AutoModelForTokenClassification")
+AutoModelForImageTextToText = _auto("AutoModelForImageTextToText")  # vision-language models
 
 __all__ = [
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
     "AutoModelForMaskedLM",
     "AutoModelForMultipleChoice",
     "AutoModelForNextSentencePrediction",
