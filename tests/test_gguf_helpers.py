@@ -21,6 +21,7 @@ from tiny_models import tiny_model
 GGUF_DIMS = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=64)
 GGUF_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3")
+GGUF_MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def _text(module) -> str:
@@ -79,6 +80,10 @@ def gguf_model(arch: str, seed: int = 0, **over):
         dims.setdefault("query_pre_attn_scalar", dims["head_dim"])  # llama.cpp scales queries by 1/sqrt(head_dim)
     if arch == "mistral":
         dims.setdefault("sliding_window", None)  # llama.cpp runs Mistral without it
+    if arch in GGUF_MOE_ARCHS:  # expert rows of 256 hold K-quant blocks; the top-k weighting llama.cpp uses
+        dims.setdefault("moe_intermediate_size", 256)
+        dims.setdefault("shared_expert_intermediate_size", 256)
+        dims.setdefault("norm_topk_prob", arch != "qwen2_moe")
     if arch == "qwen3":
         torch.manual_seed(seed)
         cfg = transformers.Qwen3Config(max_position_embeddings=256, num_hidden_layers=2, tie_word_embeddings=False, **dims)

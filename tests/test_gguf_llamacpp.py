@@ -13,6 +13,7 @@ from auto_quant.gguf import from_gguf
 from auto_quant.quant import QuantSpec
 from test_gguf_helpers import (
     GGUF_ARCHS,
+    GGUF_MOE_ARCHS,
     calib_text,
     eval_text,
     gguf_model,
@@ -154,3 +155,51 @@ def test_real_smollm2_q4_0_through_llama_cpp(tmp_path):
     assert len(text.strip()) > 0
     assert abs(ppl_cpp / ppl_ours - 1) < 0.01, (ppl_cpp, ppl_ours)
     assert path.stat().st_size < os.path.getsize(src)  # Q4_0 linears (4.5 bits) vs the Q4_1 source (5 bits)
+
+
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_moe_metadata_and_stacked_experts_make_llama_cpp_compute_what_transformers_computes(tmp_path, arch):
+    """Mixture-of-experts exports (F32): the split experts are stacked back into llama.cpp's ffn_*_exps tensors,
+    the router stays float32, and the expert counts and sizes are in the metadata."""
+    import gguf
+
+    tok = tiny_tokenizer()
+    m = gguf_model(arch)
+    with torch.no_grad():  # larger weights than the init, so the routing is not uniform
+        for name, p in m.named_parameters():
+            if "gate" in name and p.dim() == 2 and p.shape[0] == 4:
+                p.normal_(0, 0.5)
+    ids = token_windows(eval_text(), 1, 48)[0]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].double().numpy()
+    out = export(ExportContext(m, tok, {}, ["model.layers"], QuantSpec(), {}), tmp_path / arch, "gguf:f32")["gguf:f32"]
+    path = only_gguf(out)
+    reader = gguf.GGUFReader(str(path))
+    shapes = {t.name: [int(v) for v in t.shape] for t in reader.tensors}
+    assert shapes["blk.1.ffn_gate_exps.weight"][-1] == 4 and shapes["blk.1.ffn_down_exps.weight"][-1] == 4
+    llm = open_llama(path)
+    try:
+        ours = llama_logits(llm, ids)
+    finally:
+        llm.close()
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), arch
+
+
+def test_tuned_moe_gguf_runs_in_llama_cpp_and_agrees_on_perplexity(tmp_path):
+    """Qwen3-MoE tuned in llama.cpp's grids (gguf:q4_k_m): every expert quantized, the stacked tensors loaded by
+    llama.cpp, which agrees with the fake-quantized model on perplexity."""
+    m = gguf_model("qwen3_moe", seed=1)
+    tok = tiny_tokenizer()
+    windows = token_windows(calib_text(), 8, 64)
+    ar = AutoRound(m, tok, scheme="gguf:q4_k_m", iters=1, nsamples=8, seqlen=64, dataset=windows, progress=False)
+    assert sum(".experts." in n for n in ar.specs if ar.specs[n] is not None) == 2 * 4 * 3
+    ar.quantize()
+    out = ar.save_quantized(tmp_path / "q", format="gguf:q4_k_m")["gguf:q4_k_m"]
+    evals = token_windows(eval_text(), 3, 96)
+    llm = open_llama(only_gguf(out))
+    try:
+        theirs = llama_ppl(llm, evals)
+    finally:
+        llm.close()
+    ours = torch_ppl(m, evals)  # the fake-quantized model (its embedding and head stay float: compared loosely)
+    assert abs(theirs / ours - 1) < 0.03, (theirs, ours)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -32,6 +33,8 @@ class ArchSpec:
     separate_output: bool = True  # may hold its own output.weight (untied head)
     swa: bool = False  # sliding-window attention keys (gemma2 / gemma3)
     softcap: bool = False  # gemma2 logit soft-capping keys
+    moe: bool = False  # routed experts: stacked ffn_*_exps tensors and the expert_* keys
+    norm_topk: bool | None = None  # how llama.cpp weighs the chosen experts (True: renormalised top-k)
 
     @property
     def name(self) -> str:
@@ -49,9 +52,13 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("gemma2", MA.GEMMA2, norm_shift=1.0, separate_output=False, swa=True, softcap=True),
         ArchSpec("gemma3_text", MA.GEMMA3, norm_shift=1.0, separate_output=False, swa=True),
         ArchSpec("gemma3", MA.GEMMA3, norm_shift=1.0, separate_output=False, swa=True),
+        ArchSpec("mixtral", MA.LLAMA, permute_qk=True, moe=True, norm_topk=True),
+        ArchSpec("qwen2_moe", MA.QWEN2MOE, moe=True, norm_topk=False),
+        ArchSpec("qwen3_moe", MA.QWEN3MOE, moe=True, norm_topk=True),
     )
 }
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+                         "qwen3_moe")
 
 
 def text_config(model_or_config):
@@ -128,6 +135,8 @@ def check_model(model) -> ArchSpec:
     if a.model_type == "gemma3" or a.model_type == "gemma3_text":
         if rope["rope_type"] not in ("default", "linear"):
             raise ExportError(f"GGUF export: gemma3 with RoPE type {rope['rope_type']!r} is not supported")
+    if a.moe:
+        _check_moe(a, cfg)
     tied = _tied(model)
     if not a.separate_output and not tied:
         raise ExportError(
@@ -136,6 +145,24 @@ def check_model(model) -> ArchSpec:
             "for this architecture)"
         )
     return a
+
+
+def n_experts(cfg) -> int:
+    return int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0)
+
+
+def _check_moe(a: ArchSpec, cfg) -> None:
+    """Mixture-of-experts settings llama.cpp's graph for ``a`` computes the same way."""
+    dense = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if dense or step != 1:
+        raise ExportError(f"GGUF export: {a.model_type} with dense layers (mlp_only_layers={dense}, decoder_sparse_step="
+                          f"{step}) is not supported; llama.cpp's {a.name} makes every layer a mixture of experts")
+    norm = getattr(cfg, "norm_topk_prob", a.norm_topk)
+    if a.norm_topk is not None and norm is not None and bool(norm) != a.norm_topk:
+        raise ExportError(f"GGUF export: {a.model_type} with norm_topk_prob={norm} would compute differently in "
+                          f"llama.cpp, whose {a.name} {'re' if a.norm_topk else 'does not re'}normalise the top-k "
+                          "expert weights")
 
 
 def _tied(model) -> bool:
@@ -168,6 +195,13 @@ def write_hparams(w: gguf.GGUFWriter, a: ArchSpec, model, n_vocab: int) -> None:
     w.add_value_length(hd)
     if a.arch == MA.LLAMA:
         w.add_rope_dimension_count(hd)
+    if a.moe:
+        w.add_expert_count(n_experts(cfg))
+        w.add_expert_used_count(int(cfg.num_experts_per_tok))
+        if getattr(cfg, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
     rope = rope_settings(cfg)
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(float(rope["rope_theta"]))
@@ -224,8 +258,18 @@ def llama3_rope_freqs(cfg) -> np.ndarray | None:
     return out.astype(np.float32)
 
 
+_EXPERT_KEY = re.compile(r"(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight")
+
+
+def expert_of(hf_key: str) -> tuple[str, int] | None:
+    """``(key of the stacked tensor, expert index)`` for a split expert's weight (auto_quant.models.moe)."""
+    m = _EXPERT_KEY.fullmatch(hf_key)
+    return None if m is None else (f"{m['prefix']}.{m['proj']}", int(m["e"]))
+
+
 class TensorNames:
-    """HF state-dict key → GGUF tensor name for one architecture."""
+    """HF state-dict key → GGUF tensor name for one architecture (a split expert's weight → its stacked
+    ``ffn_*_exps`` tensor)."""
 
     def __init__(self, a: ArchSpec, n_blocks: int):
         self.map = gguf.get_tensor_name_map(a.arch, n_blocks)
@@ -233,6 +277,10 @@ class TensorNames:
     def __call__(self, hf_key: str) -> str | None:
         if hf_key == "lm_head.weight" or hf_key.endswith(".lm_head.weight"):
             return "output.weight"
+        expert = expert_of(hf_key)
+        if expert is not None:
+            name = self.map.get_name(expert[0])
+            return None if name is None else f"{name}.weight"
         return self.map.get_name(hf_key, try_suffixes=(".weight", ".bias"))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from auto_quant.export.gguf.arch import arch_of, is_tied, n_kv_heads, text_config
 from auto_quant.export.gguf.types import TENSOR_TYPES, FileType, file_type, fit_type
 from auto_quant.models.discovery import find_block_list, find_lm_head, quantizable_layers, weight_as_out_in
+from auto_quant.models.moe import split_fused_experts
 from auto_quant.quant import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def plan_gguf(model: nn.Module, gguf_type: str, untie_head: bool = False) -> Ggu
     ft = file_type(gguf_type)
     a = arch_of(model)
     cfg = text_config(model)
+    split_fused_experts(model)  # experts are planned (and tuned) one by one, as llama.cpp quantizes each
     blist = find_block_list(model)
     n = len(blist.blocks)
     n_gqa = cfg.num_attention_heads // n_kv_heads(cfg)

@@ -119,13 +119,39 @@ def _rtn(w: torch.Tensor, type_name: str):
     return rtn_weight(w.detach().to(torch.float32), spec, search=type_name != "q8_0")
 
 
+class ExpertStacks:
+    """Per-expert tensors of an MoE layer gathered into llama.cpp's 3-D ``ffn_*_exps`` tensors ``[E, rows, ...]``;
+    each stack is written (through ``add``) as soon as its last expert arrives."""
+
+    def __init__(self, n_experts: int, add):
+        self.n, self.add = n_experts, add
+        self.parts: dict[str, dict[int, tuple[np.ndarray, str]]] = {}
+
+    def put(self, gname: str, e: int, data: np.ndarray, tname: str) -> None:
+        parts = self.parts.setdefault(gname, {})
+        parts[e] = (data, tname)
+        if len(parts) < self.n:
+            return
+        types = {t for _, t in parts.values()}
+        if len(types) != 1:
+            raise ExportError(f"GGUF export: the experts of {gname} have different tensor types {sorted(types)}; "
+                              "llama.cpp stores them as one tensor (harmonise them: fused_layers='harmonise')")
+        self.add(gname, np.stack([parts[i][0] for i in range(self.n)]), types.pop())
+        del self.parts[gname]
+
+    def check_complete(self) -> None:
+        if self.parts:
+            name, parts = next(iter(self.parts.items()))
+            raise ExportError(f"GGUF export: {name} has {len(parts)} of {self.n} experts; the model's experts are incomplete")
+
+
 @torch.no_grad()
 def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
     """Write ``ctx`` as one GGUF file of type ``ft``; return a report (tensor types, fallbacks, size)."""
     ft = file_type(ft) if isinstance(ft, str) else ft
     model = ctx.model
     a = arch_mod.check_model(model)
-    plan = plan_gguf(model, ft.name)
+    plan = plan_gguf(model, ft.name)  # also splits fused MoE experts into the per-expert layers written below
     cfg = arch_mod.text_config(model)
     blist = find_block_list(model)
     names = arch_mod.TensorNames(a, len(blist.blocks))
@@ -159,6 +185,7 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
             w.add_tensor(name, data, raw_dtype=t.qtype)
         written[name] = tname
 
+    experts = ExpertStacks(arch_mod.n_experts(cfg) if a.moe else 0, add)
     for key, tensor in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
         if (module == head_module and tied) or "rotary_emb" in key:
@@ -166,6 +193,23 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
         gname = "output.weight" if module == head_module and leaf == "weight" else names(key)
         if gname is None:
             raise ExportError(f"GGUF export: no llama.cpp tensor name for {key!r} ({a.name})")
+        expert = arch_mod.expert_of(key) if a.moe else None
+        if expert is not None:
+            if module in ctx.layers and not ft.is_float:
+                tname = tensor_type_of_spec(ctx.layers[module].weight.spec)
+                if not TENSOR_TYPES[tname].fits(tensor.shape[1]):
+                    raise ExportError(f"GGUF export: expert {module} has rows of {tensor.shape[1]}, not whole {tname} "
+                                      "blocks; quantize with the GGUF scheme (scheme='gguf:<type>') so they fit")
+                experts.put(gname, expert[1], pack(ctx.layers[module].weight, tname), tname)
+            else:  # a float export, or 16-bit experts
+                tname = ft.base if ft.is_float else "f16"
+                packed = (pack_float(tensor, tname) if TENSOR_TYPES[tname].spec is None
+                          else pack(_rtn(tensor, tname), tname))
+                experts.put(gname, expert[1], packed, tname)
+            continue
+        if gname.endswith("ffn_gate_inp.weight"):  # MoE routers stay float32, as llama.cpp's quantizer keeps them
+            add(gname, pack_float(tensor, "f32"), "f32")
+            continue
         heads = arch_mod.permute_heads(a, model, gname)
         idx = None if heads is None else arch_mod.qk_row_permutation(tensor.shape[0], heads)
         if tensor.dim() == 1:
@@ -201,6 +245,7 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
             add(gname, pack_float(arch_mod.float_transform(a, gname, data), tname), tname)
         else:
             add(gname, pack(_rtn(data, tname), tname), tname)
+    experts.check_complete()
     freqs = arch_mod.llama3_rope_freqs(cfg)
     if freqs is not None:
         add("rope_freqs.weight", freqs, "f32")
