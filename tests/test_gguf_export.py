@@ -86,6 +86,16 @@ def test_gguf_rejects_query_scaling_llama_cpp_cannot_express():
         AutoRound(m, None, scheme="gguf:q8_0", iters=0)
 
 
+def test_gguf_refuses_moe_settings_llama_cpp_computes_differently():
+    with pytest.raises(ExportError, match="norm_topk_prob=False"):
+        AutoRound(gguf_model("qwen3_moe", norm_topk_prob=False), None, scheme="gguf:q8_0", iters=0)
+    with pytest.raises(ExportError, match="dense layers"):
+        AutoRound(gguf_model("qwen3_moe", mlp_only_layers=[1]), None, scheme="gguf:q8_0", iters=0)
+    plan = plan_gguf(gguf_model("qwen3_moe"), "q4_k_m")  # every expert planned, down_proj upgraded alike per layer
+    downs = {t for n, t in plan.linears.items() if n.startswith("model.layers.1.mlp.experts.") and n.endswith("down_proj")}
+    assert len([n for n in plan.linears if ".experts." in n]) == 2 * 4 * 3 and downs == {"q6_k"}
+
+
 def test_scheme_tunes_each_layer_in_its_planned_grid(tmp_path):
     tok = tiny_tokenizer()
     m = gguf_model("llama")  # 2 layers: layer 1 gets Q6_K attn_v / ffn_down, the rest Q4_K
