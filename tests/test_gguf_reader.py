@@ -12,6 +12,7 @@ from auto_quant.errors import GGUFFileError, ModelLoadError
 from auto_quant.gguf import from_gguf, open_gguf
 from test_gguf_helpers import (
     GGUF_ARCHS,
+    GGUF_MOE_ARCHS,
     eval_text,
     gguf_model,
     only_gguf,
@@ -115,3 +116,22 @@ def test_smollm2_reads_the_same_through_both_readers():
             torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
     # a plain float model, not one marked GGUF-quantized: it saves and reloads as such
     assert theirs.hf_quantizer is None and not hasattr(theirs.config, "quantization_config")
+
+
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_moe_gguf_reads_back_exactly(tmp_path, arch):
+    """Mixture-of-experts files (a llama file with experts is a Mixtral, not a dense Llama): the stacked expert
+    tensors are sliced back into per-expert linears and the model computes what it was exported from."""
+    from auto_quant.export import ExportContext, export
+    from auto_quant.models.moe import SplitExperts
+    from auto_quant.quant import QuantSpec
+
+    m = gguf_model(arch)
+    ids = torch.tensor([token_windows(eval_text(), 1, 32)[0]])
+    with torch.no_grad():
+        ref = m(ids).logits
+    out = export(ExportContext(m, tiny_tokenizer(), {}, ["model.layers"], QuantSpec(), {}), tmp_path / "o", "gguf:f32")
+    back, tok = from_gguf(only_gguf(out["gguf:f32"]))
+    assert back.config.model_type == arch and isinstance(back.model.layers[1].mlp.experts, SplitExperts)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,9 @@
 """``from_gguf``: a GGUF file → a float transformers model and its tokenizer.
 
-transformers' own GGUF loading is used where it reads a file exactly (llama — which also holds
-Mistral — and qwen2, and every architecture auto_quant does not write). For qwen3 and the Gemma
+transformers' own GGUF loading is used where it reads a file exactly (dense llama — which also holds
+Mistral — and qwen2, and every architecture auto_quant does not write). Mixture-of-experts files
+(qwen3moe, qwen2moe, and llama files with experts, i.e. Mixtral) are read by auto_quant, the stacked
+``ffn_*_exps`` tensors sliced into per-expert linears (:mod:`auto_quant.models.moe`). For qwen3 and the Gemma
 family its GGUF mapping misses keys (Qwen3's and Gemma's head_dim, Gemma's soft-capping,
 sliding-window pattern, local RoPE base; Gemma 1 is not mapped at all), so auto_quant rebuilds
 those itself: the config from the ``<arch>.*`` keys, every tensor dequantized with gguf-py, q/k
@@ -24,8 +26,9 @@ from auto_quant.gguf.reader import field_value, open_gguf, tensor_array
 
 log = logging.getLogger(__name__)
 
-OWN_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
-TRANSFORMERS_EXACT = ("llama", "qwen2")  # transformers' GGUF mapping reads these completely
+OWN_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
+TRANSFORMERS_EXACT = ("llama", "qwen2")  # transformers' GGUF mapping reads these completely (dense llama only:
+# a llama file with experts is a Mixtral, which transformers would load as a dense Llama without its experts)
 
 
 def _kv(reader, arch: str, key: str, default=None):
@@ -81,6 +84,26 @@ def config_from_gguf(reader) -> "transformers.PretrainedConfig":  # noqa: F821
         scaling = {"rope_type": "yarn", "factor": float(_kv(reader, arch, "rope.scaling.factor", 1.0)),
                    "original_max_position_embeddings": int(_kv(reader, arch, "rope.scaling.original_context_length", 0) or 0)}
     n_layers = common["num_hidden_layers"]
+    n_exp = int(_kv(reader, arch, "expert_count", 0) or 0)
+    if n_exp:
+        moe = dict(num_experts_per_tok=int(_kv(reader, arch, "expert_used_count")))
+        if arch == "llama":
+            return transformers.MixtralConfig(**common, num_local_experts=n_exp, rope_parameters=_rope(theta, scaling),
+                                              **moe)
+        ff_exp = int(_kv(reader, arch, "expert_feed_forward_length", 0) or common["intermediate_size"])
+        if arch == "qwen3moe":
+            return transformers.Qwen3MoeConfig(**common, num_experts=n_exp, moe_intermediate_size=ff_exp,
+                                               norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1,
+                                               rope_parameters=_rope(theta, scaling),
+                                               attention_bias="blk.0.attn_q.bias" in names, **moe)
+        if arch == "qwen2moe":
+            return transformers.Qwen2MoeConfig(
+                **common, num_experts=n_exp, moe_intermediate_size=ff_exp, norm_topk_prob=False, mlp_only_layers=[],
+                decoder_sparse_step=1, rope_parameters=_rope(theta, scaling),
+                shared_expert_intermediate_size=int(_kv(reader, arch, "expert_shared_feed_forward_length", 0) or ff_exp),
+                **moe)
+    if arch in ("qwen2moe", "qwen3moe"):
+        raise GGUFFileError(f"{arch} GGUF without {arch}.expert_count")
     if arch == "llama":
         if "rope_freqs.weight" in names:
             raise ModelLoadError("llama3-style RoPE (rope_freqs) is read through transformers' GGUF loader only")
@@ -129,7 +152,8 @@ def model_from_gguf(reader, path, dtype: torch.dtype = torch.float32):
     """auto_quant's own reader: build the model from the config and fill every tensor."""
     import transformers
 
-    from auto_quant.export.gguf.arch import ARCHS, TensorNames, permute_heads, qk_row_permutation
+    from auto_quant.export.gguf.arch import ARCHS, TensorNames, expert_of, permute_heads, qk_row_permutation
+    from auto_quant.models.moe import split_fused_experts
 
     cfg = config_from_gguf(reader)
     if cfg.model_type == "gemma3_text":
@@ -137,6 +161,8 @@ def model_from_gguf(reader, path, dtype: torch.dtype = torch.float32):
     else:
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.to(dtype).eval()
+    split_fused_experts(model)  # per-expert linears, filled from slices of the stacked ffn_*_exps tensors
+    stacked: dict[str, torch.Tensor] = {}  # the one stacked expert tensor being read (dequantized once)
     a = ARCHS[cfg.model_type]
     names = TensorNames(a, cfg.num_hidden_layers)
     available = {t.name for t in reader.tensors}
@@ -151,7 +177,16 @@ def model_from_gguf(reader, path, dtype: torch.dtype = torch.float32):
         gname = "output.weight" if key == head else names(key)
         if gname is None or gname not in available:
             raise GGUFFileError(f"{str(path)!r}: tensor for {key!r} ({gname}) is missing")
-        arr = torch.from_numpy(np.array(tensor_array(reader, gname, path)))
+        expert = expert_of(key) if a.moe else None
+        if expert is not None:
+            if gname not in stacked:
+                stacked.clear()
+                stacked[gname] = torch.from_numpy(np.array(tensor_array(reader, gname, path)))
+            arr = stacked[gname][expert[1]]
+        else:
+            arr = torch.from_numpy(np.array(tensor_array(reader, gname, path)))
+        if arr.numel() == param.numel() and arr.dim() != param.dim():  # e.g. a [1, H] gate stored as [H]
+            arr = arr.reshape(param.shape)
         if a.norm_shift and gname.endswith("norm.weight"):
             arr = arr - a.norm_shift
         heads = permute_heads(a, model, gname)
@@ -216,7 +251,9 @@ def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backe
     p = Path(os.path.expanduser(str(path)))
     reader = open_gguf(p)
     arch = field_value(reader, "general.architecture")
-    own = backend == "auto_quant" or (backend == "auto" and arch in OWN_ARCHS and arch not in TRANSFORMERS_EXACT)
+    experts = int(field_value(reader, f"{arch}.expert_count", 0) or 0)
+    exact = arch in TRANSFORMERS_EXACT and not experts
+    own = backend == "auto_quant" or (backend == "auto" and arch in OWN_ARCHS and not exact)
     model = model_from_gguf(reader, p, dtype) if own else None
     if model is None:
         from transformers import AutoModelForCausalLM
