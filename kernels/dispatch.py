@@ -351,10 +351,10 @@ TDOT_MAX_M = 256
 
 
 def tdot_pairs(x2: torch.Tensor, w: KernelWeight, block_k: int) -> bool:
-    """Whether the ``tdot`` kernel builds its tile with the paired PTX (CUDA, fp16/bf16, 2/4 bits, one group
+    """Whether the ``tdot`` kernel builds its tile with the paired PTX (CUDA, fp16/bf16, 2/4/8 bits, one group
     per tile or per-channel scales); otherwise it takes the portable float32 path."""
-    return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16) and w.bits in (2, 4)
-            and (w.group_size == -1 or w.group_size % block_k == 0))
+    return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
+            and w.bits in (2, 4, 8) and (w.group_size == -1 or w.group_size % block_k == 0))
 
 
 def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,

@@ -64,14 +64,58 @@ def pair_layout(bits: int, act: str, zero: int | None) -> list[tuple[int, int]]:
     return [((bits * i // granule) * granule, bits * i % granule) for i in range(16 // bits)]
 
 
+def _byte_pair_groups(act: str, zero: int | None, word: str, zz: str) -> list[list[str]]:
+    """8 bits: PTX per pair ``i`` (bytes ``i``, ``i + 2``) leaving the exact packed ``code - zero`` in ``d``.
+
+    fp16: one ``prmt`` puts each byte under the exponent byte 0x64 (``1024 + code``, exact), one packed add
+    of ``-(1024 + zero)``. bf16 holds integers only up to 256, so a byte is split into its nibbles: ``lop3``
+    makes ``128 + low`` and ``128 + high``, and packed ``fma`` s (sm_80 has no bf16x2 add) combine them:
+    ``16 * (128 + high) - 2304 + (128 + low) = code - 128`` for the symmetric zero, every intermediate an
+    exact bf16 integer; with per-column zeros ``((16 * high) + low) - zero``, ``zz`` holding ``-zero``.
+    Uses registers ``src``, ``v``, ``mul``, ``add`` (and ``fl``, ``fh`` as scratch).
+    """
+    if act == "fp16":
+        add = zz if zero is None else f"{_half_bits(-(1024.0 + zero), 'fp16') * 0x10001:#010x}"
+        groups = []
+        for i in range(2):
+            lines = [f"prmt.b32 v, {word}, 0x64646464, {0x4240 + 0x101 * i:#06x};"]
+            if zero is None:
+                lines.append(f"add.rn.f16x2 d, v, {add};")
+            else:
+                lines += [f"mov.b32 add, {add};", "add.rn.f16x2 d, v, add;"]
+            groups.append(lines)
+        return groups
+    bf = lambda v: f"{_half_bits(v, 'bf16') * 0x10001:#010x}"  # noqa: E731
+    groups = []
+    for i in range(2):
+        lo = "mov.b32 src, " + word + ";" if i == 0 else f"shr.u32 src, {word}, 8;"
+        lines = [lo, "lop3.b32 v, src, 0x000F000F, 0x43004300, 0xEA;",  # 128 + low nibbles
+                 f"shr.u32 src, {word}, {8 * i + 4};", "lop3.b32 fh, src, 0x000F000F, 0x43004300, 0xEA;",  # 128 + high
+                 f"mov.b32 mul, {bf(16.0)};"]
+        if zero is not None:
+            if zero != 128:
+                raise ValueError(f"the 8-bit bf16 tile folds the symmetric zero 128, not {zero}")
+            lines += [f"mov.b32 add, {bf(-2304.0)};", "fma.rn.bf16x2 fl, fh, mul, add;",  # 16 * high - 256
+                      f"mov.b32 mul, {bf(1.0)};", "fma.rn.bf16x2 d, v, mul, fl;"]  # + 128 + low
+        else:
+            lines += [f"mov.b32 add, {bf(-2048.0)};", "fma.rn.bf16x2 fl, fh, mul, add;",  # 16 * high
+                      f"mov.b32 mul, {bf(1.0)};", f"mov.b32 add, {bf(-128.0)};", "fma.rn.bf16x2 v, v, mul, add;",  # low
+                      "fma.rn.bf16x2 v, v, mul, fl;",  # the code
+                      f"fma.rn.bf16x2 d, v, mul, {zz};"]  # - zero
+        groups.append(lines)
+    return groups
+
+
 def _dequant_groups(bits: int, act: str, zero: int | None, word: str, zz: str) -> list[list[str]]:
     """PTX per pair ``i`` leaving the exact packed ``code - zero`` of codes ``i``, ``i + PER/2`` in register ``d``.
 
     ``word``: the operand holding the packed word; ``zz``: the one holding ``-(base + zero)`` (unused
     when ``zero`` is given: it is folded in). Uses registers ``src``, ``v``, ``mul``, ``add``.
     """
+    if bits == 8:
+        return _byte_pair_groups(act, zero, word, zz)
     if bits not in (2, 4):
-        raise ValueError(f"the paired GEMV takes 2 or 4 bits, not {bits}")
+        raise ValueError(f"the paired GEMV takes 2, 4 or 8 bits, not {bits}")
     h = _HALF[act]
     mask = (1 << bits) - 1
     magic2 = h["magic"] * 0x10001
@@ -353,6 +397,17 @@ def _dequant4(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.cons
 
 
 @triton.jit
+def _dequant8(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
+    """8 bits: the two packed ``code - zero`` pairs (bytes 0, 2 and 1, 3) of every word of ``w``."""
+    if ZERO_IN:
+        d0, d1 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)], dtype=(tl.int32,) * 2,
+                                           is_pure=True, pack=1)
+    else:
+        d0, d1 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+    return d0, d1
+
+
+@triton.jit
 def _dequant2(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
     """2 bits: the eight packed ``code - zero`` pairs of every word of ``w`` (see :func:`_dequant4`)."""
     if ZERO_IN:
@@ -366,11 +421,11 @@ def _dequant2(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.cons
 
 @triton.jit
 def _zero_pair(z, ACT_FP16: tl.constexpr, BITS: tl.constexpr):
-    """The b32 pair ``-(base + zero)`` the paired path takes per column (8 bits: the float32 ``2**23 + zero``)."""
-    if BITS == 8:
-        return (z + 8388608.0).to(tl.int32, bitcast=True)
+    """The b32 pair the paired PTX adds per column: ``-(base + zero)``; ``-zero`` for the 8-bit bf16 tile."""
     if ACT_FP16:
         zh = (-(z + 1024.0)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    elif BITS == 8:
+        zh = (-z).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     else:
         zh = (-(z + 128.0)).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return zh | (zh << 16)
@@ -429,10 +484,12 @@ def _tile_sum(w, s, z, q0, q1, q2, q3, q4, q5, q6, q7, x_ptr, xrow, rows, live, 
               PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr, ACT_FP16: tl.constexpr):
     """``[R, BN]`` float32 contribution of one tile (scaled, except per-channel scales: at the end)."""
     if PAIRS:
-        if HAS_ZERO:
-            zz = _zero_pair(z, ACT_FP16, BITS)
-        else:
+        if not HAS_ZERO:
             zz = z
+        elif BITS == 8:  # byte_asm takes the float32 2**23 + zero
+            zz = (z + 8388608.0).to(tl.int32, bitcast=True)
+        else:
+            zz = _zero_pair(z, ACT_FP16, BITS)
         part = _pair_term(w, q0, q1, q2, q3, q4, q5, q6, q7, zz, ASM, CONS, BITS, ACT_FP16, HAS_ZERO)
     else:
         part = _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS, EVEN_K)

@@ -9,10 +9,11 @@ in registers, so it is the left operand, its output features the tall side; the 
 Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
 :mod:`~auto_quant.kernels.pack` layout, every word read once) and expands it to ``[BLOCK_N, BLOCK_K]``:
 
-* ``PAIRS`` (CUDA, fp16/bf16, 2/4 bits, one group per tile or per-channel scales): the PTX of
+* ``PAIRS`` (CUDA, fp16/bf16, 2/4/8 bits, one group per tile or per-channel scales): the PTX of
   :func:`~auto_quant.kernels.triton_gemv.dequant_asm` makes the exact ``code - zero`` as packed half
-  pairs, about one instruction per weight; :func:`_paired_tile` puts them in input order.
-* otherwise (8 bits, tiles wider than a group, Triton's CPU interpreter): the exponent trick in
+  pairs, about one instruction per weight at 2/4 bits, one (fp16) to three (bf16, nibble by nibble)
+  per pair at 8 bits; :func:`_paired_tile` puts them in input order.
+* otherwise (tiles wider than a group, Triton's CPU interpreter): the exponent trick in
   float32, ``bitcast(code | 0x4B000000) - (2**23 + zero)``, exact.
 
 The scale multiplies the tile in the activation dtype (the rounding of a dequantized weight, as in
@@ -29,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_quant.kernels.triton_gemv import _dequant2, _dequant4, _zero_pair
+from auto_quant.kernels.triton_gemv import _dequant2, _dequant4, _dequant8, _zero_pair
 from auto_quant.kernels.triton_qmm import _write_output
 
 
@@ -55,7 +56,11 @@ def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.con
     puts code ``c = lane * PER/2 + i`` at position ``c`` of its word, so the activations are read in order
     (and pipelined) while the registers keep each pair together until the tile is stored for the tensor cores.
     """
-    if BITS == 4:
+    if BITS == 8:  # pairs (0, 2) and (1, 3): code c = lane * 2 + i
+        d0, d1 = _dequant8(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
+        lo, hi = _halves(tl.join(d0, d1), ACT_FP16)
+        t = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))
+    elif BITS == 4:
         d0, d1, d2, d3 = _dequant4(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
         lo, hi = _halves(tl.join(tl.join(d0, d1), tl.join(d2, d3)), ACT_FP16)
         t = tl.permute(tl.join(lo, hi), (0, 1, 4, 3, 2))
@@ -77,7 +82,7 @@ def _qmm_wt_kernel(
     ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # GROUP == 0: per output feature (scale row 0, read per tile like a group's). k_per_split is a multiple of
-    # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16, 2/4 bits): dequant_asm makes the tile; it needs one group per
+    # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16, 2/4/8 bits): dequant_asm makes the tile; it needs one group per
     # tile (GROUP % BLOCK_K == 0) or per-channel.
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
     PER: tl.constexpr = 32 // BITS

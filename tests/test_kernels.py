@@ -255,14 +255,17 @@ def _compile_tdot_sm90(bits, act, sym, group, block_k, pairs):
 
 @pytest.mark.parametrize("bits,act,sym,group,block_k", [
     (4, "bf16", True, 128, 128), (4, "fp16", False, 64, 64), (2, "bf16", False, 0, 128), (2, "fp16", True, 128, 128),
-    (8, "bf16", False, 128, 64), (4, "bf16", True, 32, 64),  # 8 bits and tiles wider than the group: float32 path
+    (8, "bf16", False, 128, 64), (8, "bf16", True, 0, 128), (8, "fp16", False, 64, 64), (8, "fp16", True, 128, 128),
+    (4, "bf16", True, 32, 64),  # a tile wider than the group: float32 path
 ])
 def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
     """The weight-side tile compiles to Hopper's wgmma with the paired PTX where it applies, and pipelines its copies."""
-    pairs = bits in (2, 4) and (group == 0 or group % block_k == 0)
+    pairs = group == 0 or group % block_k == 0
     ptx = _compile_tdot_sm90(bits, act, sym, group, block_k, pairs).asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx
-    if pairs:
+    if pairs and bits == 8 and act == "fp16":  # bytes under the exponent byte 0x64, one packed add
+        assert "prmt.b32" in ptx and "add.rn.f16x2" in ptx
+    elif pairs:
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
 
 

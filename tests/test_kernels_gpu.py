@@ -103,8 +103,8 @@ def test_gemv_every_candidate(bits, group_size, sym):
 
 @pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] != 3])
 def test_tdot_every_candidate(bits, group_size, sym):
-    """The weight-side tensor-core kernel: every candidate for a few row counts, fp16 and bf16; 2/4 bits take the
-    paired PTX tile wherever a tile lies in one group."""
+    """The weight-side tensor-core kernel: every candidate for a few row counts, fp16 and bf16; the paired PTX tile
+    (2/4/8 bits) wherever a tile lies in one group."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch, tdot_candidates, tdot_pairs
 
@@ -122,7 +122,7 @@ def test_tdot_every_candidate(bits, group_size, sym):
             bias = torch.randn(N, device="cuda").to(dt)
             ref = x.double() @ W.t() + bias.double()
             for cfg in cands:
-                assert tdot_pairs(x, kw, cfg.block_k) == (bits in (2, 4))
+                assert tdot_pairs(x, kw, cfg.block_k) == (group_size == -1 or group_size % cfg.block_k == 0)
                 y = launch(x, kw, bias, cfg, ws)
                 assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (M, dt, cfg, rel_err(y, ref))
     torch.cuda.synchronize()
