@@ -40,11 +40,40 @@ class LayerError:
     tuned: float  # relative output error of the kept (tuned) weights
 
 
-def snapshot_weights(model: nn.Module, specs: dict[str, QuantSpec | None]) -> dict[str, torch.Tensor]:
-    """CPU copies (``[out, in]``) of the float weights of every layer that will be quantized."""
+SNAPSHOT_BYTES = 2 * 2**30  # the float copies the per-layer errors may keep on the CPU
+
+
+def _block_key(name: str) -> str:
+    """``model.layers.3`` for ``model.layers.3.mlp.down_proj``: the prefix up to the first index."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def snapshot_weights(model: nn.Module, specs: dict[str, QuantSpec | None],
+                     max_bytes: int = SNAPSHOT_BYTES) -> dict[str, torch.Tensor]:
+    """CPU copies (``[out, in]``) of the float weights of the layers whose error the report measures.
+
+    Every quantized layer while their copies fit ``max_bytes``; otherwise (large models) the layers of as
+    many blocks, spread evenly from first to last, as fit, so the report never doubles the model in memory.
+    """
     modules = dict(model.named_modules())
-    return {n: weight_as_out_in(modules[n]).detach().to("cpu", copy=True) for n, s in specs.items()
-            if s is not None and n in modules}
+    names = [n for n, s in specs.items() if s is not None and n in modules]
+    size = {n: weight_as_out_in(modules[n]).numel() * weight_as_out_in(modules[n]).element_size() for n in names}
+    if sum(size.values()) > max_bytes:
+        blocks: dict[str, list[str]] = {}
+        for n in names:
+            blocks.setdefault(_block_key(n), []).append(n)
+        keys = list(blocks)
+        per_block = max(1, max(sum(size[n] for n in b) for b in blocks.values()))
+        k = max(1, min(len(keys), max_bytes // per_block))
+        picked = [keys[round(i * (len(keys) - 1) / max(1, k - 1))] for i in range(k)] if k > 1 else keys[:1]
+        names = [n for key in dict.fromkeys(picked) for n in blocks[key]]
+        log.info("report: per-layer errors measured on %d of %d blocks (float copies kept under %.1f GB)",
+                 len(dict.fromkeys(picked)), len(keys), max_bytes / 2**30)
+    return {n: weight_as_out_in(modules[n]).detach().to("cpu", copy=True) for n in names}
 
 
 @torch.no_grad()

@@ -91,3 +91,14 @@ def test_png_is_a_real_plot(run, tmp_path):
         assert im.format == "PNG" and im.size == (1300, 850)
         colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert len(colors) > 50  # lines, markers, text and bars, not a blank canvas
+
+
+def test_snapshot_keeps_to_its_memory_budget_with_evenly_spread_blocks():
+    model = tiny_model("llama", seed=1, num_hidden_layers=5)
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=0, progress=False)
+    full = rep.snapshot_weights(model, ar.specs)
+    per_block = sum(t.numel() * t.element_size() for n, t in full.items() if n.startswith("model.layers.0."))
+    part = rep.snapshot_weights(model, ar.specs, max_bytes=3 * per_block)
+    blocks = sorted({int(n.split(".")[2]) for n in part})
+    assert blocks == [0, 2, 4] and len(part) == 3 * len(full) // 5
+    assert all(torch.equal(part[n], full[n]) for n in part)
