@@ -224,17 +224,18 @@ def test_moe_tunes_on_cuda_and_serves_through_triton(tmp_path):
     assert (got - fq).abs().max() < 2e-2 * fq.abs().max() + 2e-3
 
 
-def test_alibi_bias_folding_the_batch_is_replayed_sample_by_sample():
-    # Bloom passes every block an ALiBi bias of [batch * heads, 1, seq]; one sample's copy must not be
-    # broadcast over a batch of several
+def test_alibi_bias_folding_the_batch_is_replayed_sample_by_sample(caplog):
+    # Bloom passes every block an ALiBi bias of [batch * heads, 1, seq]: one sample's copy does not broadcast
+    # over a batch of several, the batched forward fails, and the block's samples are replayed one by one
+    # (shared tensors that do broadcast, like Qwen2-VL's [3, 1, seq] positions, keep the batch)
     from auto_quant.tuning.capture import BlockCall, collate_calls
 
-    alibi = torch.zeros(4, 1, 16)
-    rope = torch.zeros(1, 16, 8)
-    assert collate_calls([BlockCall(args=(), kwargs={"alibi": alibi})] * 3) is None
+    rope = torch.zeros(3, 1, 16, 8)
     assert collate_calls([BlockCall(args=(), kwargs={"cos": rope})] * 3).kwargs["cos"] is rope
     model = tiny_model("bloom")
-    ar = AutoRound(model, None, bits=4, group_size=32, iters=2, nsamples=4, seqlen=16, batch_size=4,
-                   dataset=token_data(4, 16), progress=False)
-    ar.quantize()
+    with caplog.at_level(logging.INFO, logger="auto_quant.tuning.pipeline"):
+        ar = AutoRound(model, None, bits=4, group_size=32, iters=2, nsamples=4, seqlen=16, batch_size=4,
+                       dataset=token_data(4, 16), progress=False)
+        ar.quantize()
     assert len(ar.outcome.layers) == 8
+    assert "replaying this block's samples one by one" in caplog.text

@@ -135,14 +135,12 @@ def _device_of(model: nn.Module) -> torch.device:
 def collate(values: list[Any]):
     """Merge one argument over a batch of samples: shared objects stay shared, tensors concatenate on dim 0.
 
-    A tensor shared by every sample is passed once only when it broadcasts over the batch (0-1 dims, or a
-    leading dim of 1); one with a longer leading dim may fold the batch into it (Bloom's ALiBi bias is
-    ``[batch * heads, 1, seq]``), so such samples run one by one.
+    A shared tensor is passed once and must broadcast over the batch (Qwen2-VL's ``[3, 1, seq]`` positions
+    do); one that folds the batch into a dimension (Bloom's ALiBi bias, ``[batch * heads, 1, seq]``) makes
+    the batched forward fail, and the pipeline then replays that block's samples one by one.
     """
     first = values[0]
     if all(v is first for v in values):
-        if len(values) > 1 and isinstance(first, torch.Tensor) and first.dim() > 1 and first.shape[0] != 1:
-            raise _NotCollatable
         return first
     if all(isinstance(v, torch.Tensor) for v in values):
         if all(v.shape == first.shape for v in values) and first.dim() > 0 and first.shape[0] == 1:

@@ -148,7 +148,7 @@ def build_static_step(unit: nn.Module, wrappers: list[TunableLinear], data, forw
         return None
     n = len(data)
     bs = min(cfg.batch_size, n)
-    if cfg.gradient_accumulate_steps != 1 or callable(data.targets) or data.masks is not None:
+    if cfg.gradient_accumulate_steps != 1 or callable(data.targets) or data.masks is not None or not data.batched:
         return None
     if not all(_on(p, dev) for p in list(unit.parameters()) + list(unit.buffers())):
         return None  # layers spread over devices (placement hooks)

@@ -45,13 +45,14 @@ def block_forward(unit: nn.Module, hidden: torch.Tensor, call: BlockCall | None)
 class UnitData:
     """Inputs, targets and per-sample call arguments of one unit, with batching."""
 
-    def __init__(self, inputs, targets, calls, device, dtype, masks=None):
+    def __init__(self, inputs, targets, calls, device, dtype, masks=None, batched: bool = True):
         self.inputs = inputs  # list of [1, seq, dim]
         self.targets = targets
         self.calls = calls  # list of BlockCall or None
         self.device = device
         self.dtype = dtype
         self.masks = masks  # list of [seq] (1 = real token) or None: padded positions carry no loss
+        self.batched = batched  # False: the unit's batched forward failed, every sample runs alone
 
     def __len__(self):
         return len(self.inputs)
@@ -59,7 +60,7 @@ class UnitData:
     def batches(self, idx: list[int]):
         """Yield (hidden, call, target, weight) sub-batches that can run as one forward."""
         calls = None if self.calls is None else [self.calls[i] for i in idx]
-        merged = None if calls is None else collate_calls(calls)
+        merged = None if (calls is None or not self.batched) else collate_calls(calls)
         groups = [idx] if (calls is None or merged is not None) else [[i] for i in idx]
         for g in groups:
             hidden = torch.cat([self.inputs[i] for i in g]).to(self.device, self.dtype)

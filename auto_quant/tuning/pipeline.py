@@ -141,13 +141,29 @@ class _ImportanceHooks:
 
 @torch.no_grad()
 def _run_block(block, inputs, calls, device, dtype, batch_size, store: torch.device,
-               in_place: bool = False) -> list[torch.Tensor]:
-    """Block outputs for every sample (batched when their arguments allow), kept on ``store``.
+               in_place: bool = False, batched: bool = True) -> tuple[list[torch.Tensor], bool]:
+    """Block outputs for every sample (batched when their arguments allow), kept on ``store``; and whether the
+    samples ran batched.
 
-    ``in_place`` overwrites ``inputs`` batch by batch, so the inputs and the outputs of the whole
-    calibration set are never held at the same time.
+    When a batched forward raises (an argument shared by the samples does not broadcast over a batch, as
+    Bloom's ``[batch * heads, 1, seq]`` ALiBi bias), the samples are replayed one by one and ``False`` is
+    returned, for the callers to keep doing so. ``in_place`` overwrites ``inputs`` batch by batch, so the
+    inputs and the outputs of the whole calibration set are never held at the same time (no retry then).
     """
-    data = UnitData(inputs, inputs, calls, device, dtype)
+    data = UnitData(inputs, inputs, calls, device, dtype, batched=batched)
+    try:
+        return _replay(block, data, store, batch_size, in_place), batched
+    except RuntimeError as e:
+        if in_place or not batched or calls is None:
+            raise
+        log.info("batched replay failed (%s); replaying this block's samples one by one",
+                 str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+        data.batched = False
+        return _replay(block, data, store, batch_size, in_place), False
+
+
+def _replay(block, data: UnitData, store: torch.device, batch_size: int, in_place: bool) -> list[torch.Tensor]:
+    inputs = data.inputs
     outs = inputs if in_place else [None] * len(inputs)
     n = len(inputs)
     for s in range(0, n, batch_size):
@@ -215,7 +231,7 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
         hooked = spread_block(layers, placement, device)
         todo = {n: m for n, m in layers.items() if specs.get(n) is not None}
         hooks = _ImportanceHooks(todo) if tcfg.init_search else None
-        targets = _run_block(block, x_fp, calls, device, dtype, tcfg.batch_size, store)
+        targets, batched = _run_block(block, x_fp, calls, device, dtype, tcfg.batch_size, store)
         importance = hooks.remove() if hooks else {}
         x_fp = None  # the float chain continues from targets
         if todo:
@@ -231,7 +247,7 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
                     hook_on(w, home)
                 wrappers[name] = w
                 set_submodule(model, name, w)
-            data = UnitData(x_q, targets, calls, device, dtype, masks)
+            data = UnitData(x_q, targets, calls, device, dtype, masks, batched=batched)
             try:
                 with torch.enable_grad():
                     res = tune_unit(block, wrappers, data, tcfg, block_forward, desc=f"block {i + 1}/{n_blocks}",
@@ -247,7 +263,8 @@ def quantize_tuned(model: nn.Module, cfg: QuantConfig, samples: list[dict], devi
                      res.loss_init, res.loss_after, res.best_iter, res.seconds)
             del data
         if todo or not chains_equal:
-            x_q = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True)
+            x_q, _ = _run_block(block, x_q, calls, device, dtype, tcfg.batch_size, store, in_place=True,
+                                batched=batched)
         else:  # nothing quantized yet: both chains are the float chain
             x_q = targets
         chains_equal = chains_equal and not todo
