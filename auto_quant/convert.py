@@ -28,6 +28,7 @@ from auto_quant.export import ExportContext, QuantizedLayer, check_output_dir, e
 from auto_quant.inference.checkpoint import convert_for_loading
 from auto_quant.inference.qlinear import QuantLinear
 from auto_quant.models.discovery import find_block_list, find_lm_head, quantizable_layers, set_submodule
+from auto_quant.models.naming import module_names
 from auto_quant.quant import QuantizedWeight, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None, ba
         model = AutoModelForCausalLM.from_config(float_cfg, dtype=dtype)
     model.eval()
     convert_for_loading(model, qc)
-    tensors = _read_tensors(src)
+    to_module = module_names(model)  # checkpoint keys -> module names, as transformers renames them on load
+    tensors = {to_module(k): v for k, v in _read_tensors(src).items()}
     _check_g_idx(model, tensors)
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".g_idx")}
     result = model.load_state_dict(tensors, strict=False)

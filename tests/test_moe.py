@@ -42,7 +42,7 @@ def test_split_experts_compute_what_the_fused_module_computes(arch):
     experts = model.get_submodule(names[0])
     assert isinstance(experts, (SplitExperts, DenseSplitExperts)) and len(experts) == 4
     assert isinstance(experts[3], ExpertMLP)
-    assert isinstance(experts[3].down_proj, nn.Linear) and isinstance(experts[3].gate_proj, nn.Linear)
+    assert isinstance(experts[3].down, nn.Linear) and isinstance(experts[3].gate, nn.Linear)
     assert not any(p.dim() == 3 for p in model.parameters())
     with torch.no_grad():
         got = model(_ids()).logits
@@ -113,11 +113,43 @@ def test_one_expert_in_layer_config_harmonises_every_expert_of_its_layer(caplog)
     model = tiny_model("mixtral")
     with caplog.at_level(logging.WARNING):
         ar = AutoRound(model, None, bits=4, group_size=32, iters=0, progress=False,
-                       layer_config={"model.layers.0.mlp.experts.2.down_proj": {"bits": 8}})
+                       layer_config={"model.layers.0.mlp.experts.2.w2": {"bits": 8}})  # Mixtral's down
     ar.quantize()
     bits = {n: s.bits for n, s in ar.outcome.specs.items() if s is not None and ".experts." in n}
     assert {b for n, b in bits.items() if n.startswith("model.layers.0.")} == {8}
     assert {b for n, b in bits.items() if n.startswith("model.layers.1.")} == {4}
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "auto_gptq"])
+def test_mixtral_exports_use_the_original_checkpoint_names(fmt, tmp_path):
+    """transformers 5 loads Mixtral's block_sparse_moe.experts.N.w1/w3/w2 into mlp.experts (fused); exports write
+    the original names back, as save_pretrained does and as vLLM's Mixtral loader reads them, and load back."""
+    import json
+
+    from safetensors import safe_open
+
+    model = tiny_model("mixtral")
+    mixed = {"model.layers.1.mlp.experts.0.w2": {"bits": 8}} if fmt == "auto_round" else None  # GPTQ: one setting
+    ar = AutoRound(model, None, bits=4, group_size=32, iters=0, progress=False, layer_config=mixed)
+    ar.quantize()
+    x = _ids()
+    with torch.no_grad():
+        fq = model(x).logits
+    ar.save_quantized(tmp_path / "q", format=fmt)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys and not any(".mlp." in k for k in keys)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    if fmt == "auto_round":  # the 8-bit experts of layer 1, named as in the checkpoint
+        assert "model.layers.1.block_sparse_moe.experts.3.w1" in qc["extra_config"]
+        q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        assert q.get_submodule("model.layers.1.mlp.experts.3.w1").bits == 8
+        with torch.no_grad():
+            torch.testing.assert_close(q(x).logits, fq, rtol=2e-3, atol=2e-3)
+    q, _ = load_quantized(tmp_path / "q", dtype=torch.float32, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(q(x).logits, fq, rtol=1e-4, atol=1e-4)
 
 
 def test_low_bit_api_quantizes_experts_and_round_trips(tmp_path):

@@ -20,6 +20,7 @@ from auto_quant.export.base import (
     save_safetensors_shards,
 )
 from auto_quant.models.discovery import tied_lm_head
+from auto_quant.models.naming import checkpoint_names
 from auto_quant.quant.spec import scale_dtype_name
 
 PACKING_SYM = "auto_round:auto_gptq"
@@ -87,5 +88,6 @@ class AutoRoundExporter:
                 tensors[f"{name}.bias"] = q.bias.detach().cpu().contiguous()
         head_quantized = any(not any(n.startswith(b + ".") for b in ctx.block_names) for n in ctx.layers)
         untie = head_quantized and tied_lm_head(ctx.model)
-        save_safetensors_shards(tensors, out_dir, metadata={"quantizer": "auto_quant", "packing": packing.CONTRACT_VERSION})
+        save_safetensors_shards(tensors, out_dir, metadata={"quantizer": "auto_quant", "packing": packing.CONTRACT_VERSION},
+                            rename=checkpoint_names(ctx.model))
         save_config_and_tokenizer(ctx, out_dir, auto_round_quantization_config(ctx, packing_format), untie_lm_head=untie)

@@ -125,8 +125,16 @@ def float_state_dict(model: nn.Module, skip_modules: set[str]) -> dict[str, torc
 
 
 def save_safetensors_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30,
-                            metadata: dict | None = None) -> None:
+                            metadata: dict | None = None, rename=None) -> None:
+    """``tensors`` in shards of at most ``max_shard_bytes``; ``rename`` maps module names to the checkpoint
+    names of the family (:func:`auto_quant.models.naming.checkpoint_names`)."""
     from safetensors.torch import save_file
+
+    if rename is not None:
+        renamed = {rename(k): v for k, v in tensors.items()}
+        if len(renamed) != len(tensors):
+            raise ExportError("internal: two tensors map to the same checkpoint name")
+        tensors = renamed
 
     meta = {"format": "pt", **(metadata or {})}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -162,7 +170,9 @@ def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_co
     if emb is not None and emb.weight.is_floating_point():
         cfg.dtype = emb.weight.dtype
     if quantization_config is not None:
-        cfg.quantization_config = quantization_config
+        from auto_quant.models.naming import checkpoint_names, rename_quantization_config
+
+        cfg.quantization_config = rename_quantization_config(quantization_config, checkpoint_names(ctx.model))
     if untie_lm_head:
         cfg.tie_word_embeddings = False
         if hasattr(cfg, "get_text_config"):

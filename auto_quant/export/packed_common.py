@@ -22,6 +22,7 @@ from auto_quant.export.base import (
     save_safetensors_shards,
 )
 from auto_quant.models.discovery import tied_lm_head
+from auto_quant.models.naming import checkpoint_names
 from auto_quant.quant import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -116,5 +117,6 @@ def write_checkpoint(ctx: ExportContext, out_dir: Path, packed_tensors: dict[str
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias.detach().cpu().contiguous()
     untie = bool(dense) and tied_lm_head(ctx.model)
-    save_safetensors_shards(tensors, out_dir, metadata={"quantizer": "auto_quant", "packing": packing.CONTRACT_VERSION})
+    save_safetensors_shards(tensors, out_dir, metadata={"quantizer": "auto_quant", "packing": packing.CONTRACT_VERSION},
+                            rename=checkpoint_names(ctx.model))
     save_config_and_tokenizer(ctx, out_dir, quantization_config, untie_lm_head=untie)

@@ -17,6 +17,7 @@ from auto_quant.errors import CheckpointError
 from auto_quant.inference.qlinear import QuantLinear
 from auto_quant.models.discovery import Conv1D, find_block_list, find_lm_head, is_quantizable, set_submodule
 from auto_quant.models.moe import split_fused_experts
+from auto_quant.models.naming import module_names, rename_quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def convert_for_loading(model: nn.Module, qc: dict, modules_to_not_convert: list
     per-expert checkpoints) name them: ``<...>.experts.<e>.gate_proj``.
     """
     split_fused_experts(model)
+    qc = rename_quantization_config(qc, module_names(model))  # checkpoint names (Mixtral's block_sparse_moe) -> modules
     qm = qc.get("quant_method", "auto-round")
     data_type = str(qc.get("data_type", "int"))
     if not data_type.startswith("int"):

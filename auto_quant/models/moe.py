@@ -94,27 +94,50 @@ def _gate_fn(module: nn.Module):
     return gate
 
 
-class ExpertMLP(nn.Module):
-    """One expert: ``down(gate_fn([gate(x); up(x)]))`` (or ``down(act(up(x)))`` without a gate)."""
+DEFAULT_LEAVES = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, gating, concatenated: bool):
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(gate_fn([gate(x); up(x)]))`` (or ``down(act(up(x)))`` without a gate).
+
+    The three linears are registered under the names the family's checkpoints give them (``leaves``:
+    ``gate_proj``/``up_proj``/``down_proj``, or Mixtral's ``w1``/``w3``/``w2``); :attr:`gate`, :attr:`up` and
+    :attr:`down` reach them whatever their names.
+    """
+
+    def __init__(self, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, gating, concatenated: bool,
+                 leaves: tuple[str, str, str] = DEFAULT_LEAVES):
         super().__init__()
         if gate_proj is not None:
-            self.gate_proj = gate_proj
-        self.up_proj = up_proj
-        self.down_proj = down_proj
+            self.add_module(leaves[0], gate_proj)
+        self.add_module(leaves[1], up_proj)
+        self.add_module(leaves[2], down_proj)
+        self.__dict__["_leaves"] = leaves
         self.__dict__["_gating"] = gating  # the stripped fused module (no tensors): act_fn / _apply_gate
         self.__dict__["_concatenated"] = concatenated
 
+    @property
+    def gate(self) -> nn.Module | None:
+        return self._modules.get(self.__dict__["_leaves"][0])
+
+    @property
+    def up(self) -> nn.Module:
+        return self._modules[self.__dict__["_leaves"][1]]
+
+    @property
+    def down(self) -> nn.Module:
+        return self._modules[self.__dict__["_leaves"][2]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.__dict__["_gating"]
-        if "gate_proj" in self._modules:
-            g, u = self.gate_proj(x), self.up_proj(x)
+        gate = self.gate
+        if gate is not None:
+            g, u = gate(x), self.up(x)
             gu = torch.cat([g, u], dim=-1) if self.__dict__["_concatenated"] else torch.stack([g, u], dim=-1).flatten(-2)
             h = _gate_fn(fused)(gu)
         else:
-            h = fused.act_fn(self.up_proj(x))
-        return self.down_proj(h)
+            h = fused.act_fn(self.up(x))
+        return self.down(h)
 
 
 class SplitExperts(nn.ModuleList):
@@ -154,7 +177,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def split_module(module: nn.Module) -> SplitExperts | DenseSplitExperts:
+def split_module(module: nn.Module, leaves: tuple[str, str, str] = DEFAULT_LEAVES) -> SplitExperts | DenseSplitExperts:
     """The :class:`SplitExperts` (or :class:`DenseSplitExperts`) computing what the fused ``module`` computes;
     ``module`` is emptied of its tensors (it stays on as the experts' gating function)."""
     p = module._parameters
@@ -179,7 +202,7 @@ def split_module(module: nn.Module) -> SplitExperts | DenseSplitExperts:
         else:
             gate, up = None, _linear(w_up, b_up)
         down = _linear(w_down, None if down_bias is None else down_bias[e])
-        experts.append(ExpertMLP(gate, up, down, module, concatenated))
+        experts.append(ExpertMLP(gate, up, down, module, concatenated, leaves))
     for name in _WEIGHTS + _BIASES:
         p.pop(name, None)
     return SplitExperts(experts) if kind == "routed" else DenseSplitExperts(experts)
@@ -191,20 +214,51 @@ def split_fused_experts(model: nn.Module) -> list[str]:
     Idempotent. Modules it cannot reproduce stay fused, with a warning that their weights stay in 16 bits.
     """
     done = []
+    leaves = None
     for name, module in list(model.named_modules()):
         if not is_fused_experts(module):
             continue
+        if leaves is None:
+            leaves = checkpoint_leaves(model)
         why = _why_not_splittable(module)
         if why is not None:
             log.warning("auto_quant: the experts of %s (%s) stay in 16 bits: %s", name, type(module).__name__, why)
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, split_module(module))
+        setattr(parent, child, split_module(module, leaves))
         done.append(name)
     if done:
         log.info("auto_quant: split %d fused MoE expert modules into per-expert linears", len(done))
     return done
+
+
+def checkpoint_leaves(model: nn.Module) -> tuple[str, str, str]:
+    """The names this family's per-expert checkpoints give an expert's gate, up and down projections.
+
+    Read from transformers' conversion mapping (the patterns it stacks the per-expert tensors from on load:
+    Mixtral's ``experts.*.w1`` / ``w3`` / ``w2``); ``gate_proj`` / ``up_proj`` / ``down_proj`` otherwise.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False) or []
+    except Exception:  # transformers 4, or no mapping for this model
+        return DEFAULT_LEAVES
+    gate = up = down = None
+    for c in conversions:
+        if not isinstance(c, WeightConverter):
+            continue
+        targets = [t for t in c.target_patterns if isinstance(t, str)]
+        sources = [s.split(".")[-2] for s in c.source_patterns if isinstance(s, str) and s.count(".") >= 2]
+        if any(t.endswith("experts.gate_up_proj") for t in targets) and len(sources) == 2:
+            gate, up = sources
+        elif any(t.endswith("experts.down_proj") for t in targets) and len(sources) == 1:
+            down = sources[0]
+    if gate and up and down and all(n.isidentifier() for n in (gate, up, down)):
+        return gate, up, down
+    return DEFAULT_LEAVES
 
 
 _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")

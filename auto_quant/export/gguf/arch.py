@@ -258,6 +258,7 @@ def llama3_rope_freqs(cfg) -> np.ndarray | None:
     return out.astype(np.float32)
 
 
+_EXPERT_LEAVES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral-style expert names
 _EXPERT_KEY = re.compile(r"(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight")
 
 
@@ -279,7 +280,8 @@ class TensorNames:
             return "output.weight"
         expert = expert_of(hf_key)
         if expert is not None:
-            name = self.map.get_name(expert[0])
+            prefix, _, leaf = expert[0].rpartition(".")
+            name = self.map.get_name(expert[0]) or self.map.get_name(f"{prefix}.{_EXPERT_LEAVES.get(leaf, leaf)}")
             return None if name is None else f"{name}.weight"
         return self.map.get_name(hf_key, try_suffixes=(".weight", ".bias"))
 

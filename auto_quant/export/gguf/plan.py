@@ -31,6 +31,9 @@ _CATEGORY = (
     ("ffn_down", re.compile(r"(^|\.)down_proj$")),
     ("ffn_gate", re.compile(r"(^|\.)gate_proj$")),
     ("ffn_up", re.compile(r"(^|\.)up_proj$")),
+    ("ffn_down", re.compile(r"\.experts\.\d+\.w2$")),  # Mixtral-style expert names
+    ("ffn_gate", re.compile(r"\.experts\.\d+\.w1$")),
+    ("ffn_up", re.compile(r"\.experts\.\d+\.w3$")),
 )
 
 
