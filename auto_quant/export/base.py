@@ -194,12 +194,13 @@ def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_co
 
 # what a vision-language (or audio) checkpoint needs besides the tokenizer to be served
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "chat_template.json", "chat_template.jinja", "special_tokens_map.json")
+                   "chat_template.json", "chat_template.jinja")
 
 
 def copy_processor_files(source, out_dir: Path) -> list[str]:
-    """Copy the processor files of a local source checkpoint that the export did not write itself."""
-    if not source or not Path(str(source)).is_dir():
+    """Copy the processor files of a local source checkpoint directory (one with a ``config.json``) that the
+    export did not write itself."""
+    if not source or not (Path(str(source)) / "config.json").is_file():
         return []
     copied = []
     for name in PROCESSOR_FILES:
