@@ -89,6 +89,9 @@ AQ_INLINE float quantize_block(const float *x, int8_t *q, int32_t *sum) {
     __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
     float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    /* max_ps drops NaN: a NaN activation makes the block's scale NaN, so the row's outputs are NaN (as in
+     * the float reference) rather than silently finite; an inf already gives a non-finite output */
+    if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) d = NAN;
     __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
     __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
@@ -97,8 +100,12 @@ AQ_INLINE float quantize_block(const float *x, int8_t *q, int32_t *sum) {
     return d;
 #else
     float amax = 0.0f;
-    for (int j = 0; j < AQ_BLOCK; j++) amax = fmaxf(amax, fabsf(x[j]));
-    float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int has_nan = 0;
+    for (int j = 0; j < AQ_BLOCK; j++) {
+        amax = fmaxf(amax, fabsf(x[j]));  /* fmaxf drops NaN */
+        has_nan |= x[j] != x[j];
+    }
+    float d = has_nan ? NAN : amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t s = 0;
     for (int j = 0; j < AQ_BLOCK; j++) {
         long v = lrintf(x[j] * id);

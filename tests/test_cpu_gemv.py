@@ -143,6 +143,25 @@ def test_fallback_paths_agree(march, path):
             assert rel_err(other, fast) < 1e-5, (bits, group_size, sym, m)
 
 
+@pytest.mark.parametrize("march", [None, "-march=x86-64"], ids=["native", "scalar"])
+def test_nan_activations_give_nan_rows_like_the_reference(march):
+    """int8 activation rounding takes a block's absmax, and max drops NaN: a NaN input must still make its
+    row NaN (not silently finite), an inf row non-finite, and leave the other rows alone."""
+    if march is not None and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction sets")
+    layer = make_layer(in_f=96, bits=4)
+    run = G.prepare(layer)
+    lib = G.load_library(march) if march else None
+    x = torch.randn(3, 96)
+    x[0, 40] = float("nan")
+    x[1, 7] = float("inf")
+    y = run(x) if lib is None else G.gemm(x, run.weight, run.bias, 1, lib)
+    ref = torch.nn.functional.linear(x, layer.dequantize_weight(torch.float32), layer.bias.float())
+    assert torch.isnan(y[0]).all() and torch.isnan(ref[0]).all()
+    assert not torch.isfinite(y[1]).any()
+    assert torch.isfinite(y[2]).all() and rel_err(y[2], ref[2]) < TOL
+
+
 def test_native_path_is_vectorised_here():
     flags = G._host_cpu_flags().split()
     if {"avx512_vnni", "avx512vl", "avx512bw"} <= set(flags):
