@@ -118,6 +118,15 @@ def _nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
     return float((lse - lg[np.arange(len(tgt)), tgt]).sum()), len(tgt)
 
 
+def gguf_ppl(path, windows) -> float:
+    """llama.cpp's perplexity of the GGUF file ``path`` on ``windows`` (opened and closed here)."""
+    llm = open_llama(path)
+    try:
+        return llama_ppl(llm, windows)
+    finally:
+        llm.close()
+
+
 def llama_ppl(llm, windows) -> float:
     tot, cnt = 0.0, 0
     for w in windows:

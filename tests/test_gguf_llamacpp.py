@@ -14,6 +14,7 @@ from auto_quant.quant import QuantSpec
 from test_gguf_helpers import (
     GGUF_ARCHS,
     GGUF_MOE_ARCHS,
+    gguf_ppl,
     calib_text,
     eval_text,
     gguf_model,
@@ -113,11 +114,7 @@ def test_plain_integer_tuning_exports_to_legacy_gguf(tmp_path):
     ar.quantize()
     out = ar.save_quantized(tmp_path / "q40", format="gguf:q4_0")["gguf:q4_0"]
     windows = token_windows(eval_text(), 2, 96)
-    llm = open_llama(only_gguf(out))
-    try:
-        ppl_cpp = llama_ppl(llm, windows)
-    finally:
-        llm.close()
+    ppl_cpp = gguf_ppl(only_gguf(out), windows)
     assert abs(ppl_cpp / torch_ppl(ar.model, windows) - 1) < 0.01
 
 
@@ -196,10 +193,6 @@ def test_tuned_moe_gguf_runs_in_llama_cpp_and_agrees_on_perplexity(tmp_path):
     ar.quantize()
     out = ar.save_quantized(tmp_path / "q", format="gguf:q4_k_m")["gguf:q4_k_m"]
     evals = token_windows(eval_text(), 3, 96)
-    llm = open_llama(only_gguf(out))
-    try:
-        theirs = llama_ppl(llm, evals)
-    finally:
-        llm.close()
+    theirs = gguf_ppl(only_gguf(out), evals)
     ours = torch_ppl(m, evals)  # the fake-quantized model (its embedding and head stay float: compared loosely)
     assert abs(theirs / ours - 1) < 0.03, (theirs, ours)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from auto_quant.errors import ExportError
+from auto_quant.models.naming import checkpoint_names, rename_quantization_config
 from auto_quant.quant import QuantSpec, QuantizedWeight
 
 
@@ -170,8 +171,6 @@ def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_co
     if emb is not None and emb.weight.is_floating_point():
         cfg.dtype = emb.weight.dtype
     if quantization_config is not None:
-        from auto_quant.models.naming import checkpoint_names, rename_quantization_config
-
         cfg.quantization_config = rename_quantization_config(quantization_config, checkpoint_names(ctx.model))
     if untie_lm_head:
         cfg.tie_word_embeddings = False

@@ -32,8 +32,6 @@ _BIASES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers-5 experts module: 3-D ``down_proj`` plus ``gate_up_proj`` or ``up_proj``."""
-    if isinstance(module, (SplitExperts, DenseSplitExperts)):
-        return False
     down = module._parameters.get("down_proj")
     up = module._parameters.get("gate_up_proj", module._parameters.get("up_proj"))
     return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
@@ -114,6 +112,7 @@ class ExpertMLP(nn.Module):
         self.add_module(leaves[2], down_proj)
         self.__dict__["_leaves"] = leaves
         self.__dict__["_gating"] = gating  # the stripped fused module (no tensors): act_fn / _apply_gate
+        self.__dict__["_gate_fn"] = _gate_fn(gating) if gate_proj is not None else None
         self.__dict__["_concatenated"] = concatenated
 
     @property
@@ -129,14 +128,13 @@ class ExpertMLP(nn.Module):
         return self._modules[self.__dict__["_leaves"][2]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.__dict__["_gating"]
         gate = self.gate
         if gate is not None:
             g, u = gate(x), self.up(x)
             gu = torch.cat([g, u], dim=-1) if self.__dict__["_concatenated"] else torch.stack([g, u], dim=-1).flatten(-2)
-            h = _gate_fn(fused)(gu)
+            h = self.__dict__["_gate_fn"](gu)
         else:
-            h = fused.act_fn(self.up(x))
+            h = self.__dict__["_gating"].act_fn(self.up(x))
         return self.down(h)
 
 
@@ -239,13 +237,13 @@ def checkpoint_leaves(model: nn.Module) -> tuple[str, str, str]:
     Read from transformers' conversion mapping (the patterns it stacks the per-expert tensors from on load:
     Mixtral's ``experts.*.w1`` / ``w3`` / ``w2``); ``gate_proj`` / ``up_proj`` / ``down_proj`` otherwise.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
+    from auto_quant.models.naming import conversion_mapping
 
-        conversions = get_model_conversion_mapping(model, add_legacy=False) or []
-    except Exception:  # transformers 4, or no mapping for this model
+    conversions = conversion_mapping(model)
+    if not conversions:  # transformers 4, or no mapping for this model
         return DEFAULT_LEAVES
+    from transformers.core_model_loading import WeightConverter
+
     gate = up = down = None
     for c in conversions:
         if not isinstance(c, WeightConverter):

@@ -21,17 +21,26 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _renamings(model: nn.Module) -> list:
+def conversion_mapping(model: nn.Module) -> list:
+    """transformers' checkpoint → model conversions for ``model`` (renamings and tensor converters); empty for
+    transformers 4 and for models without any."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightRenaming
-    except ImportError:  # transformers 4: no renaming on load
+    except ImportError:  # transformers 4: no conversion on load
         return []
     try:
-        conversions = get_model_conversion_mapping(model, add_legacy=False) or []
+        return list(get_model_conversion_mapping(model, add_legacy=False) or [])
     except Exception as e:  # a model transformers has no mapping machinery for
         log.debug("no checkpoint conversion mapping for %s: %s", type(model).__name__, e)
         return []
+
+
+def _renamings(model: nn.Module) -> list:
+    conversions = conversion_mapping(model)
+    if not conversions:
+        return []
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
+
     # a PrefixChange depends on how the model was loaded (transformers drops it for models not made by
     # from_pretrained too); base-model prefixes are not auto_quant's to change
     return [c for c in conversions if isinstance(c, WeightRenaming) and not isinstance(c, PrefixChange)]
@@ -59,18 +68,6 @@ def module_names(model: nn.Module) -> Callable[[str], str]:
     return _renamer(_renamings(model))
 
 
-def rename_strings(value, rename: Callable[[str], str]):
-    """``value`` (a config dict / list / string) with every string renamed (layer names in a quantization
-    config: ``extra_config`` keys, ``modules_to_not_convert``, ``dynamic`` patterns, block names)."""
-    if isinstance(value, str):
-        return rename(value)
-    if isinstance(value, dict):
-        return {rename_strings(k, rename): rename_strings(v, rename) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(rename_strings(v, rename) for v in value)
-    return value
-
-
 def _rename_pattern(key: str, rename: Callable[[str], str]) -> str:
     """A GPTQ ``dynamic`` key ``"-:^<escaped name>$"``: the name inside renamed and escaped again."""
     m = re.fullmatch(r"([+-]:)?\^(.*)\$", key)
@@ -95,8 +92,9 @@ def rename_quantization_config(qc: dict, rename: Callable[[str], str]) -> dict:
         out["extra_config"] = {rename(k): v for k, v in out["extra_config"].items()}
     if isinstance(out.get("modules_to_not_convert"), list):
         out["modules_to_not_convert"] = [rename(n) for n in out["modules_to_not_convert"]]
-    if isinstance(out.get("modules_in_block_to_quantize"), list):
-        out["modules_in_block_to_quantize"] = rename_strings(out["modules_in_block_to_quantize"], rename)
+    if isinstance(out.get("modules_in_block_to_quantize"), list):  # a list of lists of names
+        out["modules_in_block_to_quantize"] = [[rename(n) for n in group] if isinstance(group, list) else rename(group)
+                                               for group in out["modules_in_block_to_quantize"]]
     if isinstance(out.get("dynamic"), dict):
         out["dynamic"] = {_rename_pattern(k, rename): v for k, v in out["dynamic"].items()}
     if isinstance(out.get("ignore"), list):

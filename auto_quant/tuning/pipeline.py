@@ -65,12 +65,11 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str
     head = find_lm_head(model)
     head_name = head[0] if head else None
     cfg.check_rules_match(names + ([head_name] if head_name else []))
+    explicit = {n for n in names + ([head_name] if head_name else []) if any(r.matches(n) for r in cfg.layer_rules)}
     for name in names:
-        explicit_rule = any(r.matches(name) for r in cfg.layer_rules)
-        specs[name] = None if name in routers and not explicit_rule else cfg.spec_for(name)
+        specs[name] = None if name in routers and name not in explicit else cfg.spec_for(name)
     if head_name is not None:
         specs[head_name] = cfg.spec_for(head_name, is_lm_head=True)
-    explicit = {n for n in specs if any(r.matches(n) for r in cfg.layer_rules)}
     specs = harmonise_fused(specs, getattr(cfg, "fused_layers", "harmonise"), explicit)
     return blist, specs, head_name
 

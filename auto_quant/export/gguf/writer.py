@@ -203,9 +203,7 @@ def write_gguf(ctx: ExportContext, path: Path, ft: FileType | str) -> dict:
                 experts.put(gname, expert[1], pack(ctx.layers[module].weight, tname), tname)
             else:  # a float export, or 16-bit experts
                 tname = ft.base if ft.is_float else "f16"
-                packed = (pack_float(tensor, tname) if TENSOR_TYPES[tname].spec is None
-                          else pack(_rtn(tensor, tname), tname))
-                experts.put(gname, expert[1], packed, tname)
+                experts.put(gname, expert[1], pack_float(tensor, tname), tname)
             continue
         if gname.endswith("ffn_gate_inp.weight"):  # MoE routers stay float32, as llama.cpp's quantizer keeps them
             add(gname, pack_float(tensor, "f32"), "f32")
