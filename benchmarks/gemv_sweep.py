@@ -84,10 +84,11 @@ def sweep_tdot(args, out):
                 ref = x.double() @ W.t()
                 bf16_us = graph_time_us([lambda wb=wb: F.linear(x, wb) for wb in copies_b])
                 bms = sorted({min(max(16, 1 << (M - 1).bit_length()), args.max_bm), min(max(16, M // 2), 128)})
+                splits = [int(v) for v in args.splits.split(",")] if args.splits else TDOT_SPLITS
                 tiles = [tuple(int(v) for v in t.split("x")) for t in args.tdot_tiles.split(",")] if args.tdot_tiles \
                     else TDOT_TILES
                 cfgs = [KernelConfig("tdot", bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
-                        for sp in TDOT_SPLITS if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
+                        for sp in splits if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
                         and (bm < 128 or wa >= 8)  # KernelConfig refuses 128-row blocks on 4 warps
                         and K >= bk * 2 * sp]
                 others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != "tdot"]
@@ -133,6 +134,7 @@ def main():
     p.add_argument("--max-bm", type=int, default=128, help="tdot: the largest row block tried (tensor-core N, <= 256)")
     p.add_argument("--tdot-tiles", default="", help="tdot: block_n x block_k x warps x stages, comma-separated "
                                                       "(default: the built-in list)")
+    p.add_argument("--splits", default="", help="tdot: split-K factors, comma-separated (default: the built-in list)")
     args = p.parse_args()
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)

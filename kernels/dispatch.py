@@ -49,9 +49,10 @@ class KernelConfig:
         if self.kind in ("dot", "tdot") and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError("tl.dot needs block sizes >= 16")
         if self.kind == "tdot" and self.block_m >= 128 and self.num_warps < 8:
-            # H100, triton 3.6: 128-row blocks on one warpgroup gave intermittently wrong tiles (a repeated-launch
-            # stress run: up to 1e26 relative error in some of 30 launches); 8 warps are exact in every run
-            raise ValueError("the tdot kernel needs 8 warps for 128-row blocks")
+            # H100, triton 3.6: 128-row blocks on one warpgroup gave intermittently wrong tiles. The cause was a
+            # register race (triton-lang/triton#9433, fixed in the kernel by WAIT_MMA); one warpgroup is slower
+            # there anyway, and these blocks were not stress-run on it since, so they stay refused
+            raise ValueError("the tdot kernel needs 8 warps for 128- and 256-row blocks")
 
 
 def codes_per_row(bits: int) -> int:
@@ -213,11 +214,13 @@ def _split_variants(kind: str, M: int, N: int, K: int, bits: int, sms: int, tile
 
 
 # (block_n, block_k, warps, stages) of the tdot kernel per row block, from benchmarks/gemv_sweep.py --kernel tdot on
-# an H100 (W4 g128, Llama-3-8B shapes): narrow 64-row tiles win at 8-16 rows, 128 rows x 8 warps from 64 rows up
+# an H100 (W4 g128, Llama-3-8B shapes): narrow 64-row tiles win at 8-16 rows, 128 rows x 8 warps from 64 rows up;
+# 256-row blocks (one 64 x 256 wgmma per warpgroup and k-step) win the wide shapes at 256 rows
 TDOT_TILES = {16: ((64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)),
               32: ((64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)),
               64: ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 8, 4)),
-              128: ((128, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 3), (256, 64, 8, 3))}
+              128: ((128, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 3), (256, 64, 8, 3)),
+              256: ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3))}
 
 
 def _tdot_block_k(block_k: int, bits: int, group_size: int) -> int:
@@ -228,9 +231,9 @@ def _tdot_block_k(block_k: int, bits: int, group_size: int) -> int:
 
 
 def tdot_row_blocks(M: int) -> list[int]:
-    """Row blocks worth timing: the smallest tensor-core width (16 to 128) holding ``M`` rows, and half of it
+    """Row blocks worth timing: the smallest tensor-core width (16 to 256) holding ``M`` rows, and half of it
     from 64 rows up."""
-    bm = min(max(16, m_bucket(M)), 128)
+    bm = min(max(16, m_bucket(M)), 256)
     return [bm, bm // 2] if bm >= 64 else [bm]
 
 
@@ -384,9 +387,14 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
         EVEN_K=K % cfg.block_k == 0, PAIRS=pairs, DEQ=g.dequant_asm(w.bits, act, zero) if pairs else "",
         DEQ_CONS=g.dequant_constraints(w.bits, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
         STAGES=cfg.num_stages, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps,
+        WAIT_MMA=wgmma_device(x2.device), num_warps=cfg.num_warps,
     )
     return out
+
+
+def wgmma_device(device: torch.device) -> bool:
+    """Whether Triton lowers ``tl.dot`` to Hopper's asynchronous ``wgmma`` here (sm_90; not the interpreter)."""
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,

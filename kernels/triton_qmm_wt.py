@@ -47,6 +47,22 @@ def _halves(d, ACT_FP16: tl.constexpr):
 
 
 @triton.jit
+def _after_tensor_cores(v):
+    """``v`` (float32), passed on only after every earlier ``wgmma`` of this warpgroup has finished.
+
+    Triton 3.6 pipelines the tensor-core loop with ``wgmma.wait_group N`` (N = the tile's ``wgmma`` count - 1),
+    which leaves the previous tile's later ``wgmma`` reading their register operand while this tile's
+    dequantized weight is loaded into the same registers (triton-lang/triton#9433: intermittently wrong tiles,
+    inf or 1e34 where the product is 1e-2, seen on an H100 at 128-256 row blocks). Every tile's scales go
+    through here, and the weight is multiplied by them before it becomes the dot's operand, so the register
+    operand is written only after a ``wait_group 0``; the dequantization before it still overlaps the last
+    tile's tensor-core work.
+    """
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, $1;", "=r,r", [v],
+                                     dtype=tl.float32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.constexpr, ZERO_IN: tl.constexpr,
                  ACT_FP16: tl.constexpr):
     """``[BN, BKW * PER]`` exact ``code - zero`` in the activation dtype, inputs in order.
@@ -79,12 +95,13 @@ def _qmm_wt_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, PAIRS: tl.constexpr, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr,
-    ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+    ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, WAIT_MMA: tl.constexpr,
 ):
     # GROUP == 0: per output feature (scale row 0, read per tile like a group's). k_per_split is a multiple of
     # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16, 2/4/8 bits): dequant_asm makes the tile; it needs one group per
     # tile (GROUP % BLOCK_K == 0) or per-channel.
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
+    # WAIT_MMA (CUDA sm_90+, where tl.dot lowers to wgmma): see _after_tensor_cores.
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -128,6 +145,8 @@ def _qmm_wt_kernel(
             gm = n_mask[:, None] & (k < K)[None, :]
             s = tl.load(s_ptr + gk * N + offs_n[:, None], mask=gm, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + gk * N + offs_n[:, None], mask=gm, other=0).to(tl.float32) if HAS_ZERO else ZC
+        if WAIT_MMA:
+            s = _after_tensor_cores(s)
         if PAIRS:
             zz = _zero_pair(z, ACT_FP16, BITS)[:, None] if HAS_ZERO else 0
             w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16) * s.to(act)[:, None]

@@ -180,7 +180,7 @@ def test_default_config_choice_and_bad_input():
         quant_matmul(torch.randn(3, 256, dtype=torch.float16), kw, config=KernelConfig("gemv", 4, 512, 16, 1, 4, 3))
     with pytest.raises(ValueError, match="1, 2, 4, 8 or 16 rows"):
         KernelConfig("gemv", 3, 512, 16)
-    with pytest.raises(ValueError, match="8 warps for 128-row blocks"):
+    with pytest.raises(ValueError, match="8 warps for 128- and 256-row blocks"):
         KernelConfig("tdot", 128, 128, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="whole words"):  # 3-bit codes straddle words
         quant_matmul(torch.randn(3, 256, dtype=torch.float16), pack_codes(*_q3(), 3, 64),

@@ -153,6 +153,26 @@ def test_tdot_repeated_launches(group_size):
         assert not acc.any() and not cnt.any()
 
 
+def test_tdot_register_operand_race():
+    """triton-lang/triton#9433: Triton 3.6 let a tile's dequantized weight overwrite the registers the previous
+    tile's wgmma still read. On an H100 these configurations gave inf or 1e34 in 22-31 of 40 launches before the
+    kernel waited for the tensor cores (WAIT_MMA); every launch must now be right."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch, wgmma_device
+
+    N, K, M = 28672, 4096, 256
+    kw = quantized_weight(N, K, 4, 128, True, seed=5)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ W.t()
+    assert wgmma_device(x.device) == (torch.cuda.get_device_capability()[0] == 9)
+    for cfg in (KernelConfig("tdot", 128, 128, 64, 1, 8, 4), KernelConfig("tdot", 128, 128, 64, 1, 8, 3),
+                KernelConfig("tdot", 256, 128, 64, 1, 8, 4)):
+        errs = [rel_err(launch(x, kw, None, cfg, ws), ref) for _ in range(25)]
+        assert max(errs) < TOL, (cfg, sum(not e < TOL for e in errs), max(errs))
+
+
 def test_tdot_odd_shapes_and_wide_tiles():
     """Partial tiles in every dimension, tiles wider than the group (float path), per-channel asym, a strided x."""
     from auto_quant.kernels import dequantize
