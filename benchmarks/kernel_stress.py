@@ -5,7 +5,8 @@
 A race shows up as a launch whose result differs from the reference while the others match, so
 every candidate (``kernels.dispatch.candidates``; dequantize + cuBLAS left out) runs ``--reps`` times
 per (shape, format, row count) and the worst relative error is kept. Formats: W4 g128 sym and asym,
-W4 per-channel, W2 g64, W8 g128. Configurations above 8e-3 (the GPU tests' bound) are listed as bad.
+W4 per-channel, W2 g64, W8 g128. Configurations above 8e-3 (the GPU tests' bound), or that fail to launch, are
+listed as bad.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ def main():
                 for cfg in candidates(M, N, K, x.device, bits, gs):
                     if cfg.kind == "dequant":
                         continue
-                    outs = [launch(x, kw, None, cfg, ws) for _ in range(args.reps)]
+                    try:
+                        outs = [launch(x, kw, None, cfg, ws) for _ in range(args.reps)]
+                    except Exception as e:  # a candidate that does not compile or fit: a finding, not a crash
+                        bad.append({"N": N, "K": K, "bits": bits, "group_size": gs, "sym": sym, "M": M,
+                                    "config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                        print("bad:", bad[-1], file=sys.stderr, flush=True)
+                        continue
                     worst = max(((y.double() - ref).norm() / ref.norm()).item() for y in outs)
                     checked += 1
                     if not worst < TOL:

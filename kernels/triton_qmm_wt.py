@@ -17,12 +17,12 @@ Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
   float32, ``bitcast(code | 0x4B000000) - (2**23 + zero)``, exact.
 
 The scale multiplies the tile in the activation dtype (the rounding of a dequantized weight, as in
-dequantize + cuBLAS), so one accumulator chains every tile's ``tl.dot`` and the tensor cores run
-asynchronously behind the next tile's dequantization. Per-channel scales take the same path (their one
-row is read per tile): scaling the fp32 result after the loop instead gave intermittently wrong tiles
-(about 13 % relative error in 1 of 30 launches) on the H100 with 128 x 256 tiles and split-K, found by a
-repeated-launch stress run. Split-K over grid axis 2 shares the epilogue of the other kernels
-(:func:`~auto_quant.kernels.triton_qmm._write_output`).
+dequantize + cuBLAS), so one accumulator chains every tile's ``tl.dot``. Per-channel scales take the same
+path (their one row is read per tile). On sm_90 each tile first waits for the previous tile's ``wgmma``
+(``WAIT_MMA``, :func:`_after_tensor_cores`): without it Triton 3.6 let the register operand be overwritten
+while still being read, which gave intermittently wrong tiles (inf, 1e34, or 13 % error in 1 of 30
+launches) in repeated-launch stress runs. Split-K over grid axis 2 shares the epilogue of the other
+kernels (:func:`~auto_quant.kernels.triton_qmm._write_output`).
 """
 
 from __future__ import annotations

@@ -132,8 +132,9 @@ def test_tdot_every_candidate(bits, group_size, sym):
 
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_tdot_repeated_launches(group_size):
-    """Every tdot candidate at 64 and 256 rows, 20 launches each: an intermittent race (scaling per-channel
-    results after the loop gave 13 % error in about 1 of 30 launches with 128 x 256 tiles) must not come back."""
+    """Every tdot candidate at 64 and 256 rows, 20 launches each: intermittently wrong tiles (13 % error in about
+    1 of 30 launches with 128 x 256 tiles, the register race of test_tdot_register_operand_race) must not come
+    back."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch, tdot_candidates
 
