@@ -85,6 +85,14 @@ def _sms(device: torch.device) -> int:
     return 4  # interpreter: a small grid
 
 
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (opt-in maximum: the multiprocessor's less 1 KiB, as
+    CUDA reserves it; H100 227 KiB, A100 163 KiB, sm_89 99 KiB); the H100's figure elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor - 1024
+    return TDOT_SMEM_LIMIT
+
+
 def _cfg(kind, bm, bn, bkw, bits, split=1, warps=4, stages=2) -> KernelConfig:
     return KernelConfig(kind, bm, bn, bkw * codes_per_row(bits), split, warps, stages)
 
@@ -127,8 +135,12 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
     if M <= TDOT_MAX_M and bits in TDOT_BITS:
-        bm = tdot_row_blocks(M)[0]
-        return tdot_config(M, N, K, bits, group_size, sms, TDOT_TILES[bm][0], bm)
+        limit = smem_limit(device)
+        for bm in tdot_row_blocks(M):  # the first tile that fits this GPU's shared memory
+            for tile in TDOT_TILES[bm]:
+                cfg = tdot_config(M, N, K, bits, group_size, sms, tile, bm)
+                if tdot_smem_bytes(cfg, bits) <= limit:
+                    return cfg
     if M <= 16:
         c = _cfg("dot", 16, 64, 16, bits, warps=4, stages=3)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, 64), K, c.block_k, sms))
@@ -154,7 +166,7 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     if M <= 16 and bits in (2, 4) and gemv_ok:
         out += _rows_candidates(M, N, K, bits, sms)
     if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
-        out += tdot_candidates(M, N, K, bits, group_size, sms)
+        out += tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
     elif M <= 16:
         out += _split_variants("dot", M, N, K, bits, sms, ((16, 64, 16, 4, 3), (16, 128, 16, 4, 3),
                                                           (16, 128, 32, 8, 3)), ("auto", "double"))
@@ -221,7 +233,7 @@ TDOT_TILES = {16: ((64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (128, 128, 
               64: ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 8, 4)),
               128: ((128, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 3), (256, 64, 8, 3)),
               256: ((128, 64, 8, 4), (128, 64, 8, 3))}
-# shared memory per block on an H100 (opt-in): tiles the estimate below puts above it are not offered
+# shared memory per block on an H100 (opt-in); each GPU's own limit comes from smem_limit
 TDOT_SMEM_LIMIT = 232448
 
 
@@ -256,13 +268,15 @@ def tdot_config(M: int, N: int, K: int, bits: int, group_size: int, sms: int, ti
     return KernelConfig("tdot", block_m, bn, bk, split, warps, stages)
 
 
-def tdot_candidates(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[KernelConfig]:
-    """``tdot`` variants for ``M`` rows: per row block its tiles, split-K around the split that covers the machine."""
+def tdot_candidates(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
+                    smem: int = TDOT_SMEM_LIMIT) -> list[KernelConfig]:
+    """``tdot`` variants for ``M`` rows: per row block its tiles, split-K around the split that covers the machine;
+    tiles whose shared-memory bound exceeds ``smem`` bytes are left out."""
     out = []
     for bm in tdot_row_blocks(M):
         for tile in TDOT_TILES[bm]:
             auto = tdot_config(M, N, K, bits, group_size, sms, tile, bm)
-            if tdot_smem_bytes(auto, bits) > TDOT_SMEM_LIMIT:
+            if tdot_smem_bytes(auto, bits) > smem:
                 continue
             for split in (auto.split_k, max(1, auto.split_k // 2), auto.split_k * 2):
                 if split > 1 and K < auto.block_k * 2 * split:

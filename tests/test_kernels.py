@@ -160,6 +160,30 @@ def test_default_configs_3d_input_and_backend(interp):
             assert shape == [2, M, 32]
 
 
+@pytest.mark.parametrize("limit", [232448, 166912, 101376])  # H100, A100, sm_89 (opt-in shared memory per block)
+def test_tdot_tiles_fit_the_gpu_shared_memory(monkeypatch, limit):
+    """Neither the tuner's tdot candidates nor the untuned default may ask for more shared memory than the GPU
+    has (a launch would fail: out of resources). The bound is checked against the largest tiles' real use
+    on sm_90 in docs/kernels.md."""
+    from auto_quant.kernels import dispatch as d
+
+    monkeypatch.setattr(d, "smem_limit", lambda device: limit)
+    cpu = torch.device("cpu")
+    for bits in (2, 4, 8):
+        for M in (2, 16, 48, 100, 200, 256):
+            cands = d.tdot_candidates(M, 4096, 4096, bits, 128, 132, limit)
+            assert all(d.tdot_smem_bytes(c, bits) <= limit for c in cands), (bits, M)
+            assert cands or (limit < 232448 and M > 64)  # on an H100 every row count has tiles
+            cfg = d.default_config(M, 4096, 4096, cpu, bits, 128)
+            if cands:
+                assert cfg.kind == "tdot" and d.tdot_smem_bytes(cfg, bits) <= limit, (bits, M, cfg)
+            else:  # no tile fits: dequantize + cuBLAS
+                assert cfg.kind == "dequant", (bits, M, cfg)
+    # the largest tile really is left out where it does not fit
+    big = d.KernelConfig("tdot", 256, 128, 64, 1, 8, 4)
+    assert (d.tdot_smem_bytes(big, 8) <= limit) == (limit == 232448)
+
+
 def test_default_config_choice_and_bad_input():
     from auto_quant.kernels.dispatch import default_config, quant_matmul
 
