@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -272,7 +273,7 @@ def _compile_tdot_sm90(bits, act, sym, group, block_k, pairs):
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k,
                  SPLIT=True, EVEN_K=True, PAIRS=pairs, DEQ=g.dequant_asm(bits, act, zero) if pairs else "",
                  DEQ_CONS=g.dequant_constraints(bits, zero) if pairs else "", ACT_FP16=act == "fp16", STAGES=3,
-                 DOT_F32=False)
+                 DOT_F32=False, WAIT_MMA=True)
     ints = ["M", "N", "K", "stride_xm", "stride_om", "k_per_split"]
     return _compile_sm90(t._qmm_wt_kernel, act, ints, const)
 
@@ -287,6 +288,8 @@ def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
     pairs = group == 0 or group % block_k == 0
     ptx = _compile_tdot_sm90(bits, act, sym, group, block_k, pairs).asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx
+    # the kernel's own wait for the tensor cores (triton-lang/triton#9433) is in the loop, as inline PTX
+    assert re.search(r"begin inline asm\s*\n\s*wgmma\.wait_group\.sync\.aligned 0;", ptx)
     if pairs and bits == 8 and act == "fp16":  # bytes under the exponent byte 0x64, one packed add
         assert "prmt.b32" in ptx and "add.rn.f16x2" in ptx
     elif pairs:
