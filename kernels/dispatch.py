@@ -86,11 +86,17 @@ def _sms(device: torch.device) -> int:
 
 
 def smem_limit(device: torch.device) -> int:
-    """Shared memory one program may use on ``device`` (opt-in maximum: the multiprocessor's less 1 KiB, as
-    CUDA reserves it; H100 227 KiB, A100 163 KiB, sm_89 99 KiB); the H100's figure elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor - 1024
-    return TDOT_SMEM_LIMIT
+    """Shared memory one program may use on ``device``: CUDA's opt-in maximum per block (H100 227 KiB, A100
+    163 KiB, sm_89 99 KiB; torch >= 2.7 reports it, else the multiprocessor's less the 1 KiB CUDA reserves);
+    the H100's figure elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return TDOT_SMEM_LIMIT
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return optin
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", None)
+    return per_sm - 1024 if per_sm else TDOT_SMEM_LIMIT
 
 
 def _cfg(kind, bm, bn, bkw, bits, split=1, warps=4, stages=2) -> KernelConfig:

@@ -185,6 +185,22 @@ def test_tdot_tiles_fit_the_gpu_shared_memory(monkeypatch, limit):
     assert (d.tdot_smem_bytes(big, 8) <= limit) == (limit == 232448)
 
 
+def test_smem_limit_reads_the_device(monkeypatch):
+    """CUDA's opt-in per-block limit where torch reports it; else the multiprocessor's less 1 KiB; else the H100's."""
+    from types import SimpleNamespace
+
+    from auto_quant.kernels import dispatch as d
+
+    cuda = torch.device("cuda")
+    for props, want in ((SimpleNamespace(shared_memory_per_block_optin=166912, shared_memory_per_multiprocessor=167936),
+                         166912),
+                        (SimpleNamespace(shared_memory_per_multiprocessor=102400), 101376),
+                        (SimpleNamespace(), d.TDOT_SMEM_LIMIT)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert d.smem_limit(cuda) == want
+    assert d.smem_limit(torch.device("cpu")) == d.TDOT_SMEM_LIMIT
+
+
 def test_default_config_choice_and_bad_input():
     from auto_quant.kernels.dispatch import default_config, quant_matmul
 
