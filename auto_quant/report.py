@@ -61,7 +61,8 @@ def snapshot_weights(model: nn.Module, specs: dict[str, QuantSpec | None],
     """
     modules = dict(model.named_modules())
     names = [n for n, s in specs.items() if s is not None and n in modules]
-    size = {n: weight_as_out_in(modules[n]).numel() * weight_as_out_in(modules[n]).element_size() for n in names}
+    weights = {n: weight_as_out_in(modules[n]) for n in names}
+    size = {n: w.numel() * w.element_size() for n, w in weights.items()}
     if sum(size.values()) > max_bytes:
         blocks: dict[str, list[str]] = {}
         for n in names:
@@ -73,7 +74,7 @@ def snapshot_weights(model: nn.Module, specs: dict[str, QuantSpec | None],
         names = [n for key in dict.fromkeys(picked) for n in blocks[key]]
         log.info("report: per-layer errors measured on %d of %d blocks (float copies kept under %.1f GB)",
                  len(dict.fromkeys(picked)), len(keys), max_bytes / 2**30)
-    return {n: weight_as_out_in(modules[n]).detach().to("cpu", copy=True) for n in names}
+    return {n: weights[n].detach().to("cpu", copy=True) for n in names}
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -141,12 +142,9 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         c = _cfg("fma", 1, bn, bkw, bits, warps=4, stages=1)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, bn), K, c.block_k, 2 * sms))
     if M <= TDOT_MAX_M and bits in TDOT_BITS:
-        limit = smem_limit(device)
-        for bm in tdot_row_blocks(M):  # the first tile that fits this GPU's shared memory
-            for tile in TDOT_TILES[bm]:
-                cfg = tdot_config(M, N, K, bits, group_size, sms, tile, bm)
-                if tdot_smem_bytes(cfg, bits) <= limit:
-                    return cfg
+        fitting = tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
+        if fitting:  # the first tile that fits this GPU's shared memory, at its own split
+            return fitting[0]
     if M <= 16:
         c = _cfg("dot", 16, 64, 16, bits, warps=4, stages=3)
         return dataclasses.replace(c, split_k=auto_split(_cdiv(N, 64), K, c.block_k, sms))
@@ -426,7 +424,12 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
 
 def wgmma_device(device: torch.device) -> bool:
     """Whether Triton lowers ``tl.dot`` to Hopper's asynchronous ``wgmma`` here (sm_90; not the interpreter)."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and not _interpreting() and _capability_major(device.index) == 9
+
+
+@functools.cache  # called on every tdot launch; a GPU's capability does not change
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
@@ -518,8 +521,9 @@ class Tuner:
             cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size)
         else:
             second = {c: timed(c, self.warmup_ms, self.rep_ms) for c in sorted(times, key=times.get)[: self.recheck]}
-            times.update({c: t for c, t in second.items() if t is not None})
-            cfg = min((c for c in second if second[c] is not None), key=times.get, default=min(times, key=times.get))
+            rechecked = {c: t for c, t in second.items() if t is not None}
+            times.update(rechecked)
+            cfg = min(rechecked or times, key=times.get)
         self.best[key] = cfg
         self.timings[key] = times
         log.debug("tuned %s -> %s", key, cfg)

@@ -12,8 +12,8 @@ import transformers
 from torch import nn
 
 from auto_quant.errors import ConfigError, ModelLoadError
-from auto_quant.transformers.config import resolve_request
 from auto_quant.models.moe import split_fused_experts
+from auto_quant.transformers.config import resolve_request
 from auto_quant.transformers.convert import Importance, LowBitSettings, convert_in_place, plan_model, untie_config
 from auto_quant.transformers.imatrix import load_imatrix
 from auto_quant.transformers.lowbit_io import load_low_bit as _load_low_bit

@@ -64,8 +64,9 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[BlockList, dict[str
             names.append(name)
     head = find_lm_head(model)
     head_name = head[0] if head else None
-    cfg.check_rules_match(names + ([head_name] if head_name else []))
-    explicit = {n for n in names + ([head_name] if head_name else []) if any(r.matches(n) for r in cfg.layer_rules)}
+    every = names + ([head_name] if head_name else [])
+    cfg.check_rules_match(every)
+    explicit = {n for n in every if any(r.matches(n) for r in cfg.layer_rules)}
     for name in names:
         specs[name] = None if name in routers and name not in explicit else cfg.spec_for(name)
     if head_name is not None:
