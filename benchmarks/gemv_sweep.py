@@ -48,6 +48,9 @@ TDOT_TILES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3),
               (128, 128, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 128, 8, 3), (128, 32, 4, 5),
               (128, 64, 8, 2), (128, 32, 8, 3)]
 TDOT_SPLITS = [1, 2, 3, 4, 6, 8, 16]
+# wgmma (Gluon, sm_90, 4 bits): (block_n, block_k, warps, stages)
+WGMMA_TILES = [(64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 3), (64, 64, 4, 6), (128, 128, 4, 4), (128, 64, 4, 6),
+               (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 4)]
 
 
 def time_config(cfg, x, w, copies, ref, ws) -> dict:
@@ -85,16 +88,18 @@ def sweep_tdot(args, out):
                 bf16_us = graph_time_us([lambda wb=wb: F.linear(x, wb) for wb in copies_b])
                 bms = sorted({min(max(16, 1 << (M - 1).bit_length()), args.max_bm), min(max(16, M // 2), 128)})
                 splits = [int(v) for v in args.splits.split(",")] if args.splits else TDOT_SPLITS
+                kind = args.kernel
+                default_tiles = WGMMA_TILES if kind == "wgmma" else TDOT_TILES
                 tiles = [tuple(int(v) for v in t.split("x")) for t in args.tdot_tiles.split(",")] if args.tdot_tiles \
-                    else TDOT_TILES
-                cfgs = [KernelConfig("tdot", bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
+                    else default_tiles
+                cfgs = [KernelConfig(kind, bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
                         for sp in splits if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
-                        and (bm < 128 or wa >= 8)  # KernelConfig refuses 128-row blocks on 4 warps
+                        and (kind == "wgmma" or bm < 128 or wa >= 8)  # KernelConfig refuses 128-row tdot on 4 warps
                         and K >= bk * 2 * sp]
-                others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != "tdot"]
+                others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != kind]
                 timings = [time_config(cfg, x, w, copies, ref, ws) for cfg in cfgs + others]
                 good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
-                best_other = next((t for t in good if t["config"]["kind"] != "tdot"), None)
+                best_other = next((t for t in good if t["config"]["kind"] != kind), None)
                 tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
                 quant_matmul(x, w, tuner=tuner, workspace=ws)
                 pick = tuner.best[tuner.key(x, w)]
@@ -129,7 +134,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
-    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot"])
+    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot", "wgmma"])
     p.add_argument("--ms", default="8,16,32,64,256", help="tdot: row counts")
     p.add_argument("--max-bm", type=int, default=128, help="tdot: the largest row block tried (tensor-core N, <= 256)")
     p.add_argument("--tdot-tiles", default="", help="tdot: block_n x block_k x warps x stages, comma-separated "
@@ -140,7 +145,7 @@ def main():
     dt = getattr(torch, args.dtype)
     out = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv), "results": []}
     t0 = time.time()
-    if args.kernel == "tdot":
+    if args.kernel in ("tdot", "wgmma"):
         sweep_tdot(args, out)
         out["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(out, indent=1))

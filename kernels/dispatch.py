@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from auto_quant.kernels.pack import KernelWeight
+from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -54,6 +55,9 @@ class KernelConfig:
             # register race (triton-lang/triton#9433, fixed in the kernel by WAIT_MMA); one warpgroup is slower
             # there anyway, and these blocks were not stress-run on it since, so they stay refused
             raise ValueError("the tdot kernel needs 8 warps for 128- and 256-row blocks")
+        if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
+            raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
+                             "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
 
 
 def codes_per_row(bits: int) -> int:
@@ -131,9 +135,13 @@ def _gemv_split(N: int, K: int, bits: int, bn: int, br: int, target: int) -> int
 
 
 def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
-                   group_size: int = 128) -> KernelConfig:
+                   group_size: int = 128, act_dtype: torch.dtype | None = None) -> KernelConfig:
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
+    if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
+        cfg = wgmma_default(M, N, K, group_size, sms, smem_limit(device))
+        if cfg is not None:
+            return cfg
     if M == 1 and gemv_rows_per_split(K, bits, group_size, 2, 1) is not None:
         bn, br = 512, 4
         return dataclasses.replace(_gemv(bn, br, bits, stages=3), split_k=_gemv_split(N, K, bits, bn, br, 2 * sms))
@@ -153,9 +161,13 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
 
 
 def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
-               group_size: int = 128) -> list[KernelConfig]:
+               group_size: int = 128, act_dtype: torch.dtype | None = None) -> list[KernelConfig]:
     """Variants worth timing for one shape: per kernel kind, the tiles the H100 sweeps kept."""
     sms = _sms(device)
+    if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
+        wg = wgmma_candidates(M, N, K, group_size, sms, smem_limit(device))
+    else:
+        wg = []
     gemv_ok = gemv_rows_per_split(K, bits, group_size, 1, 1) is not None
     use_tdot = 1 < M <= TDOT_MAX_M and bits in TDOT_BITS
     out: list[KernelConfig] = []
@@ -169,6 +181,7 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         return _unique(out)
     if M <= 16 and bits in (2, 4) and gemv_ok:
         out += _rows_candidates(M, N, K, bits, sms)
+    out += wg  # H100: the Gluon kernel won most shapes from 16 rows up, dequantize + cuBLAS none at 256 rows
     if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
         out += tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
     elif M <= 16:
@@ -345,6 +358,10 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         return _launch_gemv(x2, w, bias, cfg, ws)
     if cfg.kind == "tdot":
         return _launch_tdot(x2, w, bias, cfg, ws)
+    if cfg.kind == "wgmma":
+        from auto_quant.kernels.gluon_wgmma import launch_wgmma
+
+        return launch_wgmma(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -502,7 +519,7 @@ class Tuner:
             return cfg
         M, K = x2.shape
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size)
+            return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         from triton.testing import do_bench
 
         def timed(c: KernelConfig, warmup: float, rep: float) -> float | None:
@@ -513,12 +530,12 @@ class Tuner:
                 return None
 
         times: dict[KernelConfig, float] = {}
-        for i, c in enumerate(candidates(M, w.out_features, K, x2.device, w.bits, w.group_size)):
+        for i, c in enumerate(candidates(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)):
             t = timed(c, self.warmup_ms + (self.settle_ms if i == 0 else 0.0), self.rep_ms)
             if t is not None:
                 times[c] = t
         if not times:
-            cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size)
+            cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         else:
             second = {c: timed(c, self.warmup_ms, self.rep_ms) for c in sorted(times, key=times.get)[: self.recheck]}
             rechecked = {c: t for c, t in second.items() if t is not None}
@@ -543,7 +560,8 @@ def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = N
     ws = workspace if workspace is not None else Workspace()
     if config is None:
         config = (tuner.config(x2, w, bias, ws) if tuner is not None
-                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits, w.group_size))
+                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits, w.group_size,
+                                      x2.dtype))
     if x2.shape[0] == 0:
         return x.new_empty(*lead, w.out_features)
     y = launch(x2, w, bias, config, ws)

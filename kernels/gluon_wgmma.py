@@ -1,0 +1,339 @@
+"""Gluon kernel for Hopper (sm_90): ``y^T[N, M] = W[N, K] @ x^T[K, M]`` at 4 bits, the dequantized weight built
+directly in the register layout of ``wgmma``'s left operand.
+
+Why Gluon: the Triton kernel (:mod:`~auto_quant.kernels.triton_qmm_wt`) leaves the layouts to the compiler,
+which makes the dequantized tile in a blocked layout and then moves it through shared memory into the
+operand layout (a store, a barrier and a matrix load per tile); and Triton 3.6's pipeline lets the next
+tile's operand overwrite registers a pending ``wgmma`` is still reading (triton-lang/triton#9433), so that
+kernel waits for every ``wgmma`` before dequantizing. Here every layout is explicit:
+
+* **Operand layout.** In ``wgmma``'s register operand (16-bit types) lane ``4g + t`` of a warp holds rows
+  ``g`` and ``g + 8`` and, per 16 inputs, inputs ``2t, 2t+1, 2t+8, 2t+9``; across the 8 inputs of a packed
+  word that is byte ``t`` (two codes) of every word. So the four lanes of a quad read the same words
+  (one load serves them, the layout broadcasts it over those two lane bits) and each keeps its own byte:
+  ``prmt`` moves the byte to the bottom, a multiply by 4097 copies it 12 bits up, ``lop3`` keeps one
+  code per 16-bit half and ORs in the exponent (``magic + code``, exact); subtracting ``magic + zero`` and
+  multiplying by the scale are one ``add`` and one ``mul`` on the pair. No shared-memory round trip.
+* **Row order.** A thread's rows (``g``, ``g + 8``, and the same 64 or 128 rows further) are made
+  adjacent in the packed words it loads (one 8- or 16-byte shared load per word row): the tile's logical
+  row ``l`` is physical row :func:`_phys_row` ``(l)``; the epilogue writes each row to its physical column.
+* **Pipeline.** The packed words and the activations arrive by TMA in a ring of ``STAGES`` slots. The
+  next tile is dequantized while the last ``wgmma`` runs; its operand registers stay alive until
+  ``warpgroup_mma_wait(1)`` has retired that ``wgmma`` (they are the wait's dependencies), which is the
+  ordering #9433 lacked.
+* Split-K over grid axis 2 adds fp32 partials into a zero-at-rest workspace; the last program of a tile
+  reads and re-zeroes it with ``atomic_xchg``, adds the bias and writes the output.
+
+The packed layout is :mod:`~auto_quant.kernels.pack`'s (``[K/8, N]`` int32, codes in input order), shared
+with every other kernel. Scales ``[G, N]``, zero points ``[G, N]`` uint8 (or the symmetric 8); one group per
+tile (``group_size % BLOCK_K == 0``) or per-channel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from auto_quant.kernels.wgmma_plan import WGMMA_BITS
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.constexpr_function
+def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps):
+    """(accumulator layout, left-operand layout, the ``[BLOCK_N, BLOCK_K/8, 4]`` (row, word, byte) layout of
+    the dequantization, the ``[BLOCK_K/8, BLOCK_N]`` load layout of the packed words in physical row order)."""
+    reps = BLOCK_N // (16 * num_warps)
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+    a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    bkw = BLOCK_K // 8
+    # logical row l = g + 8 h + 16 w + 16 W rep; a thread holds every word column, its h and rep rows
+    reg = [[8, 0, 0]] + [[0, 1 << i, 0] for i in range(bkw.bit_length() - 1)]
+    reg += [[16 * num_warps << i, 0, 0] for i in range(reps.bit_length() - 1)]
+    lane = [[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    deq = gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
+                                     shape=[BLOCK_N, bkw, 4])
+    # physical row p = h + 2 rep + 2 reps g + 16 reps w: a thread's rows are adjacent
+    lreg = [[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)] + [[1 << i, 0] for i in range(bkw.bit_length() - 1)]
+    llane = [[0, 0], [0, 0]] + [[0, (2 * reps) << i] for i in range(3)]
+    lwarp = [[0, (16 * reps) << i] for i in range(num_warps.bit_length() - 1)]
+    load = gl.DistributedLinearLayout(reg_bases=lreg, lane_bases=llane, warp_bases=lwarp, block_bases=[],
+                                      shape=[bkw, BLOCK_N])
+    return acc, a, deq, load
+
+
+@gluon.constexpr_function
+def store_layout(BLOCK_M, BLOCK_N, num_warps):
+    """Eight consecutive output columns (16 bytes) per thread, a warp across the tile's columns."""
+    cols = min(BLOCK_N // 8, 32)
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // cols, cols], warps_per_cta=[num_warps, 1],
+                            order=[1, 0])
+
+
+@gluon.jit
+def _phys_row(l, REPS: gl.constexpr, W: gl.constexpr):
+    """Physical row (within the tile) of logical operand row ``l``."""
+    g = l % 8
+    h = (l // 8) % 2
+    w = (l // 16) % W
+    rep = l // (16 * W)
+    return h + 2 * rep + 2 * REPS * g + 16 * REPS * w
+
+
+@gluon.jit
+def _pair(v, ACT_FP16: gl.constexpr):
+    """``v`` (float32) rounded to the activation dtype, twice in one b32."""
+    if ACT_FP16:
+        h = v.to(gl.float16)
+        return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        h = v.to(gl.bfloat16)
+        return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _dequant(words, sel, zz, ss, ACT_FP16: gl.constexpr):
+    """``(code - zero) * scale`` of byte ``sel & 3`` (two codes) of every word, as the two halves (even, odd
+    input) in the activation dtype."""
+    if ACT_FP16:
+        lo, hi = gl.inline_asm_elementwise(
+            "{ .reg .b32 t;\n"
+            "prmt.b32 t, $2, 0, $3;\n"
+            "mul.lo.u32 t, t, 4097;\n"
+            "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;\n"
+            "add.rn.f16x2 t, t, $4;\n"
+            "mul.rn.f16x2 t, t, $5;\n"
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r,r", [words, sel, zz, ss], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise(
+            "{ .reg .b32 t;\n"
+            "prmt.b32 t, $2, 0, $3;\n"
+            "mul.lo.u32 t, t, 4097;\n"
+            "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"
+            "add.rn.bf16x2 t, t, $4;\n"
+            "mul.rn.bf16x2 t, t, $5;\n"
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r,r", [words, sel, zz, ss], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    return lo, hi
+
+
+@gluon.jit
+def _release(v):
+    """A ``fence.acq_rel.gpu`` per element of ``v`` (a thread runs it once per element it holds: a few times),
+    instead of one per atomic."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [v], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l: gl.constexpr, load_l: gl.constexpr,
+             word_l: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
+             MAGIC: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """Tile ``t``'s dequantized weight in the left-operand layout (waits for the tile's TMA copies)."""
+    BKW: gl.constexpr = BLOCK_K // 8
+    BLOCK_N: gl.constexpr = w_smem.shape[2]
+    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    s = t % STAGES
+    k0 = k_lo + t * BLOCK_K
+    g = 0 if GROUP == 0 else k0 // GROUP
+    sc = gl.load(s_ptr + g * N + cols, mask=col_ok, other=0.0).to(gl.float32)
+    ss = gl.expand_dims(gl.expand_dims(_pair(sc, ACT_FP16), 1), 2)
+    if HAS_ZERO:
+        zp = gl.load(z_ptr + g * N + cols, mask=col_ok, other=0).to(gl.float32)
+        zz = gl.expand_dims(gl.expand_dims(_pair(-(zp + MAGIC), ACT_FP16), 1), 2)
+    mbarrier.wait(bars.index(s), (t // STAGES) & 1)
+    wp = w_smem.index(s).load(load_l)  # [BKW, BLOCK_N], physical rows
+    # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
+    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
+    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
+    words = gl.convert_layout(gl.permute(wl, (1, 0)), word_l, assert_trivial=True)
+    lo, hi = _dequant(gl.expand_dims(words, 2), sel, zz, ss, ACT_FP16)
+    a = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K])
+    return gl.convert_layout(a, a_l, assert_trivial=True)
+
+
+@gluon.jit
+def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES: gl.constexpr,
+            BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    """After tile ``t - 1``'s wgmma retired: copy tile ``t + STAGES - 1`` into its slot."""
+    if num_warps > 4:  # both warpgroups are past their wait
+        gl.thread_barrier()
+    nxt = t + STAGES - 1
+    if nxt < n_tiles:
+        ns = nxt % STAGES
+        mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * BLOCK_K) // 8, n0], bars.index(ns), w_smem.index(ns))
+        tma.async_copy_global_to_shared(x_desc, [m0, k_lo + nxt * BLOCK_K], bars.index(ns), x_smem.index(ns))
+
+
+@gluon.jit
+def _qmm_wgmma_kernel(
+    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_om, k_per_split,
+    GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+    ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BKW: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    MAGIC: gl.constexpr = 1024.0 if ACT_FP16 else 128.0
+    acc_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[0]
+    a_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[1]
+    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[2]
+    load_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[3]
+    word_l: gl.constexpr = gl.SliceLayout(2, deq_l)
+    row_l: gl.constexpr = gl.SliceLayout(1, word_l)
+
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    k_lo = pid_k * k_per_split
+    k_hi = gl.minimum(k_lo + k_per_split, K)
+    n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
+
+    # per-thread constants: the byte selector (lane % 4 into byte 0, zeros elsewhere), the rows' columns
+    byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, deq_l))) + 0x4440
+    sel = gl.expand_dims(gl.expand_dims(byte, 0), 0)
+    cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=row_l), REPS, num_warps)
+    col_ok = cols < N
+    if HAS_ZERO:
+        zz = 0  # per tile, in _operand
+    else:
+        zz = _pair(gl.full([BLOCK_N], -(MAGIC + 8.0), gl.float32, row_l), ACT_FP16)
+        zz = gl.expand_dims(gl.expand_dims(zz, 1), 2)
+
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
+    for i in gl.static_range(STAGES - 1):
+        if i < n_tiles:
+            mbarrier.expect(bars.index(i), nbytes)
+            tma.async_copy_global_to_shared(w_desc, [(k_lo + i * BLOCK_K) // 8, n0], bars.index(i), w_smem.index(i))
+            tma.async_copy_global_to_shared(x_desc, [m0, k_lo + i * BLOCK_K], bars.index(i), x_smem.index(i))
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
+    # Two tiles per iteration, each with its own operand value: an operand carried round the loop would be
+    # copied into other registers for the wait's dependency while the wgmma still reads the originals, and the
+    # next tile's operand could then be built there (seen on the H100: wrong tiles whenever two programs
+    # shared a multiprocessor). Here a1 is only redefined after the wait that retired its wgmma.
+    a1 = gl.zeros([BLOCK_N, BLOCK_K], gl.float16 if ACT_FP16 else gl.bfloat16, layout=a_l)
+    for t2 in range(n_tiles // 2):
+        t = 2 * t2
+        a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+        acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, num_warps)
+        a1 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t + 1, a_l, load_l, word_l, GROUP,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+        acc = warpgroup_mma(a1, x_smem.index((t + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, num_warps)
+    if n_tiles % 2:
+        t = n_tiles - 1
+        a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+        acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+        acc, a0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0))
+    acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # epilogue: acc[l, m] is output (m0 + m, column of l)
+    o_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), REPS, num_warps)
+    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    c_ok = o_cols < N
+    o_mask = gl.expand_dims(c_ok, 1) & gl.expand_dims(o_rows < M, 0)
+    o_offs = gl.expand_dims(o_rows, 0) * stride_om + gl.expand_dims(o_cols, 1)
+    if not SPLIT:
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+        # rows back to physical order in registers, then one layout change (through shared memory) to 16-byte
+        # stores along the output row: the accumulator layout would scatter 2-byte stores over 8 rows
+        res = gl.reshape(acc.to(out_ptr.dtype.element_ty), [REPS, num_warps, 2, 8, BLOCK_M])
+        res = gl.reshape(gl.permute(res, (1, 3, 0, 2, 4)), [BLOCK_N, BLOCK_M])
+        st_l: gl.constexpr = store_layout(BLOCK_M, BLOCK_N, num_warps)
+        res = gl.convert_layout(gl.permute(res, (1, 0)), st_l)  # [BLOCK_M, BLOCK_N], physical columns
+        s_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
+        s_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_l))
+        s_mask = gl.expand_dims(s_rows < M, 1) & gl.expand_dims(s_cols < N, 0)
+        gl.store(out_ptr + gl.expand_dims(s_rows, 1) * stride_om + gl.expand_dims(s_cols, 0), res, mask=s_mask)
+    else:
+        w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
+        gl.atomic_add(ws_ptr + w_offs, acc, mask=o_mask, sem="relaxed")
+        _release(o_rows)  # this thread's adds are visible GPU-wide before the tile's counter moves
+        gl.thread_barrier()
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == gl.num_programs(2) - 1:
+            _release(o_rows)  # acquire side: the counter read is ordered before the reads of the sums
+            tot = gl.atomic_xchg(ws_ptr + w_offs, gl.zeros_like(acc), mask=o_mask, sem="relaxed")  # sum, re-zeroed
+            if HAS_BIAS:
+                tot += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+            gl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@functools.cache
+def shared_layouts(block_m: int, block_n: int, block_k: int, act_fp16: bool):
+    """NVMMA shared layouts of the activation tile (swizzled, ``wgmma`` reads it) and of the packed words
+    (unswizzled: only plain shared loads read it)."""
+    x_l = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.float16 if act_fp16 else gl.bfloat16)
+    w_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return x_l, w_l
+
+
+
+def launch_wgmma(x2, w, bias, cfg, ws):
+    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 4-bit ``KernelWeight``."""
+    import torch
+
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    M, K = x2.shape
+    N = w.out_features
+    if w.bits not in WGMMA_BITS:
+        raise ValueError(f"the wgmma kernel serves {WGMMA_BITS}-bit weights, not {w.bits} bits")
+    if w.group_size != -1 and w.group_size % cfg.block_k:
+        raise ValueError(f"the wgmma kernel needs one group per tile: group size {w.group_size}, "
+                         f"block_k {cfg.block_k}")
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the wgmma kernel takes fp16/bf16 activations, not {x2.dtype}")
+    if K % 8 or N % 4:
+        raise ValueError("the wgmma kernel's TMA copies need in_features % 8 == 0 and out_features % 4 == 0, "
+                         f"not {K} and {N}")
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # TMA needs 16-byte aligned rows: a fresh copy
+    act_fp16 = x2.dtype == torch.float16
+    x_l, w_l = shared_layouts(cfg.block_m, cfg.block_n, cfg.block_k, act_fp16)
+    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
+    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // 8, cfg.block_n], w_l)
+    k_per_split = -(-(-(-K // cfg.split_k)) // cfg.block_k) * cfg.block_k
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (-(-N // cfg.block_n), -(-M // cfg.block_m), -(-K // k_per_split))
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
+    _qmm_wgmma_kernel[grid](
+        x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        out, acc, cnt, M, N, K, out.stride(0), k_per_split,
+        GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        SPLIT=grid[2] > 1, ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    return out

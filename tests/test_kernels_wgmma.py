@@ -1,0 +1,146 @@
+"""The Gluon ``wgmma`` kernel without a GPU: its sm_90 compile, its layouts' row bookkeeping, and where the
+dispatcher offers it. The numbers are checked on the GPU in test_kernels_wgmma_gpu.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+
+
+def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, stages=4, split=True):
+    """Compile for sm_90 with Triton's bundled ptxas (no GPU needed). The kernel's layout conversions are
+    ``assert_trivial``: a layout that would move data through shared memory fails here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from auto_quant.kernels import gluon_wgmma as m
+
+    x_l, w_l = m.shared_layouts(bm, bn, bk, act == "fp16")
+    sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // 8}, {bn}],{w_l!r}>",
+           "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
+           "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
+    const = dict(GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16", STAGES=stages,
+                 num_warps=warps)
+    sig |= {k: "constexpr" for k in const}
+    keys = list(sig)
+    src = GluonASTSource(m._qmm_wgmma_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+@pytest.mark.parametrize("act,sym,group,bm,bn,bk,warps,stages,split", [
+    ("bf16", True, 128, 16, 64, 128, 4, 4, True), ("fp16", False, 0, 16, 128, 128, 4, 3, False),
+    ("bf16", False, 64, 64, 128, 64, 8, 4, True), ("fp16", True, 128, 256, 128, 64, 8, 4, False),
+    ("bf16", True, 128, 128, 64, 128, 4, 3, False),
+])
+def test_wgmma_compiles_for_sm90(act, sym, group, bm, bn, bk, warps, stages, split):
+    """The weight tile is built in the wgmma register-operand layout (no shared-memory staging), the tensor cores
+    run one tile behind the dequantization (wait_group 1), and the dequantization is the byte path."""
+    ptx = _compile(act, sym, group, bm, bn, bk, warps, stages, split).asm["ptx"]
+    h = "bf16" if act == "bf16" else "f16"
+    # the left operand is a register list, the right one a shared-memory descriptor
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bm}k16\.f32\.{h}\.{h}\s+\{{[^}}]+\}},\s*\{{%r", ptx)
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    if split:  # the operand is never staged through shared memory (without split-K the output tile is)
+        assert "ldmatrix" not in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
+    assert "prmt.b32" in ptx and f"add.rn.{h}x2" in ptx and f"mul.rn.{h}x2" in ptx
+
+
+def _bases_value(bases, index):
+    v = [0] * len(bases[0]) if bases else []
+    for bit, b in enumerate(bases):
+        if index >> bit & 1:
+            v = [x ^ y for x, y in zip(v, b)]
+    return v
+
+
+@pytest.mark.parametrize("bn,warps", [(64, 4), (128, 4), (256, 4), (128, 8), (256, 8)])
+def test_wgmma_rows_physical_and_logical_agree(bn, warps):
+    """Each thread loads the packed words of physical rows p (load layout) and dequantizes logical operand rows l
+    (the wgmma layout); the kernel relabels p -> l in registers and writes row l of the result to column
+    _phys_row(l). For every thread the two row sets must be the same rows."""
+    from auto_quant.kernels import gluon_wgmma as m
+
+    fn = getattr(m.operand_layouts, "__wrapped__", m.operand_layouts)
+    _, _, deq, load = fn(bn, 16, 128, warps)
+    reps = bn // (16 * warps)
+
+    def phys(l):  # the kernel's own formula, run on Python ints
+        return m._phys_row.fn(l, reps, warps)
+
+    seen = set()
+    for warp in range(warps):
+        for lane in range(32):
+            hw_l = _bases_value(deq.lane_bases, lane)
+            hw_w = _bases_value(deq.warp_bases, warp)
+            logical = {(_bases_value(deq.reg_bases, r)[0] ^ hw_l[0] ^ hw_w[0]) for r in range(1 << len(deq.reg_bases))}
+            ll = _bases_value(load.lane_bases, lane)
+            lw = _bases_value(load.warp_bases, warp)
+            physical = {(_bases_value(load.reg_bases, r)[1] ^ ll[1] ^ lw[1]) for r in range(1 << len(load.reg_bases))}
+            assert {phys(l) for l in logical} == physical, (warp, lane)
+            # a thread's physical rows are adjacent: one 8- or 16-byte shared load per word row
+            assert max(physical) - min(physical) == len(physical) - 1
+            seen |= physical
+    assert seen == set(range(bn))
+
+
+from auto_quant.kernels.wgmma_plan import wgmma_smem_bytes  # noqa: E402
+
+
+def _fake_sm90(monkeypatch):
+    from auto_quant.kernels import dispatch as d
+    from auto_quant.kernels import wgmma_plan as p
+
+    monkeypatch.setattr(d, "wgmma_device", lambda device: device.type == "cuda")
+    monkeypatch.setattr(d, "_sms", lambda device: 132)
+    monkeypatch.setattr(d, "smem_limit", lambda device: 232448)
+    monkeypatch.setattr(p, "_gluon_hopper", lambda: True)
+    return d
+
+
+def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
+    d = _fake_sm90(monkeypatch)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for M in (2, 16, 64, 200, 256, 1024):
+        cands = d.candidates(M, 4096, 4096, cuda, 4, 128, torch.bfloat16)
+        wg = [c for c in cands if c.kind == "wgmma"]
+        assert wg, M
+        assert all(wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= 232448 for c in wg)
+        assert all(c.block_m >= min(M, 16) or c.block_m * 2 >= M for c in wg)
+        assert d.default_config(M, 4096, 4096, cuda, 4, 128, torch.float16).kind == "wgmma"
+    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
+    # not for other bit widths, 32-input groups, fp32 activations, unaligned rows, or off sm_90
+    for bits, gs, dt, N, K, dev in ((8, 128, torch.float16, 4096, 4096, cuda), (2, 64, torch.float16, 4096, 4096, cuda),
+                                    (4, 32, torch.float16, 4096, 4096, cuda), (4, 128, torch.float32, 4096, 4096, cuda),
+                                    (4, -1, torch.float16, 4094, 4096, cuda), (4, -1, torch.float16, 4096, 4100, cuda),
+                                    (4, 128, torch.float16, 4096, 4096, cpu)):
+        assert all(c.kind != "wgmma" for c in d.candidates(16, N, K, dev, bits, gs, dt)), (bits, gs, dt, N, K, dev)
+        assert d.default_config(16, N, K, dev, bits, gs, dt).kind != "wgmma"
+    # group 64: 64-input tiles (one group per tile)
+    assert {c.block_k for c in d.candidates(16, 4096, 4096, cuda, 4, 64, None) if c.kind == "wgmma"} == {64}
+
+
+def test_wgmma_tiles_fit_smaller_shared_memory(monkeypatch):
+    d = _fake_sm90(monkeypatch)
+    monkeypatch.setattr(d, "smem_limit", lambda device: 101376)  # sm_89-sized
+    for M in (16, 256):
+        for c in d.candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16):
+            if c.kind == "wgmma":
+                assert wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= 101376
+
+
+def test_wgmma_config_validation():
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    KernelConfig("wgmma", 16, 64, 128, 2, 4, 4)
+    KernelConfig("wgmma", 256, 256, 64, 1, 8, 3)
+    for bad in ((16, 96, 128, 4), (16, 64, 128, 2), (12, 64, 128, 4), (16, 64, 96, 4), (512, 64, 64, 4),
+                (16, 64, 8, 4)):
+        with pytest.raises(ValueError, match="wgmma"):
+            KernelConfig("wgmma", bad[0], bad[1], bad[2], 1, bad[3], 3)

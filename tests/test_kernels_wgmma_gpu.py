@@ -1,0 +1,119 @@
+"""The Gluon ``wgmma`` kernel (sm_90 only) against the float64 reference product, on the GPU (``pytest -m gpu``).
+
+Skipped without CUDA (``conftest``) and on GPUs other than sm_90, where the kernel is never chosen.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+TOL = 8e-3
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90(), reason="wgmma needs an sm_90 GPU")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def quantized_weight(N, K, group_size, sym, seed):
+    from auto_quant.kernels import pack_codes
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(N, K, device="cuda", generator=g)
+    qw = quantize_weight(w, QuantSpec(bits=4, group_size=group_size, sym=sym))
+    return pack_codes(qw.codes, qw.zero, qw.scale, 4, group_size, torch.float16)
+
+
+@needs_sm90
+@pytest.mark.parametrize("group_size,sym", [(128, True), (128, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_wgmma_every_candidate(group_size, sym, dt):
+    """Every tile and split the tuner may time, at every row bucket, with a bias; split-K leaves its workspace clean."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, launch
+    from auto_quant.kernels.wgmma_plan import wgmma_candidates
+
+    N, K = 1024, 2048
+    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    bias = torch.randn(N, device="cuda").to(dt)
+    for M in (2, 16, 40, 100, 256, 600):
+        x = torch.randn(M, K, device="cuda").to(dt)
+        ref = x.double() @ W.t() + bias.double()
+        for cfg in wgmma_candidates(M, N, K, group_size, 132, 232448):
+            y = launch(x, kw, bias, cfg, ws)
+            assert y.dtype == dt and torch.isfinite(y).all()
+            assert rel_err(y, ref) < TOL, (M, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
+@needs_sm90
+def test_wgmma_operand_registers_across_tiles():
+    """The loop builds two tiles per iteration so that no operand is carried round it: carried operands were
+    copied for the wait while the wgmma still read the original registers, and on an H100 these configurations
+    (two or more programs per multiprocessor) were wrong in 30 of 30 launches, 1e22 at worst. Every launch must
+    now be right."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
+
+    ws = Workspace()
+    for N, K, M, cfg in ((14336, 4096, 16, KernelConfig("wgmma", 16, 64, 128, 1, 4, 6)),
+                         (4096, 4096, 64, KernelConfig("wgmma", 64, 128, 128, 1, 4, 4)),
+                         (4096, 4096, 64, KernelConfig("wgmma", 64, 128, 64, 2, 8, 4)),
+                         (4096, 4096, 256, KernelConfig("wgmma", 256, 128, 64, 1, 8, 4))):
+        kw = quantized_weight(N, K, 128, True, seed=N + M)
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        ref = x.double() @ dequantize(kw).double().t()
+        errs = [rel_err(launch(x, kw, None, cfg, ws), ref) for _ in range(20)]
+        assert max(errs) < TOL, (cfg, sum(not e < TOL for e in errs), max(errs))
+
+
+@needs_sm90
+def test_wgmma_partial_tiles_and_unaligned_rows():
+    """Partial tiles in every dimension (TMA fills them with zeros), an odd number of K tiles, and activation rows
+    that are not 16-byte aligned (copied first)."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, quant_matmul
+
+    ws = Workspace()
+    for N, K, gs in ((4100, 1000, -1), (200, 3 * 128, 128), (1028, 64 * 9, 64)):
+        kw = quantized_weight(N, K, gs, False, seed=N)
+        W = dequantize(kw).double()
+        for dt in (torch.float16, torch.bfloat16):
+            base = torch.randn(37, K + 8, device="cuda").to(dt)
+            for x in (base[:, :K], base[:, 2:2 + K]):  # strided rows; then also misaligned
+                ref = x.double() @ W.t()
+                for cfg in (KernelConfig("wgmma", 16, 64, 64, 1, 4, 3), KernelConfig("wgmma", 32, 128, 64, 2, 8, 4),
+                            KernelConfig("wgmma", 64, 64, 64, 3, 4, 4)):
+                    y = quant_matmul(x, kw, config=cfg, workspace=ws)
+                    assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (N, K, dt, cfg, rel_err(y, ref))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
+
+
+@needs_sm90
+def test_wgmma_is_the_untuned_choice_on_sm90():
+    """On sm_90 the untuned default for 4-bit layers with 2+ rows is the wgmma kernel (fp16/bf16), not for fp32
+    activations or 32-input groups."""
+    from auto_quant.kernels.dispatch import default_config
+
+    cuda = torch.device("cuda")
+    for M in (2, 16, 256, 1024):
+        assert default_config(M, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "wgmma"
+    assert default_config(16, 4096, 4096, cuda, 4, 128, torch.float32).kind != "wgmma"
+    assert default_config(16, 4096, 4096, cuda, 4, 32, torch.float16).kind != "wgmma"
+    assert default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
