@@ -1,6 +1,7 @@
 """Launch every tuning candidate of the Triton kernels many times and check each result; prints JSON.
 
     python benchmarks/kernel_stress.py [--reps 30] [--shapes 4096x4096,4096x14336] [--ms 1,3,16,40,64,256]
+                                       [--kinds wgmma]
 
 A race shows up as a launch whose result differs from the reference while the others match, so
 every candidate (``kernels.dispatch.candidates``; dequantize + cuBLAS left out) runs ``--reps`` times
@@ -45,7 +46,9 @@ def main():
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--shapes", default="4096x4096,4096x14336")
     p.add_argument("--ms", default="1,3,16,40,64,256")
+    p.add_argument("--kinds", default="", help="only these kernel kinds, comma-separated (e.g. wgmma)")
     args = p.parse_args()
+    kinds = set(args.kinds.split(",")) if args.kinds else None
     ws = Workspace()
     t0 = time.time()
     bad, checked = [], 0
@@ -58,7 +61,7 @@ def main():
                 x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
                 ref = x.double() @ W.t()
                 for cfg in candidates(M, N, K, x.device, bits, gs):
-                    if cfg.kind == "dequant":
+                    if cfg.kind == "dequant" or (kinds and cfg.kind not in kinds):
                         continue
                     try:
                         outs = [launch(x, kw, None, cfg, ws) for _ in range(args.reps)]
