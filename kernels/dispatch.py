@@ -139,7 +139,7 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
     if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
-        cfg = wgmma_default(M, N, K, group_size, sms, smem_limit(device))
+        cfg = wgmma_default(M, N, K, group_size, sms, smem_limit(device), bits)
         if cfg is not None:
             return cfg
     if M == 1 and gemv_rows_per_split(K, bits, group_size, 2, 1) is not None:
@@ -165,7 +165,7 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     """Variants worth timing for one shape: per kernel kind, the tiles the H100 sweeps kept."""
     sms = _sms(device)
     if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
-        wg = wgmma_candidates(M, N, K, group_size, sms, smem_limit(device))
+        wg = wgmma_candidates(M, N, K, group_size, sms, smem_limit(device), bits)
     else:
         wg = []
     gemv_ok = gemv_rows_per_split(K, bits, group_size, 1, 1) is not None

@@ -47,26 +47,40 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 
 @gluon.constexpr_function
-def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps):
-    """(accumulator layout, left-operand layout, the ``[BLOCK_N, BLOCK_K/8, 4]`` (row, word, byte) layout of
-    the dequantization, the ``[BLOCK_K/8, BLOCK_N]`` load layout of the packed words in physical row order)."""
+def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
+    """(accumulator layout, left-operand layout, the ``[BLOCK_N, words, lanes]`` layout of the dequantization,
+    the ``[words, BLOCK_N]`` load layout of the packed words in physical row order).
+
+    Per 16 inputs lane ``4g + t`` needs inputs ``2t, 2t+1, 2t+8, 2t+9`` of its rows. At 4 bits (8 inputs a word)
+    that is byte ``t`` of every word; at 2 bits (16 a word) the ``t``-th nibble of each half-word; at 8 bits (4 a
+    word) half-word ``t % 2`` of the words ``2j + t // 2``. The last axis is the part of a word a lane takes
+    (4 bytes, 4 nibble pairs, 2 half-words): lanes that share a word get the same load (a broadcast)."""
     reps = BLOCK_N // (16 * num_warps)
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
     a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
-    bkw = BLOCK_K // 8
-    # logical row l = g + 8 h + 16 w + 16 W rep; a thread holds every word column, its h and rep rows
-    reg = [[8, 0, 0]] + [[0, 1 << i, 0] for i in range(bkw.bit_length() - 1)]
-    reg += [[16 * num_warps << i, 0, 0] for i in range(reps.bit_length() - 1)]
-    lane = [[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    bkw = BLOCK_K // (32 // BITS)
+    nb = bkw.bit_length() - 1
+    rows = [[16 * num_warps << i, 0, 0] for i in range(reps.bit_length() - 1)]
+    g = [[1, 0, 0], [2, 0, 0], [4, 0, 0]]
     warp = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
-    deq = gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
-                                     shape=[BLOCK_N, bkw, 4])
-    # physical row p = h + 2 rep + 2 reps g + 16 reps w: a thread's rows are adjacent
-    lreg = [[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)] + [[1 << i, 0] for i in range(bkw.bit_length() - 1)]
-    llane = [[0, 0], [0, 0]] + [[0, (2 * reps) << i] for i in range(3)]
+    # physical row p = h + 2 rep + 2 reps g + 16 reps w: a thread's rows are adjacent in the packed words
+    lrows = [[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)]
+    lg = [[0, (2 * reps) << i] for i in range(3)]
     lwarp = [[0, (16 * reps) << i] for i in range(num_warps.bit_length() - 1)]
-    load = gl.DistributedLinearLayout(reg_bases=lreg, lane_bases=llane, warp_bases=lwarp, block_bases=[],
-                                      shape=[bkw, BLOCK_N])
+    if BITS == 8:  # lane bit 1 picks the word of a pair, lane bit 0 the half-word
+        deq = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0, 0]] + [[0, 2 << i, 0] for i in range(nb - 1)] + rows,
+            lane_bases=[[0, 0, 1], [0, 1, 0]] + g, warp_bases=warp, block_bases=[], shape=[BLOCK_N, bkw, 2])
+        load = gl.DistributedLinearLayout(
+            reg_bases=lrows + [[2 << i, 0] for i in range(nb - 1)], lane_bases=[[0, 0], [1, 0]] + lg,
+            warp_bases=lwarp, block_bases=[], shape=[bkw, BLOCK_N])
+    else:  # the four lanes of a quad share every word
+        deq = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0, 0]] + [[0, 1 << i, 0] for i in range(nb)] + rows,
+            lane_bases=[[0, 0, 1], [0, 0, 2]] + g, warp_bases=warp, block_bases=[], shape=[BLOCK_N, bkw, 4])
+        load = gl.DistributedLinearLayout(
+            reg_bases=lrows + [[1 << i, 0] for i in range(nb)], lane_bases=[[0, 0], [0, 0]] + lg,
+            warp_bases=lwarp, block_bases=[], shape=[bkw, BLOCK_N])
     return acc, a, deq, load
 
 
@@ -99,31 +113,92 @@ def _pair(v, ACT_FP16: gl.constexpr):
         return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
 
 
-@gluon.jit
-def _dequant(words, sel, zz, ss, ACT_FP16: gl.constexpr):
-    """``(code - zero) * scale`` of byte ``sel & 3`` (two codes) of every word, as the two halves (even, odd
-    input) in the activation dtype."""
-    if ACT_FP16:
-        lo, hi = gl.inline_asm_elementwise(
-            "{ .reg .b32 t;\n"
+@gluon.constexpr_function
+def dequant_asm(BITS, ACT_FP16):
+    """PTX for one packed word and this lane's part of it: ``(code - zero) * scale`` as b32 pairs of the
+    activation dtype, every intermediate exact until the one rounding of the scale multiply. Inputs after the
+    outputs: the word, the lane's selector (a ``prmt`` selector, or a shift at 2 bits), ``-(magic + zero)`` and the
+    scale, each as a pair."""
+    h = "f16x2" if ACT_FP16 else "bf16x2"
+    magic = "0x64006400" if ACT_FP16 else "0x43004300"
+    if BITS == 4:  # byte t: prmt it down, copy it 12 bits up, keep one code per half under the exponent
+        return ("{ .reg .b32 t;\n"
+                "prmt.b32 t, $2, 0, $3;\n"
+                "mul.lo.u32 t, t, 4097;\n"
+                f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA;\n"
+                f"add.rn.{h} t, t, $4;\n"
+                f"mul.rn.{h} t, t, $5;\n"
+                "mov.b32 {$0, $1}, t; }")
+    if BITS == 2:  # nibble t of each half-word: two codes each, split 14 bits apart by a multiply by 0x4001
+        return ("{ .reg .b32 t, a, b;\n"
+                "shr.b32 t, $4, $5;\n"
+                "and.b32 a, t, 15;\n"
+                "mul.lo.u32 a, a, 16385;\n"
+                f"lop3.b32 a, a, 0x00030003, {magic}, 0xEA;\n"
+                "shr.b32 b, t, 16;\n"
+                "and.b32 b, b, 15;\n"
+                "mul.lo.u32 b, b, 16385;\n"
+                f"lop3.b32 b, b, 0x00030003, {magic}, 0xEA;\n"
+                f"add.rn.{h} a, a, $6;\n"
+                f"mul.rn.{h} a, a, $7;\n"
+                f"add.rn.{h} b, b, $6;\n"
+                f"mul.rn.{h} b, b, $7;\n"
+                "mov.b32 {$0, $1}, a;\n"
+                "mov.b32 {$2, $3}, b; }")
+    if ACT_FP16:  # 8 bits, fp16: each byte under the exponent byte 0x64 (1024 + code)
+        return ("{ .reg .b32 t;\n"
+                "prmt.b32 t, $2, 0x64, $3;\n"
+                "add.rn.f16x2 t, t, $4;\n"
+                "mul.rn.f16x2 t, t, $5;\n"
+                "mov.b32 {$0, $1}, t; }")
+    # 8 bits, bf16 (integers exact only up to 256, so 128 + zero is not): each nibble under the exponent, less
+    # 128, then 16 * high + low = code, then code - zero (the zero pair is -zero here), every step exact
+    return ("{ .reg .b32 t, u, c;\n"
             "prmt.b32 t, $2, 0, $3;\n"
-            "mul.lo.u32 t, t, 4097;\n"
-            "lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;\n"
-            "add.rn.f16x2 t, t, $4;\n"
-            "mul.rn.f16x2 t, t, $5;\n"
-            "mov.b32 {$0, $1}, t; }",
-            "=h,=h,r,r,r,r", [words, sel, zz, ss], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-    else:
-        lo, hi = gl.inline_asm_elementwise(
-            "{ .reg .b32 t;\n"
-            "prmt.b32 t, $2, 0, $3;\n"
-            "mul.lo.u32 t, t, 4097;\n"
+            "shr.b32 u, t, 4;\n"
             "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"
+            "lop3.b32 u, u, 0x000F000F, 0x43004300, 0xEA;\n"
+            "mov.b32 c, 0xC300C300;\n"
+            "add.rn.bf16x2 u, u, c;\n"
+            "add.rn.bf16x2 t, t, c;\n"
+            "mov.b32 c, 0x41804180;\n"
+            "fma.rn.bf16x2 t, u, c, t;\n"
             "add.rn.bf16x2 t, t, $4;\n"
             "mul.rn.bf16x2 t, t, $5;\n"
-            "mov.b32 {$0, $1}, t; }",
-            "=h,=h,r,r,r,r", [words, sel, zz, ss], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-    return lo, hi
+            "mov.b32 {$0, $1}, t; }")
+
+
+@gluon.constexpr_function
+def lane_selector(BITS):
+    """Per lane part ``i`` of a word, the selector the PTX takes: a ``prmt`` selector (byte ``i`` down, zeros
+    elsewhere; at 8 bits half-word ``i`` into both halves' low bytes) or, at 2 bits, a shift."""
+    return {4: (1, 0x4440), 2: (4, 0), 8: (0x0202, 0x4140)}[BITS]
+
+
+@gluon.jit
+def _dequant(words, sel, zz, ss, BITS: gl.constexpr, ACT_FP16: gl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` dequantized tile, inputs in order, from the ``[BLOCK_N, words, 1]`` packed words."""
+    BN: gl.constexpr = words.shape[0]
+    BKW: gl.constexpr = words.shape[1]
+    ASM: gl.constexpr = dequant_asm(BITS, ACT_FP16)
+    if BITS == 2:
+        if ACT_FP16:
+            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r,r,r,r", [words, sel, zz, ss],
+                                                       dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+        else:
+            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r,r,r,r", [words, sel, zz, ss],
+                                                       dtype=(gl.bfloat16,) * 4, is_pure=True, pack=1)
+        t = gl.join(gl.join(a0, a1), gl.join(b0, b1))  # [BN, BKW, 4 (lane), 2 (input), 2 (half-word)]
+        tile = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3)), [BN, BKW * 16])
+    else:
+        if ACT_FP16:
+            lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r,r", [words, sel, zz, ss],
+                                               dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r,r", [words, sel, zz, ss],
+                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        tile = gl.reshape(gl.join(lo, hi), [BN, BKW * (32 // BITS)])
+    return tile
 
 
 @gluon.jit
@@ -137,9 +212,10 @@ def _release(v):
 @gluon.jit
 def _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l: gl.constexpr, load_l: gl.constexpr,
              word_l: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
-             MAGIC: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+             MAGIC: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, BITS: gl.constexpr,
+             num_warps: gl.constexpr):
     """Tile ``t``'s dequantized weight in the left-operand layout (waits for the tile's TMA copies)."""
-    BKW: gl.constexpr = BLOCK_K // 8
+    BKW: gl.constexpr = BLOCK_K // (32 // BITS)
     BLOCK_N: gl.constexpr = w_smem.shape[2]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     s = t % STAGES
@@ -156,14 +232,13 @@ def _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l:
     wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
     wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
     words = gl.convert_layout(gl.permute(wl, (1, 0)), word_l, assert_trivial=True)
-    lo, hi = _dequant(gl.expand_dims(words, 2), sel, zz, ss, ACT_FP16)
-    a = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K])
+    a = _dequant(gl.expand_dims(words, 2), sel, zz, ss, BITS, ACT_FP16)
     return gl.convert_layout(a, a_l, assert_trivial=True)
 
 
 @gluon.jit
 def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES: gl.constexpr,
-            BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+            BLOCK_K: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
     """After tile ``t - 1``'s wgmma retired: copy tile ``t + STAGES - 1`` into its slot."""
     if num_warps > 4:  # both warpgroups are past their wait
         gl.thread_barrier()
@@ -171,7 +246,8 @@ def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAG
     if nxt < n_tiles:
         ns = nxt % STAGES
         mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * BLOCK_K) // 8, n0], bars.index(ns), w_smem.index(ns))
+        tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * BLOCK_K) // (32 // BITS), n0], bars.index(ns),
+                                        w_smem.index(ns))
         tma.async_copy_global_to_shared(x_desc, [m0, k_lo + nxt * BLOCK_K], bars.index(ns), x_smem.index(ns))
 
 
@@ -179,7 +255,7 @@ def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAG
 def _qmm_wgmma_kernel(
     x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_om, k_per_split,
-    GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -187,11 +263,14 @@ def _qmm_wgmma_kernel(
     BKW: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
-    MAGIC: gl.constexpr = 1024.0 if ACT_FP16 else 128.0
-    acc_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[0]
-    a_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[1]
-    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[2]
-    load_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps)[3]
+    # the zero pair is -(MAGIC + zero): the exponent trick's base plus the zero point, exact in the activation dtype
+    # (bf16 8-bit codes are rebuilt from nibbles without a base, and 128 + zero would not be exact there)
+    MAGIC: gl.constexpr = 1024.0 if ACT_FP16 else (0.0 if BITS == 8 else 128.0)
+    PER: gl.constexpr = 32 // BITS
+    acc_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[0]
+    a_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[1]
+    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
+    load_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[3]
     word_l: gl.constexpr = gl.SliceLayout(2, deq_l)
     row_l: gl.constexpr = gl.SliceLayout(1, word_l)
 
@@ -205,14 +284,17 @@ def _qmm_wgmma_kernel(
     n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
 
     # per-thread constants: the byte selector (lane % 4 into byte 0, zeros elsewhere), the rows' columns
-    byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, deq_l))) + 0x4440
-    sel = gl.expand_dims(gl.expand_dims(byte, 0), 0)
+    PARTS: gl.constexpr = 2 if BITS == 8 else 4
+    SEL_MUL: gl.constexpr = lane_selector(BITS)[0]
+    SEL_ADD: gl.constexpr = lane_selector(BITS)[1]
+    part = gl.arange(0, PARTS, layout=gl.SliceLayout(0, gl.SliceLayout(0, deq_l))) * SEL_MUL + SEL_ADD
+    sel = gl.expand_dims(gl.expand_dims(part, 0), 0)
     cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=row_l), REPS, num_warps)
     col_ok = cols < N
     if HAS_ZERO:
         zz = 0  # per tile, in _operand
     else:
-        zz = _pair(gl.full([BLOCK_N], -(MAGIC + 8.0), gl.float32, row_l), ACT_FP16)
+        zz = _pair(gl.full([BLOCK_N], -(MAGIC + (1 << (BITS - 1))), gl.float32, row_l), ACT_FP16)
         zz = gl.expand_dims(gl.expand_dims(zz, 1), 2)
 
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -225,7 +307,8 @@ def _qmm_wgmma_kernel(
     for i in gl.static_range(STAGES - 1):
         if i < n_tiles:
             mbarrier.expect(bars.index(i), nbytes)
-            tma.async_copy_global_to_shared(w_desc, [(k_lo + i * BLOCK_K) // 8, n0], bars.index(i), w_smem.index(i))
+            tma.async_copy_global_to_shared(w_desc, [(k_lo + i * BLOCK_K) // PER, n0], bars.index(i),
+                                            w_smem.index(i))
             tma.async_copy_global_to_shared(x_desc, [m0, k_lo + i * BLOCK_K], bars.index(i), x_smem.index(i))
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
@@ -237,19 +320,19 @@ def _qmm_wgmma_kernel(
     for t2 in range(n_tiles // 2):
         t = 2 * t2
         a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, num_warps)
+        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
         a1 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t + 1, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a1, x_smem.index((t + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, num_warps)
+        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
     if n_tiles % 2:
         t = n_tiles - 1
         a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, num_warps)
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
         acc, a0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0))
@@ -325,7 +408,8 @@ def launch_wgmma(x2, w, bias, cfg, ws):
     act_fp16 = x2.dtype == torch.float16
     x_l, w_l = shared_layouts(cfg.block_m, cfg.block_n, cfg.block_k, act_fp16)
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
-    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // 8, cfg.block_n], w_l)
+    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
+                              w_l)
     k_per_split = -(-(-(-K // cfg.split_k)) // cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (-(-N // cfg.block_n), -(-M // cfg.block_m), -(-K // k_per_split))
@@ -334,6 +418,6 @@ def launch_wgmma(x2, w, bias, cfg, ws):
         x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
         out, acc, cnt, M, N, K, out.stride(0), k_per_split,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        SPLIT=grid[2] > 1, ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        BITS=w.bits, SPLIT=grid[2] > 1, ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out

@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-WGMMA_BITS = (4,)
+WGMMA_BITS = (2, 4, 8)
 # per row bucket (the smallest power of two >= M, at most 256): (block_m, block_n, block_k, warps, stages)
 WGMMA_TILES = {16: ((16, 64, 128, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 8, 4)),
                32: ((32, 64, 128, 4, 4), (32, 128, 128, 8, 4)),
@@ -35,9 +35,9 @@ def wgmma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int) -> 
             and block_m % 8 == 0 and block_k % 16 == 0 and bkw & (bkw - 1) == 0)
 
 
-def wgmma_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int) -> int:
+def wgmma_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, bits: int = 4) -> int:
     """The kernel's shared memory: per stage the activation tile and the packed words, plus the barriers."""
-    return stages * (block_m * block_k * 2 + block_k // 8 * block_n * 4) + 8 * stages + 64
+    return stages * (block_m * block_k * 2 + block_k // (32 // bits) * block_n * 4) + 8 * stages + 64
 
 
 @functools.cache
@@ -50,7 +50,7 @@ def _gluon_hopper() -> bool:
 
 def wgmma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
                  act_dtype: torch.dtype | None) -> bool:
-    """Whether the kernel can serve a layer: an sm_90 GPU (``wgmma``), Gluon, 4 bits, groups of 64 or more
+    """Whether the kernel can serve a layer: an sm_90 GPU (``wgmma``), Gluon, 2, 4 or 8 bits, groups of 64 or more
     inputs (one group per tile) or per-channel scales, TMA-aligned rows (``K % 8``, ``N % 4``) and fp16/bf16
     activations (``None``: not known yet)."""
     from auto_quant.kernels.dispatch import wgmma_device
@@ -71,7 +71,7 @@ def _split(tiles: int, K: int, block_k: int, sms: int) -> int:
     return split
 
 
-def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: int):
+def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: int, bits: int = 4):
     """The tuner's ``wgmma`` variants for ``M`` rows: per tile the split that covers the machine and half of it."""
     from auto_quant.kernels.dispatch import KernelConfig
 
@@ -79,7 +79,7 @@ def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: in
     out = []
     for bm, bn, bk, warps, stages in WGMMA_TILES[bucket]:
         bk = _block_k(bk, group_size)
-        if wgmma_smem_bytes(bm, bn, bk, stages) > smem:
+        if wgmma_smem_bytes(bm, bn, bk, stages, bits) > smem:
             continue
         auto = _split(-(-N // bn) * -(-M // bm), K, bk, sms)
         for split in dict.fromkeys((auto, max(1, auto // 2))):
@@ -87,7 +87,7 @@ def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: in
     return out
 
 
-def wgmma_default(M: int, N: int, K: int, group_size: int, sms: int, smem: int):
+def wgmma_default(M: int, N: int, K: int, group_size: int, sms: int, smem: int, bits: int = 4):
     """The untuned choice: the bucket's first tile that fits, at the split that covers the machine."""
-    cands = wgmma_candidates(M, N, K, group_size, sms, smem)
+    cands = wgmma_candidates(M, N, K, group_size, sms, smem, bits)
     return dataclasses.replace(cands[0]) if cands else None

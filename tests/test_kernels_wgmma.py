@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 
-def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, stages=4, split=True):
+def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, stages=4, split=True, bits=4):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed). The kernel's layout conversions are
     ``assert_trivial``: a layout that would move data through shared memory fails here."""
     from triton.backends.compiler import GPUTarget
@@ -22,10 +22,10 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     from auto_quant.kernels import gluon_wgmma as m
 
     x_l, w_l = m.shared_layouts(bm, bn, bk, act == "fp16")
-    sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // 8}, {bn}],{w_l!r}>",
+    sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // (32 // bits)}, {bn}],{w_l!r}>",
            "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
-    const = dict(GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16", STAGES=stages,
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16", STAGES=stages,
                  num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
@@ -33,15 +33,17 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
-@pytest.mark.parametrize("act,sym,group,bm,bn,bk,warps,stages,split", [
-    ("bf16", True, 128, 16, 64, 128, 4, 4, True), ("fp16", False, 0, 16, 128, 128, 4, 3, False),
-    ("bf16", False, 64, 64, 128, 64, 8, 4, True), ("fp16", True, 128, 256, 128, 64, 8, 4, False),
-    ("bf16", True, 128, 128, 64, 128, 4, 3, False),
+@pytest.mark.parametrize("bits,act,sym,group,bm,bn,bk,warps,stages,split", [
+    (4, "bf16", True, 128, 16, 64, 128, 4, 4, True), (4, "fp16", False, 0, 16, 128, 128, 4, 3, False),
+    (4, "bf16", False, 64, 64, 128, 64, 8, 4, True), (4, "fp16", True, 128, 256, 128, 64, 8, 4, False),
+    (4, "bf16", True, 128, 128, 64, 128, 4, 3, False),
+    (8, "bf16", True, 128, 16, 64, 128, 4, 4, True), (8, "fp16", False, 0, 128, 128, 64, 8, 3, False),
+    (2, "bf16", False, 64, 16, 64, 64, 4, 4, True), (2, "fp16", True, 128, 256, 128, 128, 8, 3, False),
 ])
-def test_wgmma_compiles_for_sm90(act, sym, group, bm, bn, bk, warps, stages, split):
+def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stages, split):
     """The weight tile is built in the wgmma register-operand layout (no shared-memory staging), the tensor cores
-    run one tile behind the dequantization (wait_group 1), and the dequantization is the byte path."""
-    ptx = _compile(act, sym, group, bm, bn, bk, warps, stages, split).asm["ptx"]
+    run one tile behind the dequantization (wait_group 1), and the dequantization is the bit-width's PTX."""
+    ptx = _compile(act, sym, group, bm, bn, bk, warps, stages, split, bits).asm["ptx"]
     h = "bf16" if act == "bf16" else "f16"
     # the left operand is a register list, the right one a shared-memory descriptor
     assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bm}k16\.f32\.{h}\.{h}\s+\{{[^}}]+\}},\s*\{{%r", ptx)
@@ -49,7 +51,10 @@ def test_wgmma_compiles_for_sm90(act, sym, group, bm, bn, bk, warps, stages, spl
     if split:  # the operand is never staged through shared memory (without split-K the output tile is)
         assert "ldmatrix" not in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
-    assert "prmt.b32" in ptx and f"add.rn.{h}x2" in ptx and f"mul.rn.{h}x2" in ptx
+    assert f"add.rn.{h}x2" in ptx and f"mul.rn.{h}x2" in ptx
+    assert ("mul.lo.u32" in ptx) == (bits != 8)  # the 4097 / 0x4001 spreads of 4 and 2 bits
+    if bits == 8 and act == "bf16":  # 16 * high nibble + (low nibble - zero), exact in bf16
+        assert "fma.rn.bf16x2" in ptx
 
 
 def _bases_value(bases, index):
@@ -60,15 +65,16 @@ def _bases_value(bases, index):
     return v
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("bn,warps", [(64, 4), (128, 4), (256, 4), (128, 8), (256, 8)])
-def test_wgmma_rows_physical_and_logical_agree(bn, warps):
+def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
     """Each thread loads the packed words of physical rows p (load layout) and dequantizes logical operand rows l
     (the wgmma layout); the kernel relabels p -> l in registers and writes row l of the result to column
     _phys_row(l). For every thread the two row sets must be the same rows."""
     from auto_quant.kernels import gluon_wgmma as m
 
     fn = getattr(m.operand_layouts, "__wrapped__", m.operand_layouts)
-    _, _, deq, load = fn(bn, 16, 128, warps)
+    _, _, deq, load = fn(bn, 16, 128, warps, bits)
     reps = bn // (16 * warps)
 
     def phys(l):  # the kernel's own formula, run on Python ints
@@ -111,12 +117,14 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
         cands = d.candidates(M, 4096, 4096, cuda, 4, 128, torch.bfloat16)
         wg = [c for c in cands if c.kind == "wgmma"]
         assert wg, M
-        assert all(wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= 232448 for c in wg)
+        assert all(wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 4) <= 232448 for c in wg)
         assert all(c.block_m >= min(M, 16) or c.block_m * 2 >= M for c in wg)
         assert d.default_config(M, 4096, 4096, cuda, 4, 128, torch.float16).kind == "wgmma"
     assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
-    # not for other bit widths, 32-input groups, fp32 activations, unaligned rows, or off sm_90
-    for bits, gs, dt, N, K, dev in ((8, 128, torch.float16, 4096, 4096, cuda), (2, 64, torch.float16, 4096, 4096, cuda),
+    for bits in (2, 8):  # the other widths the kernel builds
+        assert d.default_config(16, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == "wgmma"
+    # not for 3 bits, 32-input groups, fp32 activations, unaligned rows, or off sm_90
+    for bits, gs, dt, N, K, dev in ((3, 128, torch.float16, 4096, 4096, cuda), (2, 32, torch.float16, 4096, 4096, cuda),
                                     (4, 32, torch.float16, 4096, 4096, cuda), (4, 128, torch.float32, 4096, 4096, cuda),
                                     (4, -1, torch.float16, 4094, 4096, cuda), (4, -1, torch.float16, 4096, 4100, cuda),
                                     (4, 128, torch.float16, 4096, 4096, cpu)):
@@ -129,10 +137,11 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
 def test_wgmma_tiles_fit_smaller_shared_memory(monkeypatch):
     d = _fake_sm90(monkeypatch)
     monkeypatch.setattr(d, "smem_limit", lambda device: 101376)  # sm_89-sized
-    for M in (16, 256):
-        for c in d.candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16):
-            if c.kind == "wgmma":
-                assert wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= 101376
+    for bits in (2, 4, 8):
+        for M in (16, 256):
+            for c in d.candidates(M, 4096, 4096, torch.device("cuda"), bits, 128, torch.bfloat16):
+                if c.kind == "wgmma":
+                    assert wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, bits) <= 101376
 
 
 def test_wgmma_config_validation():

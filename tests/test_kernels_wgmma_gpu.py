@@ -1,4 +1,4 @@
-"""The Gluon ``wgmma`` kernel (sm_90 only) against the float64 reference product, on the GPU (``pytest -m gpu``).
+"""The Gluon ``wgmma`` kernel (sm_90 only; 2, 4 and 8 bits) against the float64 reference product, on the GPU (``pytest -m gpu``).
 
 Skipped without CUDA (``conftest``) and on GPUs other than sm_90, where the kernel is never chosen.
 """
@@ -24,34 +24,36 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def quantized_weight(N, K, group_size, sym, seed):
+def quantized_weight(N, K, group_size, sym, seed, bits=4):
     from auto_quant.kernels import pack_codes
     from auto_quant.quant import QuantSpec, quantize_weight
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(N, K, device="cuda", generator=g)
-    qw = quantize_weight(w, QuantSpec(bits=4, group_size=group_size, sym=sym))
-    return pack_codes(qw.codes, qw.zero, qw.scale, 4, group_size, torch.float16)
+    qw = quantize_weight(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+    return pack_codes(qw.codes, qw.zero, qw.scale, bits, group_size, torch.float16)
 
 
 @needs_sm90
-@pytest.mark.parametrize("group_size,sym", [(128, True), (128, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 64, True), (4, -1, False),
+                                                 (8, 128, True), (8, -1, False), (8, 64, False),
+                                                 (2, 64, True), (2, 128, False), (2, -1, True)])
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
-def test_wgmma_every_candidate(group_size, sym, dt):
+def test_wgmma_every_candidate(bits, group_size, sym, dt):
     """Every tile and split the tuner may time, at every row bucket, with a bias; split-K leaves its workspace clean."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch
     from auto_quant.kernels.wgmma_plan import wgmma_candidates
 
     N, K = 1024, 2048
-    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym)
+    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits, bits=bits)
     W = dequantize(kw).double()
     ws = Workspace()
     bias = torch.randn(N, device="cuda").to(dt)
     for M in (2, 16, 40, 100, 256, 600):
         x = torch.randn(M, K, device="cuda").to(dt)
         ref = x.double() @ W.t() + bias.double()
-        for cfg in wgmma_candidates(M, N, K, group_size, 132, 232448):
+        for cfg in wgmma_candidates(M, N, K, group_size, 132, 232448, bits):
             y = launch(x, kw, bias, cfg, ws)
             assert y.dtype == dt and torch.isfinite(y).all()
             assert rel_err(y, ref) < TOL, (M, cfg, rel_err(y, ref))
@@ -89,8 +91,9 @@ def test_wgmma_partial_tiles_and_unaligned_rows():
     from auto_quant.kernels.dispatch import KernelConfig, Workspace, quant_matmul
 
     ws = Workspace()
-    for N, K, gs in ((4100, 1000, -1), (200, 3 * 128, 128), (1028, 64 * 9, 64)):
-        kw = quantized_weight(N, K, gs, False, seed=N)
+    for N, K, gs, bits in ((4100, 1000, -1, 4), (200, 3 * 128, 128, 4), (1028, 64 * 9, 64, 4), (4100, 1000, -1, 8),
+                           (1028, 64 * 9, 64, 2), (200, 3 * 128, 128, 8)):
+        kw = quantized_weight(N, K, gs, False, seed=N, bits=bits)
         W = dequantize(kw).double()
         for dt in (torch.float16, torch.bfloat16):
             base = torch.randn(37, K + 8, device="cuda").to(dt)
@@ -99,7 +102,7 @@ def test_wgmma_partial_tiles_and_unaligned_rows():
                 for cfg in (KernelConfig("wgmma", 16, 64, 64, 1, 4, 3), KernelConfig("wgmma", 32, 128, 64, 2, 8, 4),
                             KernelConfig("wgmma", 64, 64, 64, 3, 4, 4)):
                     y = quant_matmul(x, kw, config=cfg, workspace=ws)
-                    assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (N, K, dt, cfg, rel_err(y, ref))
+                    assert torch.isfinite(y).all() and rel_err(y, ref) < TOL, (N, K, bits, dt, cfg, rel_err(y, ref))
     torch.cuda.synchronize()
     for acc, cnt in ws._bufs.values():
         assert not acc.any() and not cnt.any()
@@ -107,13 +110,14 @@ def test_wgmma_partial_tiles_and_unaligned_rows():
 
 @needs_sm90
 def test_wgmma_is_the_untuned_choice_on_sm90():
-    """On sm_90 the untuned default for 4-bit layers with 2+ rows is the wgmma kernel (fp16/bf16), not for fp32
+    """On sm_90 the untuned default for 2/4/8-bit layers with 2+ rows is the wgmma kernel (fp16/bf16), not for fp32
     activations or 32-input groups."""
     from auto_quant.kernels.dispatch import default_config
 
     cuda = torch.device("cuda")
     for M in (2, 16, 256, 1024):
-        assert default_config(M, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "wgmma"
+        for bits in (2, 4, 8):
+            assert default_config(M, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == "wgmma"
     assert default_config(16, 4096, 4096, cuda, 4, 128, torch.float32).kind != "wgmma"
     assert default_config(16, 4096, 4096, cuda, 4, 32, torch.float16).kind != "wgmma"
     assert default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
