@@ -494,15 +494,17 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
 class Tuner:
     """Times candidate variants per shape on first use and remembers the fastest.
 
-    An idle GPU's SM clock ramps up over the first tenths of a second of work (H100: timings 10-15 % slow at
-    first, docs/bench/kernels.md), so the tuner first runs a candidate for ``settle_ms``, then times every
-    candidate, then times the ``recheck`` fastest once more and keeps the fastest of that second round.
+    Each candidate is timed inside CUDA graphs, after an L2 flush per call, with the flushes' own time
+    subtracted (:func:`~auto_quant.kernels.gpu_timing.graph_time_ms`): event timing of Python-launched calls
+    measured the host's launch cost for kernels this short. An idle GPU's SM clock ramps up over the first
+    tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
+    candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once
+    more, keeping the fastest of that second round. ``warmup_ms``/``rep_ms`` scale the rounds per candidate.
     """
 
     def __init__(self, warmup_ms: float = 5.0, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
-        self.warmup_ms = warmup_ms
-        self.rep_ms = rep_ms
-        self.settle_ms = settle_ms
+        self.rounds = max(3, min(9, int(rep_ms // 4)))
+        self.settle_rounds = max(1, int(settle_ms // 2))
         self.recheck = recheck
         self.best: dict[tuple, KernelConfig] = {}
         self.timings: dict[tuple, dict[KernelConfig, float]] = {}
@@ -520,27 +522,32 @@ class Tuner:
         M, K = x2.shape
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
-        from triton.testing import do_bench
+        from auto_quant.kernels.gpu_timing import graph_time_ms, l2_flush_buffer
 
-        def timed(c: KernelConfig, warmup: float, rep: float) -> float | None:
+        flush = l2_flush_buffer(x2.device)
+
+        def timed(c: KernelConfig, settle: int) -> float | None:
             try:
-                return do_bench(lambda: launch(x2, w, bias, c, ws), warmup=warmup, rep=rep, return_mode="median")
+                return graph_time_ms(lambda: launch(x2, w, bias, c, ws), flush, rounds=self.rounds,
+                                     settle_rounds=settle)
             except Exception as e:  # a variant that does not compile or fit (shared memory) is skipped
                 log.debug("kernel variant %s failed: %s", c, e)
+                torch.cuda.synchronize()
                 return None
 
         times: dict[KernelConfig, float] = {}
         for i, c in enumerate(candidates(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)):
-            t = timed(c, self.warmup_ms + (self.settle_ms if i == 0 else 0.0), self.rep_ms)
+            t = timed(c, self.settle_rounds if i == 0 else 0)
             if t is not None:
                 times[c] = t
         if not times:
             cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         else:
-            second = {c: timed(c, self.warmup_ms, self.rep_ms) for c in sorted(times, key=times.get)[: self.recheck]}
+            second = {c: timed(c, 0) for c in sorted(times, key=times.get)[: self.recheck]}
             rechecked = {c: t for c, t in second.items() if t is not None}
             times.update(rechecked)
             cfg = min(rechecked or times, key=times.get)
+        del flush
         self.best[key] = cfg
         self.timings[key] = times
         log.debug("tuned %s -> %s", key, cfg)
