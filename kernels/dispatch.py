@@ -547,7 +547,6 @@ class Tuner:
             rechecked = {c: t for c, t in second.items() if t is not None}
             times.update(rechecked)
             cfg = min(rechecked or times, key=times.get)
-        del flush
         self.best[key] = cfg
         self.timings[key] = times
         log.debug("tuned %s -> %s", key, cfg)

@@ -1,5 +1,5 @@
-"""Gluon kernel for Hopper (sm_90): ``y^T[N, M] = W[N, K] @ x^T[K, M]`` at 4 bits, the dequantized weight built
-directly in the register layout of ``wgmma``'s left operand.
+"""Gluon kernel for Hopper (sm_90): ``y^T[N, M] = W[N, K] @ x^T[K, M]`` at 2, 4 and 8 bits, the dequantized weight
+built directly in the register layout of ``wgmma``'s left operand.
 
 Why Gluon: the Triton kernel (:mod:`~auto_quant.kernels.triton_qmm_wt`) leaves the layouts to the compiler,
 which makes the dequantized tile in a blocked layout and then moves it through shared memory into the
@@ -13,30 +13,30 @@ kernel waits for every ``wgmma`` before dequantizing. Here every layout is expli
   (one load serves them, the layout broadcasts it over those two lane bits) and each keeps its own byte:
   ``prmt`` moves the byte to the bottom, a multiply by 4097 copies it 12 bits up, ``lop3`` keeps one
   code per 16-bit half and ORs in the exponent (``magic + code``, exact); subtracting ``magic + zero`` and
-  multiplying by the scale are one ``add`` and one ``mul`` on the pair. No shared-memory round trip.
+  multiplying by the scale are one ``add`` and one ``mul`` on the pair. No shared-memory round trip. 2 and 8
+  bits take other parts of a word (:func:`operand_layouts`, :func:`dequant_asm`).
 * **Row order.** A thread's rows (``g``, ``g + 8``, and the same 64 or 128 rows further) are made
   adjacent in the packed words it loads (one 8- or 16-byte shared load per word row): the tile's logical
   row ``l`` is physical row :func:`_phys_row` ``(l)``; the epilogue writes each row to its physical column.
 * **Pipeline.** The packed words and the activations arrive by TMA in a ring of ``STAGES`` slots. The
   next tile is dequantized while the last ``wgmma`` runs; its operand registers stay alive until
   ``warpgroup_mma_wait(1)`` has retired that ``wgmma`` (they are the wait's dependencies), which is the
-  ordering #9433 lacked.
+  ordering #9433 lacked. The loop body holds two tiles (see the comment there: a one-tile body was wrong on
+  the GPU).
 * Split-K over grid axis 2 adds fp32 partials into a zero-at-rest workspace; the last program of a tile
   reads and re-zeroes it with ``atomic_xchg``, adds the bias and writes the output.
 
-The packed layout is :mod:`~auto_quant.kernels.pack`'s (``[K/8, N]`` int32, codes in input order), shared
-with every other kernel. Scales ``[G, N]``, zero points ``[G, N]`` uint8 (or the symmetric 8); one group per
-tile (``group_size % BLOCK_K == 0``) or per-channel.
+The packed layout is :mod:`~auto_quant.kernels.pack`'s (``[K/PER, N]`` int32, ``PER = 32 / bits`` codes in input
+order), shared with every other kernel. Scales ``[G, N]``, zero points ``[G, N]`` uint8 (or the symmetric
+``2**(bits-1)``); one group per tile (``group_size % BLOCK_K == 0``) or per-channel.
 """
 
 from __future__ import annotations
 
 import functools
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from auto_quant.kernels.wgmma_plan import WGMMA_BITS
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -44,6 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+
+from auto_quant.kernels.wgmma_plan import WGMMA_BITS
 
 
 @gluon.constexpr_function
@@ -260,7 +262,6 @@ def _qmm_wgmma_kernel(
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BKW: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     # the zero pair is -(MAGIC + zero): the exponent trick's base plus the zero point, exact in the activation dtype
