@@ -100,7 +100,7 @@ def sweep_tdot(args, out):
                 timings = [time_config(cfg, x, w, copies, ref, ws) for cfg in cfgs + others]
                 good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
                 best_other = next((t for t in good if t["config"]["kind"] != kind), None)
-                tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
+                tuner = Tuner(rep_ms=15.0)
                 quant_matmul(x, w, tuner=tuner, workspace=ws)
                 pick = tuner.best[tuner.key(x, w)]
                 pick_us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])
@@ -172,7 +172,7 @@ def main():
                         continue
                     timings.append(time_config(_gemv(bn, br, bits, split, warps, stages), x, w, copies, ref, ws))
             good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
-            tuner = Tuner(warmup_ms=3.0, rep_ms=15.0)
+            tuner = Tuner(rep_ms=15.0)
             quant_matmul(x, w, tuner=tuner, workspace=ws)
             pick = tuner.best[tuner.key(x, w)]
             pick_us = graph_time_us([lambda c=c: quant_matmul(x, c, tuner=tuner, workspace=ws) for c in copies])

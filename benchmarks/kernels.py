@@ -290,7 +290,7 @@ def gpu_main(args):
     if args.quick:
         formats = formats[:1]
     t = time.time()
-    result["matmul"] = bench_matmuls(formats, shapes, ms, dict(warmup_ms=3.0, rep_ms=15.0), args.compare_previous)
+    result["matmul"] = bench_matmuls(formats, shapes, ms, dict(rep_ms=15.0), args.compare_previous)
     result["matmul_seconds"] = round(time.time() - t, 1)
     if not args.no_e2e:
         result["e2e"] = e2e_decode(args.layers, batches=tuple(int(b) for b in args.e2e_batches.split(",")))

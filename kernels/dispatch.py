@@ -164,10 +164,6 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                group_size: int = 128, act_dtype: torch.dtype | None = None) -> list[KernelConfig]:
     """Variants worth timing for one shape: per kernel kind, the tiles the H100 sweeps kept."""
     sms = _sms(device)
-    if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
-        wg = wgmma_candidates(M, N, K, group_size, sms, smem_limit(device), bits)
-    else:
-        wg = []
     gemv_ok = gemv_rows_per_split(K, bits, group_size, 1, 1) is not None
     use_tdot = 1 < M <= TDOT_MAX_M and bits in TDOT_BITS
     out: list[KernelConfig] = []
@@ -181,7 +177,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         return _unique(out)
     if M <= 16 and bits in (2, 4) and gemv_ok:
         out += _rows_candidates(M, N, K, bits, sms)
-    out += wg  # H100: the Gluon kernel won most shapes from 16 rows up, dequantize + cuBLAS none at 256 rows
+    if wgmma_serves(device, bits, group_size, N, K, act_dtype):  # H100: won most shapes from 16 rows up
+        out += wgmma_candidates(M, N, K, group_size, sms, smem_limit(device), bits)
     if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
         out += tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
     elif M <= 16:
@@ -499,10 +496,10 @@ class Tuner:
     measured the host's launch cost for kernels this short. An idle GPU's SM clock ramps up over the first
     tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
     candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once
-    more, keeping the fastest of that second round. ``warmup_ms``/``rep_ms`` scale the rounds per candidate.
+    more, keeping the fastest of that second round. ``rep_ms`` scales the rounds per candidate.
     """
 
-    def __init__(self, warmup_ms: float = 5.0, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
+    def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
         self.rounds = max(3, min(9, int(rep_ms // 4)))
         self.settle_rounds = max(1, int(settle_ms // 2))
         self.recheck = recheck

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -411,9 +412,9 @@ def launch_wgmma(x2, w, bias, cfg, ws):
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
     w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
                               w_l)
-    k_per_split = -(-(-(-K // cfg.split_k)) // cfg.block_k) * cfg.block_k
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid = (-(-N // cfg.block_n), -(-M // cfg.block_m), -(-K // k_per_split))
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_wgmma_kernel[grid](
         x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,

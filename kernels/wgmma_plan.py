@@ -11,7 +11,6 @@ but the widest shapes at 256 rows, where 128 weight rows on two warpgroups and 6
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 
@@ -90,4 +89,4 @@ def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: in
 def wgmma_default(M: int, N: int, K: int, group_size: int, sms: int, smem: int, bits: int = 4):
     """The untuned choice: the bucket's first tile that fits, at the split that covers the machine."""
     cands = wgmma_candidates(M, N, K, group_size, sms, smem, bits)
-    return dataclasses.replace(cands[0]) if cands else None
+    return cands[0] if cands else None

@@ -273,7 +273,7 @@ def test_split_k_under_cuda_graph_and_tuner():
     kw = quantized_weight(N, K, 4, 128, False, seed=5)
     W = dequantize(kw).double()
     ws = Workspace()
-    tuner = Tuner(warmup_ms=2, rep_ms=5)
+    tuner = Tuner(rep_ms=5)
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
     for cfg in (KernelConfig("fma", 1, 256, 64, 8), KernelConfig("gemv", 1, 1024, 8, 16, 4, 1)):
         quant_matmul(x, kw, config=cfg, workspace=ws)
