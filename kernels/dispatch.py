@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from auto_quant.kernels.pack import KernelWeight
+from auto_quant.kernels.mma_plan import MMA_MAX_M, mma_block_ok, mma_candidates, mma_serves
 from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -55,6 +56,9 @@ class KernelConfig:
             # register race (triton-lang/triton#9433, fixed in the kernel by WAIT_MMA); one warpgroup is slower
             # there anyway, and these blocks were not stress-run on it since, so they stay refused
             raise ValueError("the tdot kernel needs 8 warps for 128- and 256-row blocks")
+        if self.kind == "mma" and not mma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps, 8):
+            raise ValueError("the mma kernel takes 2, 4 or 8 warps, block_n = 16 x warps x a power of two, block_m 8 or "
+                             "16 and block_k a power-of-two number of four-word groups")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
@@ -167,6 +171,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     gemv_ok = gemv_rows_per_split(K, bits, group_size, 1, 1) is not None
     use_tdot = 1 < M <= TDOT_MAX_M and bits in TDOT_BITS
     out: list[KernelConfig] = []
+    if M <= MMA_MAX_M and mma_serves(device, bits, group_size, N, K, act_dtype):
+        out += mma_candidates(M, N, K, group_size, sms, bits)
     if M == 1 and gemv_ok:
         out += _gemv_candidates(N, K, bits, group_size, sms)
         if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
@@ -359,6 +365,10 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         from auto_quant.kernels.gluon_wgmma import launch_wgmma
 
         return launch_wgmma(x2, w, bias, cfg, ws)
+    if cfg.kind == "mma":
+        from auto_quant.kernels.gluon_mma import launch_mma
+
+        return launch_mma(x2, w, bias, cfg, ws)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)

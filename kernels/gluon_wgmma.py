@@ -255,6 +255,50 @@ def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAG
 
 
 @gluon.jit
+def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS: gl.constexpr,
+               HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    """Write the ``[BLOCK_N, BLOCK_M]`` accumulator (logical rows, :func:`_phys_row`) of output rows ``m0..`` and
+    columns ``n0..``: directly, or with split-K (grid axis 2) through the zero-at-rest workspace, the last program
+    of a tile adding the bias and writing the output. Any NVMMA accumulator layout (``wgmma`` or ``mma.sync``)."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    acc_l: gl.constexpr = acc.type.layout
+    # epilogue: acc[l, m] is output (m0 + m, column of l)
+    o_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), REPS, num_warps)
+    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    c_ok = o_cols < N
+    o_mask = gl.expand_dims(c_ok, 1) & gl.expand_dims(o_rows < M, 0)
+    o_offs = gl.expand_dims(o_rows, 0) * stride_om + gl.expand_dims(o_cols, 1)
+    if not SPLIT:
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+        # rows back to physical order in registers, then one layout change (through shared memory) to 16-byte
+        # stores along the output row: the accumulator layout would scatter 2-byte stores over 8 rows
+        res = gl.reshape(acc.to(out_ptr.dtype.element_ty), [REPS, num_warps, 2, 8, BLOCK_M])
+        res = gl.reshape(gl.permute(res, (1, 3, 0, 2, 4)), [BLOCK_N, BLOCK_M])
+        st_l: gl.constexpr = store_layout(BLOCK_M, BLOCK_N, num_warps)
+        res = gl.convert_layout(gl.permute(res, (1, 0)), st_l)  # [BLOCK_M, BLOCK_N], physical columns
+        s_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
+        s_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_l))
+        s_mask = gl.expand_dims(s_rows < M, 1) & gl.expand_dims(s_cols < N, 0)
+        gl.store(out_ptr + gl.expand_dims(s_rows, 1) * stride_om + gl.expand_dims(s_cols, 0), res, mask=s_mask)
+    else:
+        w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
+        gl.atomic_add(ws_ptr + w_offs, acc, mask=o_mask, sem="relaxed")
+        _release(o_rows)  # this thread's adds are visible GPU-wide before the tile's counter moves
+        gl.thread_barrier()
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == gl.num_programs(2) - 1:
+            _release(o_rows)  # acquire side: the counter read is ordered before the reads of the sums
+            tot = gl.atomic_xchg(ws_ptr + w_offs, gl.zeros_like(acc), mask=o_mask, sem="relaxed")  # sum, re-zeroed
+            if HAS_BIAS:
+                tot += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+            gl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@gluon.jit
 def _qmm_wgmma_kernel(
     x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_om, k_per_split,
@@ -342,39 +386,8 @@ def _qmm_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue: acc[l, m] is output (m0 + m, column of l)
-    o_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), REPS, num_warps)
-    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
-    c_ok = o_cols < N
-    o_mask = gl.expand_dims(c_ok, 1) & gl.expand_dims(o_rows < M, 0)
-    o_offs = gl.expand_dims(o_rows, 0) * stride_om + gl.expand_dims(o_cols, 1)
-    if not SPLIT:
-        if HAS_BIAS:
-            acc += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
-        # rows back to physical order in registers, then one layout change (through shared memory) to 16-byte
-        # stores along the output row: the accumulator layout would scatter 2-byte stores over 8 rows
-        res = gl.reshape(acc.to(out_ptr.dtype.element_ty), [REPS, num_warps, 2, 8, BLOCK_M])
-        res = gl.reshape(gl.permute(res, (1, 3, 0, 2, 4)), [BLOCK_N, BLOCK_M])
-        st_l: gl.constexpr = store_layout(BLOCK_M, BLOCK_N, num_warps)
-        res = gl.convert_layout(gl.permute(res, (1, 0)), st_l)  # [BLOCK_M, BLOCK_N], physical columns
-        s_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
-        s_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_l))
-        s_mask = gl.expand_dims(s_rows < M, 1) & gl.expand_dims(s_cols < N, 0)
-        gl.store(out_ptr + gl.expand_dims(s_rows, 1) * stride_om + gl.expand_dims(s_cols, 0), res, mask=s_mask)
-    else:
-        w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
-        gl.atomic_add(ws_ptr + w_offs, acc, mask=o_mask, sem="relaxed")
-        _release(o_rows)  # this thread's adds are visible GPU-wide before the tile's counter moves
-        gl.thread_barrier()
-        tile = pid_m * gl.num_programs(0) + pid_n
-        arrived = gl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == gl.num_programs(2) - 1:
-            _release(o_rows)  # acquire side: the counter read is ordered before the reads of the sums
-            tot = gl.atomic_xchg(ws_ptr + w_offs, gl.zeros_like(acc), mask=o_mask, sem="relaxed")  # sum, re-zeroed
-            if HAS_BIAS:
-                tot += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
-            gl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
-            gl.atomic_xchg(cnt_ptr + tile, 0)
+    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
+               num_warps)
 
 
 @functools.cache

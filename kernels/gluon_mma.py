@@ -1,0 +1,348 @@
+"""Gluon kernel for 1-16 activation rows at 2, 4 and 8 bits: ``mma.sync`` with the weight as the tall operand,
+each lane dequantizing whole packed words straight into its operand registers.
+
+Why: at decode sizes the single-row CUDA-core kernel (:mod:`~auto_quant.kernels.triton_gemv`) is bound by its
+instructions, not by memory (on an H100 it runs no faster when its weight sits in L2, and a kernel that only
+reads the same words takes two thirds of its time): it spends about 3.7 instructions per 4-bit weight on
+unpacking, multiplying and summing. A tensor core does the multiply and the sum, so what is left per weight is
+the unpacking, and this kernel arranges for that to be the cheapest one:
+
+* **Inputs permuted inside a tile.** In ``mma.sync``'s left operand lane ``4g + t`` holds rows ``g`` and
+  ``g + 8`` and, per 16 inputs, the pairs at ``2t`` and ``2t + 8``. Any order of the inputs inside a tile gives
+  the same dot product as long as the activations follow it, so lane ``t`` is given whole words: word ``t`` of
+  every group of four word rows, whose code pairs ``(i, i + PER/2)`` (one ``lop3`` under a float exponent and
+  one packed ``fma`` each, :func:`~auto_quant.kernels.triton_gemv.pair_layout`) are exactly the operand's
+  pairs. About 1.4 instructions per 4-bit weight, against 2.5 when four lanes share each word (the ``wgmma``
+  kernel's order) and 3.7 in the CUDA-core kernel.
+* **Activations** are read in the same order: lane ``(g, t)`` loads the ``PER`` inputs of its word row for
+  activation row ``g`` (one 16-byte load at 4 bits) and the layout change pairs them up in registers.
+* **Exact codes, float32 sums.** The operand holds the exact integers ``code - zero``; the products are summed
+  in float32 by the tensor core and the group's scale multiplies the tile's sums (one group per tile, or
+  per-channel scales at the end).
+* **No shared memory in the loop.** The words come straight from global memory (16-byte loads along the
+  weight rows: a thread's rows are adjacent physical rows, :func:`~auto_quant.kernels.gluon_wgmma._phys_row`),
+  ``STAGES`` tiles ahead in registers, so warps never wait on each other.
+
+Split-K over grid axis 2 and the output are :func:`~auto_quant.kernels.gluon_wgmma.write_tile`'s. The packed
+layout is :mod:`~auto_quant.kernels.pack`'s (``[K/PER, N]`` int32, codes in input order).
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from auto_quant.kernels.gluon_wgmma import _phys_row, write_tile
+from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok
+
+
+@gluon.constexpr_function
+def mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
+    """(accumulator, left operand, right operand, the ``[word rows, BLOCK_N]`` load layout of the packed words in
+    physical row order, the ``[BLOCK_N, groups, 4]`` layout of the words in logical row order, the
+    ``[BLOCK_M, BLOCK_K / 2]`` load layout of the activations as b32 pairs, the words' layout with a last axis
+    of two)."""
+    per = 32 // BITS
+    reps = BLOCK_N // (16 * num_warps)
+    groups = BLOCK_K // (4 * per)  # groups of four word rows: one word per lane t
+    acc = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    b = gl.DotOperandLayout(operand_index=1, parent=acc, k_width=2)
+    # physical row p = h + 2 rep + 2 reps g + 16 reps w (a thread's rows adjacent); lane bits 0-1: word row t
+    load = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)] + [[4 << i, 0] for i in range(groups.bit_length() - 1)],
+        lane_bases=[[1, 0], [2, 0]] + [[0, (2 * reps) << i] for i in range(3)],
+        warp_bases=[[0, (16 * reps) << i] for i in range(num_warps.bit_length() - 1)], block_bases=[],
+        shape=[4 * groups, BLOCK_N])
+    # logical row l = ((rep * W + w) * 2 + h) * 8 + g
+    word = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0, 0]] + [[(16 * num_warps) << i, 0, 0] for i in range(reps.bit_length() - 1)]
+        + [[0, 1 << i, 0] for i in range(groups.bit_length() - 1)],
+        lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)], block_bases=[], shape=[BLOCK_N, groups, 4])
+    # lane (g, t): the PER inputs (PER/2 b32 pairs) of word row t of every group, for activation rows g (and g + 8)
+    xload = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1 << i] for i in range((per // 2).bit_length() - 1)]
+        + [[0, (2 * per) << i] for i in range(groups.bit_length() - 1)]
+        + [[8 << i, 0] for i in range((BLOCK_M // 8).bit_length() - 1)],
+        lane_bases=[[0, per // 2], [0, per], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[0, 0]] * (num_warps.bit_length() - 1), block_bases=[], shape=[BLOCK_M, BLOCK_K // 2])
+    return acc, a, b, load, word, xload
+
+
+@gluon.constexpr_function
+def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
+    """PTX for pair ``I`` of a packed word (codes ``I`` and ``I + PER/2``): ``$0`` = the exact ``code - zero`` of
+    both as one b32 of halves (:func:`~auto_quant.kernels.triton_gemv.pair_layout`'s shifts and offsets). The
+    asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, and with
+    ``ZERO`` None the per-row pair :func:`_zero_pair` ``$3``/``$4``. The pairs' shifted copies of a word repeat
+    across calls; ptxas keeps one."""
+    from auto_quant.kernels.triton_gemv import _HALF, _REGS, _byte_pair_groups, _half_bits, pair_layout
+
+    act = "fp16" if ACT_FP16 else "bf16"
+    zero = None if ZERO is None else int(ZERO)
+    lines = ["{", *_REGS]
+    if BITS == 8 and not ACT_FP16:  # each byte under the float32 exponent of 2**23, less 2**23 + zero, both rounded
+        zz = "$3" if zero is None else f"0f{0x4B000000 + zero:08X}"  # once into the pair (exact: |code - zero| <= 255)
+        lines += [f"prmt.b32 v, $1, 0x4B000000, {0x7440 + I:#06x};", f"prmt.b32 d, $1, 0x4B000000, {0x7442 + I:#06x};",
+                  f"sub.f32 v, v, {zz};", f"sub.f32 d, d, {zz};", "cvt.rn.bf16x2.f32 d, d, v;"]
+    elif BITS == 8:
+        lines += _byte_pair_groups(act, zero, "$1", "$3")[I]
+    else:
+        h = _HALF[act]
+        sh, s = pair_layout(BITS, act, zero)[I]
+        lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
+        if zero is None:
+            add = "$3"
+        else:
+            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
+            add = "add"
+        lines += [f"lop3.b32 v, src, {(((1 << BITS) - 1) << s) * 0x10001:#010x}, {h['magic'] * 0x10001:#010x}, 0xEA;",
+                  f"mov.b32 mul, {_half_bits(2.0 ** -s, act) * 0x10001:#010x};",
+                  f"fma.rn.{h['typ']} d, v, mul, {add};"]
+    return "\n".join(lines + ["mov.b32 $0, d;", "}"])
+
+
+@gluon.jit
+def _zero_pair(z, ACT_FP16: gl.constexpr, BITS: gl.constexpr):
+    """The b32 the dequantization takes for per-row zero points ``z`` (float32): the pair ``-(base + zero)``
+    (fp16 base 1024, bf16 128); for bf16 8-bit codes the float32 ``2**23 + zero``."""
+    if BITS == 8 and not ACT_FP16:
+        return (z + 8388608.0).to(gl.int32, bitcast=True)
+    if ACT_FP16:
+        h = (-(z + 1024.0)).to(gl.float16)
+    else:
+        h = (-(z + 128.0)).to(gl.bfloat16)
+    if ACT_FP16:
+        return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _pair(w2, zz2, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, I: gl.constexpr):
+    """Pair ``I`` of every word, ``[BLOCK_N, groups, 4, 2]`` halves from the words broadcast over the last axis."""
+    ASM: gl.constexpr = mma_pair_asm(BITS, ACT_FP16, None if HAS_ZERO else 1 << (BITS - 1), I)
+    if HAS_ZERO:  # int16 halves (one return type for both activation dtypes); the tile is bitcast once built
+        p = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w2, zz2], dtype=gl.int16, is_pure=True, pack=2)
+    else:
+        p = gl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=gl.int16, is_pure=True, pack=2)
+    return p
+
+
+@gluon.jit
+def _operand_a(words, zz, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, a_l: gl.constexpr):
+    """``[BLOCK_N, groups, 4]`` words -> the ``[BLOCK_N, BLOCK_K]`` left operand, inputs in the tile's order:
+    ``k = group * 4 PER + s * 16 + h * 8 + t * 2 + e`` for code ``e * PER/2 + 2 s + h`` of word ``t``. Each pair is
+    one b32 out of its asm and stays one operand register (no repacking of halves)."""
+    BN: gl.constexpr = words.shape[0]
+    G: gl.constexpr = words.shape[1]
+    BK: gl.constexpr = G * 4 * (32 // BITS)
+    w2 = gl.join(words, words)  # a last axis of two for pack=2 (the same registers)
+    zzb, _ = gl.broadcast(zz, words)
+    zz2 = gl.join(zzb, zzb)
+    if BITS == 8:
+        t = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        tile = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3)), [BN, BK])  # [BN, G, T, E, H] -> [BN, G, H, T, E]
+    elif BITS == 4:
+        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
+        t = gl.join(q0, q1)  # [BN, G, T, E, H, S]
+        tile = gl.reshape(gl.permute(t, (0, 1, 5, 4, 2, 3)), [BN, BK])  # -> [BN, G, S, H, T, E]
+    else:
+        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
+        q2 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 4), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 5))
+        q3 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 6), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 7))
+        t = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [BN, G, T, E, H, S_lo, S_hi]
+        tile = gl.reshape(gl.permute(t, (0, 1, 6, 5, 4, 2, 3)), [BN, BK])
+    if ACT_FP16:
+        tile = tile.to(gl.float16, bitcast=True)
+    else:
+        tile = tile.to(gl.bfloat16, bitcast=True)
+    return gl.convert_layout(tile, a_l)
+
+
+@gluon.constexpr_function
+def x_pair_asm(BITS, SEL):
+    """PTX for one word row's activations, ``PER/2`` b32 pairs in (``pack = PER/2``): out ``k`` is the pair
+    ``(x[2k + SEL], x[2k + SEL + PER/2])`` (one ``prmt`` of pairs ``k`` and ``k + PER/4``)."""
+    q = 32 // BITS // 4  # outputs; inputs follow them
+    sel = "0x5410" if SEL == 0 else "0x7632"
+    return "\n".join(f"prmt.b32 ${k}, ${q + k}, ${q + k + q}, {sel};" for k in range(q))
+
+
+@gluon.jit
+def _x_pairs(xq, SEL: gl.constexpr, BITS: gl.constexpr):
+    """``[BLOCK_M, BLOCK_K / 2]`` b32 pairs -> the same shape of halves, word row by word row: position ``2s + e``
+    of a row holds ``x[2s + SEL + e * PER/2]``. The ``pack`` groups one thread's ``PER/2`` consecutive registers,
+    which the load layout makes one word row."""
+    ASM: gl.constexpr = x_pair_asm(BITS, SEL)
+    if BITS == 8:
+        return gl.inline_asm_elementwise(ASM, "=r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=2)
+    if BITS == 4:
+        return gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=8)
+
+
+@gluon.jit
+def _operand_b(xq, BITS: gl.constexpr, ACT_FP16: gl.constexpr, b_l: gl.constexpr):
+    """``[BLOCK_M, BLOCK_K / 2]`` activation pairs (b32, input order) -> the ``[BLOCK_K, BLOCK_M]`` right operand in
+    the tile's order (:func:`_operand_a`)."""
+    BM: gl.constexpr = xq.shape[0]
+    BK: gl.constexpr = xq.shape[1] * 2
+    PER: gl.constexpr = 32 // BITS
+    G: gl.constexpr = BK // (4 * PER)
+    S: gl.constexpr = PER // 4
+    h0 = gl.reshape(_x_pairs(xq, 0, BITS), [BM, G, 4, S, 2])  # [M, G, T, S, E]
+    h1 = gl.reshape(_x_pairs(xq, 1, BITS), [BM, G, 4, S, 2])
+    t = gl.reshape(gl.permute(gl.join(h0, h1), (0, 1, 3, 5, 2, 4)), [BM, BK])  # [M, G, T, S, E, H] -> [M, G, S, H, T, E]
+    if ACT_FP16:
+        t = t.to(gl.float16, bitcast=True)
+    else:
+        t = t.to(gl.bfloat16, bitcast=True)
+    return gl.convert_layout(gl.permute(t, (1, 0)), b_l)
+
+
+@gluon.jit
+def _load(ptrs, off, rows, n_rows, other_mask, MASKED: gl.constexpr):
+    """The tile at ``ptrs + off``: rows at or past ``n_rows`` (and ``other_mask`` when ``MASKED``) read as 0."""
+    if MASKED:
+        return gl.load(ptrs + off, mask=gl.expand_dims(rows < n_rows, 1) & other_mask, other=0)
+    return gl.load(ptrs + off, mask=gl.expand_dims(rows < n_rows, 1), other=0)
+
+
+@gluon.jit
+def _tile(acc, wp, xs, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l: gl.constexpr, a_l: gl.constexpr,
+          b_l: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
+          num_warps: gl.constexpr):
+    """``acc`` plus the tile at input ``k0``: packed words ``wp`` ``[word rows, BLOCK_N]`` (physical rows),
+    activation pairs ``xs``."""
+    BKW: gl.constexpr = wp.shape[0]
+    BLOCK_N: gl.constexpr = wp.shape[1]
+    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    g = 0 if GROUP == 0 else k0 // GROUP
+    if HAS_ZERO:
+        zp = gl.load(z_ptr + g * N + z_cols, mask=z_ok, other=0).to(gl.float32)
+        zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp, ACT_FP16, BITS), 1), 2)
+    # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
+    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
+    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
+    words = gl.convert_layout(gl.reshape(gl.permute(wl, (1, 0)), [BLOCK_N, BKW // 4, 4]), word_l, assert_trivial=True)
+    a = _operand_a(words, zz, BITS, ACT_FP16, HAS_ZERO, a_l)
+    b = _operand_b(xs, BITS, ACT_FP16, b_l)
+    if GROUP == 0:
+        return mma_v2(a, b, acc)
+    sc = gl.load(s_ptr + g * N + s_cols, mask=s_ok, other=0.0).to(gl.float32)
+    return acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc, 1)
+
+
+@gluon.jit
+def _qmm_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, k_per_split,
+    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+    ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+):
+    PER: gl.constexpr = 32 // BITS
+    BKW: gl.constexpr = BLOCK_K // PER
+    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    acc_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[0]
+    a_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[1]
+    b_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
+    load_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[3]
+    word_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[4]
+    x_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[5]
+    zrow_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_l))
+    srow_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    k_lo = pid_k * k_per_split
+    k_hi = gl.minimum(k_lo + k_per_split, K)
+    kw_hi = k_hi // PER
+    n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
+
+    rows = gl.arange(0, BKW, layout=gl.SliceLayout(1, load_l))
+    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, load_l))
+    w_ptrs = qw_ptr + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
+    col_ok = gl.expand_dims(cols < N, 0)
+    # activations as b32 pairs, [BLOCK_M, BLOCK_K / 2]: rows past M read as 0, and inputs past the split's end
+    # unless every tile is whole (EVEN_K)
+    x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    m_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+    kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, x_l))
+    x_ptrs = x32 + gl.expand_dims(m0 + m_rows, 1) * (stride_xm // 2) + gl.expand_dims(kq, 0)
+    s_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps)
+    s_ok = s_cols < N
+    z_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=zrow_l), REPS, num_warps)
+    z_ok = z_cols < N
+    zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
+    m_n = M - m0
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
+    # two tiles in flight: the loop body uses tile t's registers and then reloads them with tile t + 2, so no
+    # value moves between registers from one iteration to the next
+    wa = _load(w_ptrs, (k_lo // PER) * N, rows, kw_hi - k_lo // PER, col_ok, not EVEN_N)
+    xa = _load(x_ptrs, k_lo // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - k_lo, 0), not EVEN_K)
+    k1 = k_lo + BLOCK_K
+    wb = _load(w_ptrs, (k1 // PER) * N, rows, kw_hi - k1 // PER, col_ok, not EVEN_N)
+    xb = _load(x_ptrs, k1 // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - k1, 0), not EVEN_K)
+    for t2 in range(n_tiles // 2):
+        k0 = k_lo + 2 * t2 * BLOCK_K
+        acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
+                    GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        kd = k0 + 2 * BLOCK_K
+        wa = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
+        xa = _load(x_ptrs, kd // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - kd, 0), not EVEN_K)
+        acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
+                    BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        kd = k0 + 3 * BLOCK_K
+        wb = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
+        xb = _load(x_ptrs, kd // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - kd, 0), not EVEN_K)
+    if n_tiles % 2:
+        acc = _tile(acc, wa, xa, k_lo + (n_tiles - 1) * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz,
+                    word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+    if GROUP == 0:
+        acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
+    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
+               num_warps)
+
+
+def launch_mma(x2, w, bias, cfg, ws):
+    """Run the kernel on ``x2 [M, K]`` (M <= 16 per row block, fp16/bf16, CUDA) for a ``KernelWeight``."""
+    import torch
+
+    M, K = x2.shape
+    N = w.out_features
+    per = 32 // w.bits
+    if w.bits not in MMA_BITS:
+        raise ValueError(f"the mma kernel serves {MMA_BITS}-bit weights, not {w.bits} bits")
+    if not mma_block_ok(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, w.bits):
+        raise ValueError(f"the mma kernel cannot take the tile {cfg}")
+    if w.group_size != -1 and w.group_size % cfg.block_k:
+        raise ValueError(f"the mma kernel needs one group per tile: group size {w.group_size}, block_k {cfg.block_k}")
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the mma kernel takes fp16/bf16 activations, not {x2.dtype}")
+    if K % per:
+        raise ValueError(f"the mma kernel needs in_features % {per} == 0 at {w.bits} bits, not {K}")
+    if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # read as b32 pairs: 4-byte aligned rows
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
+    _qmm_mma_kernel[grid](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
+        BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
+        HAS_BIAS=bias is not None, SPLIT=grid[2] > 1, ACT_FP16=x2.dtype == torch.float16,
+        EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+    )
+    return out

@@ -1,0 +1,92 @@
+"""Where the Gluon ``mma`` kernel (:mod:`~auto_quant.kernels.gluon_mma`) applies, and its tiles.
+
+Pure Python (no Gluon import): the dispatcher asks :func:`mma_serves` before offering the kernel's tiles to the
+tuner or choosing one untuned. Tiles are ``(block_n, block_k, warps, stages)``; ``block_m`` is 8 up to 8
+activation rows and 16 above (one or two ``mma.sync`` column tiles).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+MMA_BITS = (2, 4, 8)
+MMA_MAX_M = 16
+MMA_TILES = ((64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2), (256, 128, 8, 2),
+             (64, 256, 4, 2), (32, 256, 2, 2), (64, 256, 2, 2))
+
+
+def _pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+def mma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4) -> bool:
+    """Tiles the kernel's layouts cover: 2, 4 or 8 warps stacked along the weight rows (16 rows each, a power-of-two
+    number of times), 8 or 16 activation rows, and a power-of-two number of groups of four packed words."""
+    per = 32 // bits if bits in MMA_BITS else 0
+    reps = block_n // (16 * num_warps) if num_warps in (2, 4, 8) else 0
+    return (per > 0 and _pow2(reps) and block_n == 16 * num_warps * reps and block_m in (8, 16)
+            and block_k % (4 * per) == 0 and _pow2(block_k // (4 * per)))
+
+
+@functools.cache
+def _gluon_ampere() -> bool:
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.ampere") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def mma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
+               act_dtype: torch.dtype | None) -> bool:
+    """Whether the kernel can serve a layer: an sm_90 GPU (the only one it was run on; ``mma.sync`` itself is
+    sm_80+), Gluon, 2, 4 or 8 bits, groups that hold whole tiles (``group_size % (4 * 32 / bits) == 0``) or
+    per-channel scales, whole words per row (``K % (32 / bits) == 0``) and fp16/bf16 activations (``None``: not
+    known yet)."""
+    from auto_quant.kernels.dispatch import wgmma_device
+
+    if bits not in MMA_BITS:
+        return False
+    per = 32 // bits
+    return ((group_size == -1 or group_size % (4 * per) == 0) and K % per == 0
+            and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and _gluon_ampere())
+
+
+def _block_k(block_k: int, group_size: int, bits: int) -> int:
+    """The tile's inputs: at most the group (one group per tile), at least one group of four words."""
+    if group_size != -1:
+        while group_size % block_k:
+            block_k //= 2
+    return max(block_k, 4 * 32 // bits)
+
+
+def _split(tiles: int, K: int, block_k: int, target: int) -> int:
+    """Split K until about ``target`` programs run, keeping at least two tiles per split."""
+    split = 1
+    while tiles * split * 2 <= target and K >= block_k * 2 * split * 2:
+        split *= 2
+    return split
+
+
+def mma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
+    """The tuner's ``mma`` variants for ``M <= 16`` rows: per tile, splits that run about 1, 2 and 4 programs per SM."""
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    bm = 8 if M <= 8 else 16
+    out = []
+    for bn, bk, warps, stages in MMA_TILES:
+        bk = _block_k(bk, group_size, bits)
+        if not mma_block_ok(bm, bn, bk, warps, bits):
+            continue
+        tiles = -(-N // bn) * -(-M // bm)
+        for target in (sms, 2 * sms, 4 * sms):
+            out.append(KernelConfig("mma", bm, bn, bk, _split(tiles, K, bk, target), warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def mma_default(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
+    """The untuned choice: the first tile at the split that runs about four programs per SM."""
+    cands = mma_candidates(M, N, K, group_size, sms, bits)
+    return cands[1] if len(cands) > 1 else (cands[0] if cands else None)

@@ -1,0 +1,154 @@
+"""The Gluon ``mma`` kernel without a GPU: its sm_90 compile, its layouts' row and input bookkeeping, and where the
+dispatcher offers it. The numbers are checked on the GPU in test_kernels_mma_gpu.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
+
+
+def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True):
+    """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from auto_quant.kernels import gluon_mma as m
+
+    sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}",
+           "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_om": "i32", "k_per_split": "i32"}
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16",
+                 EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps)
+    sig |= {k: "constexpr" for k in const}
+    keys = list(sig)
+    div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
+    src = GluonASTSource(m._qmm_mma_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()},
+                         attrs={(keys.index(a),): [["tt.divisibility", 16]] for a in div})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+@pytest.mark.parametrize("bits,act,sym,group,bm,bn,bk,warps,split,even", [
+    (4, "bf16", True, 128, 8, 128, 128, 4, True, True), (4, "fp16", False, 0, 16, 64, 256, 4, False, False),
+    (4, "bf16", False, 32, 8, 32, 32, 2, True, True), (2, "bf16", True, 64, 16, 256, 64, 8, False, True),
+    (2, "fp16", False, 128, 8, 64, 128, 4, True, False), (8, "bf16", True, 128, 8, 128, 128, 4, True, True),
+    (8, "bf16", False, 0, 16, 64, 16, 2, False, False), (8, "fp16", True, 32, 8, 128, 32, 8, True, True),
+])
+def test_mma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, split, even):
+    """mma.sync with float32 accumulation, the operands built in registers (no shared memory before the split-K
+    epilogue; without split-K the output tile goes through it), vector weight loads when the columns fill the
+    tiles, and the bit width's unpacking."""
+    ck = _compile(act, sym, group, bm, bn, bk, warps, split, bits, even)
+    ptx = ck.asm["ptx"]
+    h = "bf16" if act == "bf16" else "f16"
+    assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{h}\.{h}\.f32", ptx)
+    if split:  # up to the split-K epilogue's atomics (whose tile counter goes through shared memory)
+        loop = ptx.split("atom.")[0]
+        assert "st.shared" not in loop and "ld.shared" not in loop and "ldmatrix" not in loop
+    if even:
+        assert "ld.global.v4.b32" in ptx or "ld.global.v2.b32" in ptx
+    assert "prmt.b32" in ptx  # the activation pairs
+    if bits == 8 and act == "bf16":  # each byte under the float32 2**23, less 2**23 + zero, two into one bf16x2
+        assert "cvt.rn.bf16x2.f32" in ptx
+    elif bits == 8:
+        assert "add.rn.f16x2" in ptx
+    else:
+        assert "lop3.b32" in ptx and f"fma.rn.{h}x2" in ptx
+
+
+def _bases_value(bases, index):
+    v = [0] * len(bases[0]) if bases else []
+    for bit, b in enumerate(bases):
+        if index >> bit & 1:
+            v = [x ^ y for x, y in zip(v, b)]
+    return v
+
+
+def _thread_coords(layout, warp, lane):
+    hw = [a ^ b for a, b in zip(_bases_value(layout.lane_bases, lane), _bases_value(layout.warp_bases, warp))]
+    return [[a ^ b for a, b in zip(_bases_value(layout.reg_bases, r), hw)] for r in range(1 << len(layout.reg_bases))]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bn,bk,warps", [(64, 128, 4), (128, 128, 4), (256, 128, 8), (32, 256, 2), (64, 256, 2)])
+def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
+    """Each thread loads the packed words of physical rows p and word rows kw (load layout) and dequantizes logical
+    rows l of words (group, t) (word layout); the kernel relabels p -> l in registers and writes row l to column
+    _phys_row(l). For every thread both must be the same rows and the same words, a thread's rows adjacent (one
+    16-byte load), word row t of each group of four on lane t % 4, and the activations it loads (the x layout)
+    exactly the PER inputs of those word rows for activation rows g = lane // 4."""
+    from auto_quant.kernels import gluon_mma as m
+
+    if bk % (4 * 32 // bits):
+        pytest.skip("the tile holds no whole group of four words")
+    fn = getattr(m.mma_layouts, "__wrapped__", m.mma_layouts)
+    per = 32 // bits
+    for bm in (8, 16):
+        _, _, _, load, word, xload = fn(bn, bm, bk, warps, bits)
+        reps = bn // (16 * warps)
+        seen = set()
+        for warp in range(warps):
+            for lane in range(32):
+                logical = {(c[0], c[1] * 4 + c[2]) for c in _thread_coords(word, warp, lane)}
+                physical = {(c[1], c[0]) for c in _thread_coords(load, warp, lane)}
+                assert {(m._phys_row.fn(l, reps, warps), kw) for l, kw in logical} == physical, (warp, lane)
+                assert {kw % 4 for _, kw in physical} == {lane % 4}
+                rows = {p for p, _ in physical}
+                assert max(rows) - min(rows) == len(rows) - 1
+                seen |= physical
+                xs = {(c[0], c[1]) for c in _thread_coords(xload, warp, lane)}  # (row, b32 pair)
+                kws = {kw for _, kw in physical}
+                want = {(g, (kw * per) // 2 + q) for g in range(lane // 4, bm, 8) for kw in kws for q in range(per // 2)}
+                assert xs == want, (warp, lane)
+        assert seen == {(p, kw) for p in range(bn) for kw in range(bk // per)}
+
+
+def _fake_sm90(monkeypatch):
+    from auto_quant.kernels import dispatch as d
+    from auto_quant.kernels import mma_plan as p
+
+    monkeypatch.setattr(d, "wgmma_device", lambda device: device.type == "cuda")
+    monkeypatch.setattr(d, "_sms", lambda device: 132)
+    monkeypatch.setattr(d, "smem_limit", lambda device: 232448)
+    monkeypatch.setattr(p, "_gluon_ampere", lambda: True)
+    return d
+
+
+def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
+    from auto_quant.kernels.mma_plan import mma_block_ok
+
+    d = _fake_sm90(monkeypatch)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for bits, gs in ((4, 128), (4, 32), (2, 64), (8, -1), (8, 32)):
+        for M in (1, 2, 8, 9, 16):
+            mm = [c for c in d.candidates(M, 4096, 4096, cuda, bits, gs, torch.bfloat16) if c.kind == "mma"]
+            assert mm, (bits, gs, M)
+            per = 32 // bits
+            for c in mm:
+                assert mma_block_ok(c.block_m, c.block_n, c.block_k, c.num_warps, bits)
+                assert c.block_m == (8 if M <= 8 else 16)
+                assert gs == -1 or gs % c.block_k == 0
+                assert c.block_k % (4 * per) == 0
+    assert not any(c.kind == "mma" for c in d.candidates(17, 4096, 4096, cuda, 4, 128, torch.bfloat16))
+    for bits, gs, dt, K, dev in ((3, 128, torch.float16, 4096, cuda), (2, 32, torch.float16, 4096, cuda),
+                                 (4, 16, torch.float16, 4096, cuda), (4, 128, torch.float32, 4096, cuda),
+                                 (4, -1, torch.float16, 4100, cuda), (4, 128, torch.float16, 4096, cpu)):
+        assert all(c.kind != "mma" for c in d.candidates(4, 4096, K, dev, bits, gs, dt)), (bits, gs, dt, K, dev)
+
+
+def test_mma_config_validation():
+    from auto_quant.kernels.dispatch import KernelConfig
+    from auto_quant.kernels.mma_plan import mma_block_ok
+
+    KernelConfig("mma", 8, 128, 128, 2, 4, 2)
+    KernelConfig("mma", 16, 32, 256, 1, 2, 2)
+    for bad in ((8, 96, 128, 4), (8, 64, 128, 1), (12, 64, 128, 4), (8, 64, 96, 4), (32, 64, 64, 4), (8, 64, 8, 4)):
+        with pytest.raises(ValueError, match="mma"):
+            KernelConfig("mma", bad[0], bad[1], bad[2], 1, bad[3], 2)
+    assert not mma_block_ok(8, 128, 32, 4, 2)  # 2 bits: a group of four words is 64 inputs
+    assert mma_block_ok(8, 128, 64, 4, 2) and mma_block_ok(8, 128, 16, 4, 8)
