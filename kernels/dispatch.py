@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from auto_quant.kernels.pack import KernelWeight
-from auto_quant.kernels.mma_plan import MMA_MAX_M, mma_block_ok, mma_candidates, mma_serves
+from auto_quant.kernels.mma_plan import MMA_MAX_M, mma_block_ok, mma_candidates, mma_default, mma_serves
 from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,10 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                    group_size: int = 128, act_dtype: torch.dtype | None = None) -> KernelConfig:
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
+    if 1 < M <= 8 and mma_serves(device, bits, group_size, N, K, act_dtype):  # H100: the fastest kernel at 2-8 rows
+        cfg = mma_default(M, N, K, group_size, sms, bits)
+        if cfg is not None:
+            return cfg
     if M > 1 and wgmma_serves(device, bits, group_size, N, K, act_dtype):
         cfg = wgmma_default(M, N, K, group_size, sms, smem_limit(device), bits)
         if cfg is not None:

@@ -239,6 +239,15 @@ def _tile(acc, wp, xs, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word
 
 
 @gluon.jit
+def _x_ok(kq, k_rem, EVEN_K: gl.constexpr):
+    """Which activation pairs of a tile with ``k_rem`` inputs left in the split to read: all or none when every
+    tile is whole (a tile past the end, loaded ahead, reads nothing), else by input."""
+    if EVEN_K:
+        return gl.expand_dims(kq * 0 < k_rem, 0)
+    return gl.expand_dims(2 * kq < k_rem, 0)
+
+
+@gluon.jit
 def _qmm_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,
@@ -289,22 +298,22 @@ def _qmm_mma_kernel(
     # two tiles in flight: the loop body uses tile t's registers and then reloads them with tile t + 2, so no
     # value moves between registers from one iteration to the next
     wa = _load(w_ptrs, (k_lo // PER) * N, rows, kw_hi - k_lo // PER, col_ok, not EVEN_N)
-    xa = _load(x_ptrs, k_lo // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - k_lo, 0), not EVEN_K)
+    xa = _load(x_ptrs, k_lo // 2, m_rows, m_n, _x_ok(kq, k_hi - k_lo, EVEN_K), True)
     k1 = k_lo + BLOCK_K
     wb = _load(w_ptrs, (k1 // PER) * N, rows, kw_hi - k1 // PER, col_ok, not EVEN_N)
-    xb = _load(x_ptrs, k1 // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - k1, 0), not EVEN_K)
+    xb = _load(x_ptrs, k1 // 2, m_rows, m_n, _x_ok(kq, k_hi - k1, EVEN_K), True)
     for t2 in range(n_tiles // 2):
         k0 = k_lo + 2 * t2 * BLOCK_K
         acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
                     GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + 2 * BLOCK_K
         wa = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
-        xa = _load(x_ptrs, kd // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - kd, 0), not EVEN_K)
+        xa = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
         acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + 3 * BLOCK_K
         wb = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
-        xb = _load(x_ptrs, kd // 2, m_rows, m_n, gl.expand_dims(2 * kq < k_hi - kd, 0), not EVEN_K)
+        xb = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
     if n_tiles % 2:
         acc = _tile(acc, wa, xa, k_lo + (n_tiles - 1) * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz,
                     word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)

@@ -87,6 +87,13 @@ def mma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int 
 
 
 def mma_default(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
-    """The untuned choice: the first tile at the split that runs about four programs per SM."""
-    cands = mma_candidates(M, N, K, group_size, sms, bits)
-    return cands[1] if len(cands) > 1 else (cands[0] if cands else None)
+    """The untuned choice: 128 weight rows on 4 warps, 128 inputs (or the group), at the split that runs about two
+    programs per SM; within 5 % of the best tile on every Llama-3-8B shape at 4 rows on an H100
+    (docs/bench/kernels.md)."""
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    bm = 8 if M <= 8 else 16
+    bk = _block_k(128, group_size, bits)
+    if not mma_block_ok(bm, 128, bk, 4, bits):
+        return None
+    return KernelConfig("mma", bm, 128, bk, _split(-(-N // 128) * -(-M // bm), K, bk, 2 * sms), 4, 2)

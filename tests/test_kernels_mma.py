@@ -135,6 +135,13 @@ def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
                 assert gs == -1 or gs % c.block_k == 0
                 assert c.block_k % (4 * per) == 0
     assert not any(c.kind == "mma" for c in d.candidates(17, 4096, 4096, cuda, 4, 128, torch.bfloat16))
+    # the untuned choice from 2 to 8 rows (one program per 128 rows, about two programs per SM), not at 1 or 9+
+    for N, split in ((4096, 8), (14336, 2), (28672, 1)):
+        cfg = d.default_config(4, N, 4096, cuda, 4, 128, torch.bfloat16)
+        assert (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == ("mma", 8, 128, 128, split)
+    assert d.default_config(2, 4096, 4096, cuda, 2, 64, torch.float16).block_k == 64
+    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "gemv"
+    assert d.default_config(9, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind != "mma"
     for bits, gs, dt, K, dev in ((3, 128, torch.float16, 4096, cuda), (2, 32, torch.float16, 4096, cuda),
                                  (4, 16, torch.float16, 4096, cuda), (4, 128, torch.float32, 4096, cuda),
                                  (4, -1, torch.float16, 4100, cuda), (4, 128, torch.float16, 4096, cpu)):
