@@ -56,7 +56,8 @@ class KernelConfig:
             # register race (triton-lang/triton#9433, fixed in the kernel by WAIT_MMA); one warpgroup is slower
             # there anyway, and these blocks were not stress-run on it since, so they stay refused
             raise ValueError("the tdot kernel needs 8 warps for 128- and 256-row blocks")
-        if self.kind == "mma" and not mma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps, 8):
+        if self.kind == "mma" and not mma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps, 8,
+                                                   self.num_stages):
             raise ValueError("the mma kernel takes 2, 4 or 8 warps, block_n = 16 x warps x a power of two, block_m 8 or "
                              "16 and block_k a power-of-two number of four-word groups")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):

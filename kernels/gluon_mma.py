@@ -253,7 +253,7 @@ def _qmm_mma_kernel(
     M, N, K, stride_xm, stride_om, k_per_split,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     PER: gl.constexpr = 32 // BITS
     BKW: gl.constexpr = BLOCK_K // PER
@@ -295,28 +295,44 @@ def _qmm_mma_kernel(
     m_n = M - m0
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
-    # two tiles in flight: the loop body uses tile t's registers and then reloads them with tile t + 2, so no
-    # value moves between registers from one iteration to the next
+    # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
+    # STAGES further on, so no value moves between registers from one iteration to the next
+    D: gl.constexpr = STAGES * BLOCK_K
     wa = _load(w_ptrs, (k_lo // PER) * N, rows, kw_hi - k_lo // PER, col_ok, not EVEN_N)
     xa = _load(x_ptrs, k_lo // 2, m_rows, m_n, _x_ok(kq, k_hi - k_lo, EVEN_K), True)
     k1 = k_lo + BLOCK_K
     wb = _load(w_ptrs, (k1 // PER) * N, rows, kw_hi - k1 // PER, col_ok, not EVEN_N)
     xb = _load(x_ptrs, k1 // 2, m_rows, m_n, _x_ok(kq, k_hi - k1, EVEN_K), True)
-    for t2 in range(n_tiles // 2):
-        k0 = k_lo + 2 * t2 * BLOCK_K
+    if STAGES == 3:
+        k2 = k_lo + 2 * BLOCK_K
+        wc = _load(w_ptrs, (k2 // PER) * N, rows, kw_hi - k2 // PER, col_ok, not EVEN_N)
+        xc = _load(x_ptrs, k2 // 2, m_rows, m_n, _x_ok(kq, k_hi - k2, EVEN_K), True)
+    for it in range(n_tiles // STAGES):
+        k0 = k_lo + it * D
         acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
                     GROUP, HAS_ZERO, ACT_FP16, num_warps)
-        kd = k0 + 2 * BLOCK_K
+        kd = k0 + D
         wa = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
         xa = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
         acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
-        kd = k0 + 3 * BLOCK_K
+        kd = k0 + BLOCK_K + D
         wb = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
         xb = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
-    if n_tiles % 2:
-        acc = _tile(acc, wa, xa, k_lo + (n_tiles - 1) * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz,
-                    word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        if STAGES == 3:
+            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l,
+                        b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+            kd = k0 + 2 * BLOCK_K + D
+            wc = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
+            xc = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
+    rem = n_tiles % STAGES
+    k_rem = k_lo + (n_tiles - rem) * BLOCK_K
+    if rem >= 1:
+        acc = _tile(acc, wa, xa, k_rem, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
+                    GROUP, HAS_ZERO, ACT_FP16, num_warps)
+    if rem >= 2:
+        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
+                    BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
     if GROUP == 0:
         acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
     write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
@@ -352,6 +368,6 @@ def launch_mma(x2, w, bias, cfg, ws):
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=grid[2] > 1, ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out

@@ -14,21 +14,23 @@ import torch
 
 MMA_BITS = (2, 4, 8)
 MMA_MAX_M = 16
+# (block_n, block_k, warps, tiles in flight in registers)
 MMA_TILES = ((64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2), (256, 128, 8, 2),
-             (64, 256, 4, 2), (32, 256, 2, 2), (64, 256, 2, 2))
+             (64, 256, 4, 2), (32, 256, 2, 2), (64, 256, 2, 2),
+             (64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 3), (32, 256, 2, 3), (256, 128, 8, 3))
 
 
 def _pow2(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
 
-def mma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4) -> bool:
+def mma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2) -> bool:
     """Tiles the kernel's layouts cover: 2, 4 or 8 warps stacked along the weight rows (16 rows each, a power-of-two
     number of times), 8 or 16 activation rows, and a power-of-two number of groups of four packed words."""
     per = 32 // bits if bits in MMA_BITS else 0
     reps = block_n // (16 * num_warps) if num_warps in (2, 4, 8) else 0
     return (per > 0 and _pow2(reps) and block_n == 16 * num_warps * reps and block_m in (8, 16)
-            and block_k % (4 * per) == 0 and _pow2(block_k // (4 * per)))
+            and block_k % (4 * per) == 0 and _pow2(block_k // (4 * per)) and stages in (2, 3))
 
 
 @functools.cache
@@ -78,7 +80,7 @@ def mma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int 
     out = []
     for bn, bk, warps, stages in MMA_TILES:
         bk = _block_k(bk, group_size, bits)
-        if not mma_block_ok(bm, bn, bk, warps, bits):
+        if not mma_block_ok(bm, bn, bk, warps, bits, stages):
             continue
         tiles = -(-N // bn) * -(-M // bm)
         for target in (sms, 2 * sms, 4 * sms):

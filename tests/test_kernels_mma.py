@@ -13,7 +13,8 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
-def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True):
+def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
+             stages=2):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -24,7 +25,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
            "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_om": "i32", "k_per_split": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16",
-                 EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps)
+                 EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]

@@ -83,8 +83,8 @@ def test_mma_partial_tiles_and_odd_rows(bits):
     x = wide[:, :K]
     ref = x.double() @ W.t()
     for split in (1, 2, 4):
-        for warps, bn in ((4, 64), (4, 128), (8, 128), (2, 64)):
-            cfg = KernelConfig("mma", 16, bn, 4 * per * 4, split, warps, 2)
+        for warps, bn, stages in ((4, 64, 2), (4, 128, 2), (8, 128, 2), (2, 64, 2), (4, 128, 3), (2, 32, 3)):
+            cfg = KernelConfig("mma", 16, bn, 4 * per * 4, split, warps, stages)
             y = launch(x, kw, None, cfg, ws)
             for m in range(16):
                 assert rel_err(y[m], ref[m]) < TOL, (m, cfg)
