@@ -104,7 +104,8 @@ def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
                 seen |= physical
                 xs = {(c[0], c[1]) for c in _thread_coords(xload, warp, lane)}  # (row, b32 pair)
                 kws = {kw for _, kw in physical}
-                want = {(g, (kw * per) // 2 + q) for g in range(lane // 4, bm, 8) for kw in kws for q in range(per // 2)}
+                want = {(g, (kw * per) // 2 + q)
+                        for g in range(lane // 4, bm, 8) for kw in kws for q in range(per // 2)}
                 assert xs == want, (warp, lane)
         assert seen == {(p, kw) for p in range(bn) for kw in range(bk // per)}
 
