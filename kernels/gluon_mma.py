@@ -80,7 +80,7 @@ def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
     asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, and with
     ``ZERO`` None the per-row pair :func:`_zero_pair` ``$3``/``$4``. The pairs' shifted copies of a word repeat
     across calls; ptxas keeps one."""
-    from auto_quant.kernels.triton_gemv import _HALF, _REGS, _byte_pair_groups, _half_bits, pair_layout
+    from auto_quant.kernels.triton_gemv import _REGS, _byte_pair_groups, pair_layout, pair_lines
 
     act = "fp16" if ACT_FP16 else "bf16"
     zero = None if ZERO is None else int(ZERO)
@@ -92,17 +92,9 @@ def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
     elif BITS == 8:
         lines += _byte_pair_groups(act, zero, "$1", "$3")[I]
     else:
-        h = _HALF[act]
         sh, s = pair_layout(BITS, act, zero)[I]
         lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
-        if zero is None:
-            add = "$3"
-        else:
-            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
-            add = "add"
-        lines += [f"lop3.b32 v, src, {(((1 << BITS) - 1) << s) * 0x10001:#010x}, {h['magic'] * 0x10001:#010x}, 0xEA;",
-                  f"mov.b32 mul, {_half_bits(2.0 ** -s, act) * 0x10001:#010x};",
-                  f"fma.rn.{h['typ']} d, v, mul, {add};"]
+        lines += pair_lines(BITS, act, zero, s, "$3")
     return "\n".join(lines + ["mov.b32 $0, d;", "}"])
 
 

@@ -116,9 +116,6 @@ def _dequant_groups(bits: int, act: str, zero: int | None, word: str, zz: str) -
         return _byte_pair_groups(act, zero, word, zz)
     if bits not in (2, 4):
         raise ValueError(f"the paired GEMV takes 2, 4 or 8 bits, not {bits}")
-    h = _HALF[act]
-    mask = (1 << bits) - 1
-    magic2 = h["magic"] * 0x10001
     groups = []
     shift = None
     for sh, s in pair_layout(bits, act, zero):
@@ -126,16 +123,24 @@ def _dequant_groups(bits: int, act: str, zero: int | None, word: str, zz: str) -
         if sh != shift:
             lines.append(f"mov.b32 src, {word};" if sh == 0 else f"shr.u32 src, {word}, {sh};")
             shift = sh
-        if zero is None:
-            add = zz
-        else:
-            lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
-            add = "add"
-        lines += [f"lop3.b32 v, src, {(mask << s) * 0x10001:#010x}, {magic2:#010x}, 0xEA;",
-                  f"mov.b32 mul, {_half_bits(2.0 ** -s, act) * 0x10001:#010x};",
-                  f"fma.rn.{h['typ']} d, v, mul, {add};"]
-        groups.append(lines)
+        groups.append(lines + pair_lines(bits, act, zero, s, zz))
     return groups
+
+
+def pair_lines(bits: int, act: str, zero: int | None, s: int, zz: str) -> list[str]:
+    """PTX leaving in ``d`` the exact packed ``code - zero`` of the two codes ``s`` bits up in each half of ``src``
+    (a shifted copy of the word, :func:`pair_layout`): one ``lop3`` under the exponent and one packed ``fma``.
+    ``zz``: the operand holding ``-(base + zero)`` when ``zero`` is None (else folded in)."""
+    h = _HALF[act]
+    lines = []
+    if zero is None:
+        add = zz
+    else:
+        lines.append(f"mov.b32 add, {_half_bits(-(h['base'] * 2.0 ** -s + zero), act) * 0x10001:#010x};")
+        add = "add"
+    return lines + [f"lop3.b32 v, src, {(((1 << bits) - 1) << s) * 0x10001:#010x}, {h['magic'] * 0x10001:#010x}, 0xEA;",
+                    f"mov.b32 mul, {_half_bits(2.0 ** -s, act) * 0x10001:#010x};",
+                    f"fma.rn.{h['typ']} d, v, mul, {add};"]
 
 
 def _sum_lanes(act: str, out: str) -> list[str]:

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from gluon_helpers import fake_sm90, thread_coords
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
@@ -62,19 +63,6 @@ def test_mma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, split, 
         assert "lop3.b32" in ptx and f"fma.rn.{h}x2" in ptx
 
 
-def _bases_value(bases, index):
-    v = [0] * len(bases[0]) if bases else []
-    for bit, b in enumerate(bases):
-        if index >> bit & 1:
-            v = [x ^ y for x, y in zip(v, b)]
-    return v
-
-
-def _thread_coords(layout, warp, lane):
-    hw = [a ^ b for a, b in zip(_bases_value(layout.lane_bases, lane), _bases_value(layout.warp_bases, warp))]
-    return [[a ^ b for a, b in zip(_bases_value(layout.reg_bases, r), hw)] for r in range(1 << len(layout.reg_bases))]
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("bn,bk,warps", [(64, 128, 4), (128, 128, 4), (256, 128, 8), (32, 256, 2), (64, 256, 2)])
 def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
@@ -95,14 +83,14 @@ def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
         seen = set()
         for warp in range(warps):
             for lane in range(32):
-                logical = {(c[0], c[1] * 4 + c[2]) for c in _thread_coords(word, warp, lane)}
-                physical = {(c[1], c[0]) for c in _thread_coords(load, warp, lane)}
+                logical = {(c[0], c[1] * 4 + c[2]) for c in thread_coords(word, warp, lane)}
+                physical = {(c[1], c[0]) for c in thread_coords(load, warp, lane)}
                 assert {(m._phys_row.fn(l, reps, warps), kw) for l, kw in logical} == physical, (warp, lane)
                 assert {kw % 4 for _, kw in physical} == {lane % 4}
                 rows = {p for p, _ in physical}
                 assert max(rows) - min(rows) == len(rows) - 1
                 seen |= physical
-                xs = {(c[0], c[1]) for c in _thread_coords(xload, warp, lane)}  # (row, b32 pair)
+                xs = {(c[0], c[1]) for c in thread_coords(xload, warp, lane)}  # (row, b32 pair)
                 kws = {kw for _, kw in physical}
                 want = {(g, (kw * per) // 2 + q)
                         for g in range(lane // 4, bm, 8) for kw in kws for q in range(per // 2)}
@@ -110,21 +98,10 @@ def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
         assert seen == {(p, kw) for p in range(bn) for kw in range(bk // per)}
 
 
-def _fake_sm90(monkeypatch):
-    from auto_quant.kernels import dispatch as d
-    from auto_quant.kernels import mma_plan as p
-
-    monkeypatch.setattr(d, "wgmma_device", lambda device: device.type == "cuda")
-    monkeypatch.setattr(d, "_sms", lambda device: 132)
-    monkeypatch.setattr(d, "smem_limit", lambda device: 232448)
-    monkeypatch.setattr(p, "_gluon_ampere", lambda: True)
-    return d
-
-
 def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
     from auto_quant.kernels.mma_plan import mma_block_ok
 
-    d = _fake_sm90(monkeypatch)
+    d = fake_sm90(monkeypatch)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for bits, gs in ((4, 128), (4, 32), (2, 64), (8, -1), (8, 32)):
         for M in (1, 2, 8, 9, 16):

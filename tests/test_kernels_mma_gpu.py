@@ -8,31 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gluon_helpers import needs_sm90, quantized_weight, rel_err
 
 pytestmark = pytest.mark.gpu
 
 TOL = 8e-3
-
-
-def _sm90():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-needs_sm90 = pytest.mark.skipif(not _sm90(), reason="the mma kernel is offered on sm_90 GPUs only")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def quantized_weight(N, K, group_size, sym, seed, bits=4):
-    from auto_quant.kernels import pack_codes
-    from auto_quant.quant import QuantSpec, quantize_weight
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(N, K, device="cuda", generator=g)
-    qw = quantize_weight(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
-    return pack_codes(qw.codes, qw.zero, qw.scale, bits, group_size, torch.float16)
 
 
 @needs_sm90

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from gluon_helpers import bases_value, fake_sm90
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
@@ -57,14 +58,6 @@ def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stage
         assert "fma.rn.bf16x2" in ptx
 
 
-def _bases_value(bases, index):
-    v = [0] * len(bases[0]) if bases else []
-    for bit, b in enumerate(bases):
-        if index >> bit & 1:
-            v = [x ^ y for x, y in zip(v, b)]
-    return v
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("bn,warps", [(64, 4), (128, 4), (256, 4), (128, 8), (256, 8)])
 def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
@@ -83,12 +76,12 @@ def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
     seen = set()
     for warp in range(warps):
         for lane in range(32):
-            hw_l = _bases_value(deq.lane_bases, lane)
-            hw_w = _bases_value(deq.warp_bases, warp)
-            logical = {(_bases_value(deq.reg_bases, r)[0] ^ hw_l[0] ^ hw_w[0]) for r in range(1 << len(deq.reg_bases))}
-            ll = _bases_value(load.lane_bases, lane)
-            lw = _bases_value(load.warp_bases, warp)
-            physical = {(_bases_value(load.reg_bases, r)[1] ^ ll[1] ^ lw[1]) for r in range(1 << len(load.reg_bases))}
+            hw_l = bases_value(deq.lane_bases, lane)
+            hw_w = bases_value(deq.warp_bases, warp)
+            logical = {(bases_value(deq.reg_bases, r)[0] ^ hw_l[0] ^ hw_w[0]) for r in range(1 << len(deq.reg_bases))}
+            ll = bases_value(load.lane_bases, lane)
+            lw = bases_value(load.warp_bases, warp)
+            physical = {(bases_value(load.reg_bases, r)[1] ^ ll[1] ^ lw[1]) for r in range(1 << len(load.reg_bases))}
             assert {phys(l) for l in logical} == physical, (warp, lane)
             # a thread's physical rows are adjacent: one 8- or 16-byte shared load per word row
             assert max(physical) - min(physical) == len(physical) - 1
@@ -99,19 +92,8 @@ def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
 from auto_quant.kernels.wgmma_plan import wgmma_smem_bytes  # noqa: E402
 
 
-def _fake_sm90(monkeypatch):
-    from auto_quant.kernels import dispatch as d
-    from auto_quant.kernels import wgmma_plan as p
-
-    monkeypatch.setattr(d, "wgmma_device", lambda device: device.type == "cuda")
-    monkeypatch.setattr(d, "_sms", lambda device: 132)
-    monkeypatch.setattr(d, "smem_limit", lambda device: 232448)
-    monkeypatch.setattr(p, "_gluon_hopper", lambda: True)
-    return d
-
-
 def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
-    d = _fake_sm90(monkeypatch)
+    d = fake_sm90(monkeypatch)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for M in (2, 16, 64, 200, 256, 1024):
         cands = d.candidates(M, 4096, 4096, cuda, 4, 128, torch.bfloat16)
@@ -136,7 +118,7 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
 
 
 def test_wgmma_tiles_fit_smaller_shared_memory(monkeypatch):
-    d = _fake_sm90(monkeypatch)
+    d = fake_sm90(monkeypatch)
     monkeypatch.setattr(d, "smem_limit", lambda device: 101376)  # sm_89-sized
     for bits in (2, 4, 8):
         for M in (16, 256):
