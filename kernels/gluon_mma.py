@@ -231,6 +231,15 @@ def _tile(acc, wp, xs, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word
 
 
 @gluon.jit
+def _tile_inputs(w_ptrs, x_ptrs, k, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER: gl.constexpr,
+                 EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+    """The packed words and activation pairs of the tile at input ``k`` (nothing read past the split's end)."""
+    w = _load(w_ptrs, (k // PER) * N, rows, kw_hi - k // PER, col_ok, not EVEN_N)
+    x = _load(x_ptrs, k // 2, m_rows, m_n, _x_ok(kq, k_hi - k, EVEN_K), True)
+    return w, x
+
+
+@gluon.jit
 def _x_ok(kq, k_rem, EVEN_K: gl.constexpr):
     """Which activation pairs of a tile with ``k_rem`` inputs left in the split to read: all or none when every
     tile is whole (a tile past the end, loaded ahead, reads nothing), else by input."""
@@ -290,33 +299,33 @@ def _qmm_mma_kernel(
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    wa = _load(w_ptrs, (k_lo // PER) * N, rows, kw_hi - k_lo // PER, col_ok, not EVEN_N)
-    xa = _load(x_ptrs, k_lo // 2, m_rows, m_n, _x_ok(kq, k_hi - k_lo, EVEN_K), True)
+    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                          EVEN_N, EVEN_K)
     k1 = k_lo + BLOCK_K
-    wb = _load(w_ptrs, (k1 // PER) * N, rows, kw_hi - k1 // PER, col_ok, not EVEN_N)
-    xb = _load(x_ptrs, k1 // 2, m_rows, m_n, _x_ok(kq, k_hi - k1, EVEN_K), True)
+    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                          EVEN_N, EVEN_K)
     if STAGES == 3:
         k2 = k_lo + 2 * BLOCK_K
-        wc = _load(w_ptrs, (k2 // PER) * N, rows, kw_hi - k2 // PER, col_ok, not EVEN_N)
-        xc = _load(x_ptrs, k2 // 2, m_rows, m_n, _x_ok(kq, k_hi - k2, EVEN_K), True)
+        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                              EVEN_N, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
         acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
                     GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + D
-        wa = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
-        xa = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
+        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                              EVEN_N, EVEN_K)
         acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + BLOCK_K + D
-        wb = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
-        xb = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
+        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                              EVEN_N, EVEN_K)
         if STAGES == 3:
             acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l,
                         b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
             kd = k0 + 2 * BLOCK_K + D
-            wc = _load(w_ptrs, (kd // PER) * N, rows, kw_hi - kd // PER, col_ok, not EVEN_N)
-            xc = _load(x_ptrs, kd // 2, m_rows, m_n, _x_ok(kq, k_hi - kd, EVEN_K), True)
+            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
+                                  EVEN_N, EVEN_K)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
@@ -340,7 +349,7 @@ def launch_mma(x2, w, bias, cfg, ws):
     per = 32 // w.bits
     if w.bits not in MMA_BITS:
         raise ValueError(f"the mma kernel serves {MMA_BITS}-bit weights, not {w.bits} bits")
-    if not mma_block_ok(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, w.bits):
+    if not mma_block_ok(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, w.bits, cfg.num_stages):
         raise ValueError(f"the mma kernel cannot take the tile {cfg}")
     if w.group_size != -1 and w.group_size % cfg.block_k:
         raise ValueError(f"the mma kernel needs one group per tile: group size {w.group_size}, block_k {cfg.block_k}")
