@@ -26,7 +26,17 @@ from dataclasses import dataclass
 import torch
 
 from auto_quant.kernels.pack import KernelWeight
-from auto_quant.kernels.mma_plan import MMA_MAX_M, mma_block_ok, mma_candidates, mma_default, mma_serves
+from auto_quant.kernels.mma_plan import (
+    MMA_KW_MAX_M,
+    MMA_MAX_M,
+    mma_block_ok,
+    mma_candidates,
+    mma_default,
+    mma_kw_block_ok,
+    mma_kw_candidates,
+    mma_kw_default,
+    mma_serves,
+)
 from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
 log = logging.getLogger(__name__)
@@ -43,7 +53,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -60,6 +70,10 @@ class KernelConfig:
                                                    self.num_stages):
             raise ValueError("the mma kernel takes 2, 4 or 8 warps, block_n = 16 x warps x a power of two, block_m 8 or "
                              "16 and block_k a power-of-two number of four-word groups")
+        if self.kind == "mma_kw" and (self.split_k != 1 or not mma_kw_block_ok(
+                self.block_m, self.block_n, self.block_k, self.num_warps, 8, self.num_stages)):
+            raise ValueError("the mma_kw kernel takes 2, 4 or 8 warps (one per K slice), block_m = 8 / warps, block_n "
+                             "16 x a power of two, block_k a power-of-two number of four-word groups and no split-K")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
@@ -143,6 +157,10 @@ def default_config(M: int, N: int, K: int, device: torch.device, bits: int = 4,
                    group_size: int = 128, act_dtype: torch.dtype | None = None) -> KernelConfig:
     """A reasonable variant without timing anything (``block_k`` counts inputs, ``bkw`` word rows)."""
     sms = _sms(device)
+    if M <= 2 and mma_serves(device, bits, group_size, N, K, act_dtype):  # H100: the fastest kernel at 1-2 rows
+        cfg = mma_kw_default(M, N, K, group_size, bits)
+        if cfg is not None:
+            return cfg
     if 1 < M <= 8 and mma_serves(device, bits, group_size, N, K, act_dtype):  # H100: the fastest kernel at 2-8 rows
         cfg = mma_default(M, N, K, group_size, sms, bits)
         if cfg is not None:
@@ -178,6 +196,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     out: list[KernelConfig] = []
     if M <= MMA_MAX_M and mma_serves(device, bits, group_size, N, K, act_dtype):
         out += mma_candidates(M, N, K, group_size, sms, bits)
+        if M <= MMA_KW_MAX_M:
+            out += mma_kw_candidates(M, N, K, group_size, sms, bits)
     if M == 1 and gemv_ok:
         out += _gemv_candidates(N, K, bits, group_size, sms)
         if bits in (2, 4):  # the paired gemv beats fma on every H100 shape; at 8 bits fma wins the large ones
@@ -370,7 +390,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         from auto_quant.kernels.gluon_wgmma import launch_wgmma
 
         return launch_wgmma(x2, w, bias, cfg, ws)
-    if cfg.kind == "mma":
+    if cfg.kind in ("mma", "mma_kw"):
         from auto_quant.kernels.gluon_mma import launch_mma
 
         return launch_mma(x2, w, bias, cfg, ws)

@@ -35,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from auto_quant.kernels.gluon_wgmma import _phys_row, write_tile
-from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok
+from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kw_block_ok
 
 
 @gluon.constexpr_function
@@ -206,17 +206,19 @@ def _load(ptrs, off, rows, n_rows, other_mask, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _tile(acc, wp, xs, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l: gl.constexpr, a_l: gl.constexpr,
-          b_l: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
-          num_warps: gl.constexpr):
-    """``acc`` plus the tile at input ``k0``: packed words ``wp`` ``[word rows, BLOCK_N]`` (physical rows),
-    activation pairs ``xs``."""
+def _tile(acc, wp, xs, k, s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz, word_l: gl.constexpr,
+          a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr,
+          ACT_FP16: gl.constexpr, num_warps: gl.constexpr):
+    """``acc`` plus the tile at input ``k`` (of the program's first range): packed words ``wp`` ``[word rows, BLOCK_N]``
+    (physical rows), activation pairs ``xs``. ``s_base``/``z_base``: the rows' ranges' offsets from the first (0, or
+    per row when the warps split K)."""
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
-    g = 0 if GROUP == 0 else k0 // GROUP
+    gs = 0 if GROUP == 0 else (s_base + k) // GROUP
     if HAS_ZERO:
-        zp = gl.load(z_ptr + g * N + z_cols, mask=z_ok, other=0).to(gl.float32)
+        gz = 0 if GROUP == 0 else (z_base + k) // GROUP
+        zp = gl.load(z_ptr + gz * N + z_cols, mask=z_ok, other=0).to(gl.float32)
         zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp, ACT_FP16, BITS), 1), 2)
     # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
     wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
@@ -226,22 +228,23 @@ def _tile(acc, wp, xs, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word
     b = _operand_b(xs, BITS, ACT_FP16, b_l)
     if GROUP == 0:
         return mma_v2(a, b, acc)
-    sc = gl.load(s_ptr + g * N + s_cols, mask=s_ok, other=0.0).to(gl.float32)
+    sc = gl.load(s_ptr + gs * N + s_cols, mask=s_ok, other=0.0).to(gl.float32)
     return acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc, 1)
 
 
 @gluon.jit
-def _tile_inputs(w_ptrs, x_ptrs, k, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER: gl.constexpr,
+def _tile_inputs(w_ptrs, x_ptrs, k, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER: gl.constexpr,
                  EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
-    """The packed words and activation pairs of the tile at input ``k`` (nothing read past the split's end)."""
-    w = _load(w_ptrs, (k // PER) * N, rows, kw_hi - k // PER, col_ok, not EVEN_N)
-    x = _load(x_ptrs, k // 2, m_rows, m_n, _x_ok(kq, k_hi - k, EVEN_K), True)
+    """The packed words and activation pairs of the tile at input ``k`` of the first range (the pointers add the other
+    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows)."""
+    w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+    x = _load(x_ptrs, k // 2, m_sub, m_n, _x_ok(kq, k_end - k, EVEN_K), True)
     return w, x
 
 
 @gluon.jit
 def _x_ok(kq, k_rem, EVEN_K: gl.constexpr):
-    """Which activation pairs of a tile with ``k_rem`` inputs left in the split to read: all or none when every
+    """Which activation pairs of a tile with ``k_rem`` inputs left in the range to read: all or none when every
     tile is whole (a tile past the end, loaded ahead, reads nothing), else by input."""
     if EVEN_K:
         return gl.expand_dims(kq * 0 < k_rem, 0)
@@ -249,16 +252,68 @@ def _x_ok(kq, k_rem, EVEN_K: gl.constexpr):
 
 
 @gluon.jit
+def _range_cols(c, n0, k_len, PR: gl.constexpr, SLICES: gl.constexpr):
+    """Operand row ``c`` in physical order -> (its output column, its K range's offset from the program's first).
+    With ``SLICES`` > 1 the warps split K: warp ``c // PR`` takes slice ``c // PR`` of the same ``PR`` columns."""
+    if SLICES == 1:
+        col = n0 + c
+        off = 0
+    else:
+        col = n0 + c % PR
+        off = (c // PR) * k_len
+    return col, off
+
+
+@gluon.jit
+def _slice_sum(acc, REPS: gl.constexpr, num_warps: gl.constexpr):
+    """Warps split K: ``acc[l, j]`` (``j = slice * MR + m``) holds a product only where ``l``'s warp is ``j``'s slice;
+    the ``[PR, MR]`` sum over the slices, rows in physical order (``g * 2 REPS + 2 rep + h``)."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    MR: gl.constexpr = BLOCK_M // num_warps
+    acc_l: gl.constexpr = acc.type.layout
+    w = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)) // 16) % num_warps
+    j = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)) // MR
+    a = gl.where(gl.expand_dims(w, 1) == gl.expand_dims(j, 0), acc, 0.0)
+    a = gl.sum(gl.sum(gl.reshape(a, [REPS, num_warps, 2, 8, num_warps, MR]), axis=4), axis=1)  # [REPS, 2, 8, MR]
+    return gl.reshape(gl.permute(a, (2, 0, 1, 3)), [16 * REPS, MR])
+
+
+@gluon.jit
+def _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """The output of a program whose warps split K (:func:`_slice_sum`), plus the bias."""
+    res = _slice_sum(acc, REPS, num_warps)
+    res_l: gl.constexpr = res.type.layout
+    o_cols = n0 + gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, res_l))
+    o_rows = m0 + gl.arange(0, res.shape[1], layout=gl.SliceLayout(0, res_l))
+    c_ok = o_cols < N
+    if HAS_BIAS:
+        res += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+    gl.store(out_ptr + gl.expand_dims(o_rows, 0) * stride_om + gl.expand_dims(o_cols, 1),
+             res.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(c_ok, 1) & gl.expand_dims(o_rows < M, 0))
+
+
+@gluon.jit
 def _qmm_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, k_per_split,
+    M, N, K, stride_xm, stride_om, k_range,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, num_warps: gl.constexpr,
 ):
+    # SLICES == 1: the warps stack along the weight rows (BLOCK_N of them), and the program's BLOCK_M activation rows
+    # are the mma's columns. SLICES == num_warps: every warp takes the same BLOCK_N / SLICES weight rows over its own
+    # slice of the program's K range, and the mma's 8 columns are BLOCK_M / SLICES activation rows times the slices
+    # (column j holds slice j // MR's activations, so a warp's products land in its own slice's columns; at 1 row
+    # the columns were idle anyway). The slices are summed once at the end, in the program: the grid fills the GPU
+    # without split-K's atomics (SLICES > 1 runs without them: one program per column tile). Every slice is whole
+    # (the launcher's condition).
     PER: gl.constexpr = 32 // BITS
     BKW: gl.constexpr = BLOCK_K // PER
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    PR: gl.constexpr = BLOCK_N // SLICES  # weight rows (output columns) of the program
+    MR: gl.constexpr = BLOCK_M // SLICES  # activation rows of the program
     acc_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[0]
     a_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[1]
     b_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
@@ -271,26 +326,40 @@ def _qmm_mma_kernel(
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
-    n0 = pid_n * BLOCK_N
-    m0 = pid_m * BLOCK_M
-    k_lo = pid_k * k_per_split
-    k_hi = gl.minimum(k_lo + k_per_split, K)
-    kw_hi = k_hi // PER
-    n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
+    n0 = pid_n * PR
+    m0 = pid_m * MR
+    # k_range: the inputs of a program (SLICES == 1) or of one warp's slice; a program of grid axis 2 takes
+    # k_range * SLICES of them
+    k_lo = pid_k * (k_range * SLICES)
+    if SLICES == 1:
+        k_len = gl.minimum(k_range, K - k_lo)
+    else:
+        k_len = k_range
+    k_end = k_lo + k_len  # of the first range
+    kw_end = k_end // PER
+    n_tiles = gl.cdiv(k_len, BLOCK_K)
 
     rows = gl.arange(0, BKW, layout=gl.SliceLayout(1, load_l))
-    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, load_l))
-    w_ptrs = qw_ptr + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
+    cols, w_off = _range_cols(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, load_l)), n0, k_len, PR, SLICES)
+    w_ptrs = qw_ptr + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols + (w_off // PER) * N, 0)
     col_ok = gl.expand_dims(cols < N, 0)
-    # activations as b32 pairs, [BLOCK_M, BLOCK_K / 2]: rows past M read as 0, and inputs past the split's end
-    # unless every tile is whole (EVEN_K)
+    # activations as b32 pairs, [BLOCK_M, BLOCK_K / 2] (row j: activation row j % MR of slice j // MR): rows past M
+    # read as 0, and inputs past the range's end unless every tile is whole (EVEN_K)
     x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-    m_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+    xr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
     kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, x_l))
-    x_ptrs = x32 + gl.expand_dims(m0 + m_rows, 1) * (stride_xm // 2) + gl.expand_dims(kq, 0)
-    s_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps)
+    if SLICES == 1:
+        m_sub = xr
+        x_rows = (m0 + xr) * (stride_xm // 2)
+    else:
+        m_sub = xr % MR
+        x_rows = (m0 + m_sub) * (stride_xm // 2) + ((xr // MR) * k_len) // 2
+    x_ptrs = x32 + gl.expand_dims(x_rows, 1) + gl.expand_dims(kq, 0)
+    s_cols, s_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps), n0, k_len, PR,
+                                SLICES)
     s_ok = s_cols < N
-    z_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=zrow_l), REPS, num_warps)
+    z_cols, z_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=zrow_l), REPS, num_warps), n0, k_len, PR,
+                                SLICES)
     z_ok = z_cols < N
     zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
     m_n = M - m0
@@ -299,57 +368,58 @@ def _qmm_mma_kernel(
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                          EVEN_N, EVEN_K)
+    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
     k1 = k_lo + BLOCK_K
-    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                          EVEN_N, EVEN_K)
+    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
     if STAGES == 3:
         k2 = k_lo + 2 * BLOCK_K
-        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                              EVEN_N, EVEN_K)
+        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
-        acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
-                    GROUP, HAS_ZERO, ACT_FP16, num_warps)
-        kd = k0 + D
-        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                              EVEN_N, EVEN_K)
-        acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
+        acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        kd = k0 + D
+        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+        acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l,
+                    a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + BLOCK_K + D
-        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                              EVEN_N, EVEN_K)
+        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
         if STAGES == 3:
-            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l,
-                        b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz,
+                        word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
             kd = k0 + 2 * BLOCK_K + D
-            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_hi, kw_hi, N, rows, col_ok, m_rows, m_n, kq, PER,
-                                  EVEN_N, EVEN_K)
+            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N,
+                                  EVEN_K)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
-        acc = _tile(acc, wa, xa, k_rem, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l, BITS,
-                    GROUP, HAS_ZERO, ACT_FP16, num_warps)
-    if rem >= 2:
-        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, s_ptr, z_ptr, N, s_cols, s_ok, z_cols, z_ok, zz, word_l, a_l, b_l,
+        acc = _tile(acc, wa, xa, k_rem, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+    if rem >= 2:
+        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l,
+                    a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
     if GROUP == 0:
         acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
-    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
-               num_warps)
+    if SLICES == 1:
+        write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
+                   num_warps)
+    else:
+        _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
 def launch_mma(x2, w, bias, cfg, ws):
-    """Run the kernel on ``x2 [M, K]`` (M <= 16 per row block, fp16/bf16, CUDA) for a ``KernelWeight``."""
+    """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
+    weight rows, 8 or 16 activation rows per program) or ``mma_kw`` (warps split K, ``8 / warps`` rows per program)."""
     import torch
 
     M, K = x2.shape
     N = w.out_features
     per = 32 // w.bits
+    slices = cfg.num_warps if cfg.kind == "mma_kw" else 1
     if w.bits not in MMA_BITS:
         raise ValueError(f"the mma kernel serves {MMA_BITS}-bit weights, not {w.bits} bits")
-    if not mma_block_ok(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, w.bits, cfg.num_stages):
+    if not (mma_kw_block_ok if slices > 1 else mma_block_ok)(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                                            w.bits, cfg.num_stages):
         raise ValueError(f"the mma kernel cannot take the tile {cfg}")
     if w.group_size != -1 and w.group_size % cfg.block_k:
         raise ValueError(f"the mma kernel needs one group per tile: group size {w.group_size}, block_k {cfg.block_k}")
@@ -357,19 +427,24 @@ def launch_mma(x2, w, bias, cfg, ws):
         raise ValueError(f"the mma kernel takes fp16/bf16 activations, not {x2.dtype}")
     if K % per:
         raise ValueError(f"the mma kernel needs in_features % {per} == 0 at {w.bits} bits, not {K}")
+    if slices > 1 and cfg.split_k != 1:
+        raise ValueError(f"the mma_kw kernel runs without split-K (its warps split K), not split_k={cfg.split_k}")
+    k_per_split = mma_k_per_split(K, cfg.block_k, cfg.split_k, slices)
+    if k_per_split is None:
+        raise ValueError(f"the mma_kw kernel needs whole K slices: in_features {K} is not a multiple of "
+                         f"warps x block_k ({cfg.num_warps} x {cfg.block_k}); use an mma tile")
     if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # read as b32 pairs: 4-byte aligned rows
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_mma_kernel[grid](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-        out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
+        out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=grid[2] > 1, ACT_FP16=x2.dtype == torch.float16,
-        EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-        BLOCK_K=cfg.block_k,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
+        BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices,
+        num_warps=cfg.num_warps,
     )
     return out

@@ -3,6 +3,11 @@
 Pure Python (no Gluon import): the dispatcher asks :func:`mma_serves` before offering the kernel's tiles to the
 tuner or choosing one untuned. Tiles are ``(block_n, block_k, warps, stages)``; ``block_m`` is 8 up to 8
 activation rows and 16 above (one or two ``mma.sync`` column tiles).
+
+``mma_kw`` tiles are the same kernel with the warps splitting K instead of stacking along the weight rows: ``block_n``
+weight rows per program, every warp over its own slice of K, and ``block_m = 8 / warps`` activation rows (the
+``mma``'s 8 columns hold the rows times the slices). It serves 1 to 4 rows where K divides into whole slices, one
+program deep (``split_k`` 1).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ MMA_TILES = ((64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2
              (64, 256, 4, 2), (32, 256, 2, 2), (64, 256, 2, 2),
              (64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 3), (32, 256, 2, 3), (256, 128, 8, 3))
 
+# (block_n weight rows, block_k, warps = K slices, tiles in flight)
+MMA_KW_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 2), (16, 128, 8, 3), (32, 128, 4, 3),
+                (32, 64, 8, 3), (16, 128, 2, 2), (32, 128, 2, 2))
+MMA_KW_MAX_M = 4
+
 
 def _pow2(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
@@ -31,6 +41,21 @@ def mma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits:
     reps = block_n // (16 * num_warps) if num_warps in (2, 4, 8) else 0
     return (per > 0 and _pow2(reps) and block_n == 16 * num_warps * reps and block_m in (8, 16)
             and block_k % (4 * per) == 0 and _pow2(block_k // (4 * per)) and stages in (2, 3))
+
+
+def mma_kw_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2) -> bool:
+    """``mma_kw`` tiles: 2, 4 or 8 warps, one per K slice, each over the same ``block_n`` weight rows (16 times a power
+    of two) and ``block_m = 8 / warps`` activation rows; ``block_k`` as for :func:`mma_block_ok`."""
+    return (num_warps in (2, 4, 8) and block_m * num_warps == 8
+            and mma_block_ok(8, block_n * num_warps, block_k, num_warps, bits, stages))
+
+
+def mma_k_per_split(K: int, block_k: int, split: int, slices: int = 1) -> int | None:
+    """Inputs per program of grid axis 2 (whole tiles). With the warps splitting K (``slices`` > 1, one program deep)
+    every slice must be whole: ``None`` unless ``slices x block_k`` divides K."""
+    if slices > 1:
+        return K if split == 1 and K % (slices * block_k) == 0 else None
+    return -(-(-(-K // split)) // block_k) * block_k
 
 
 @functools.cache
@@ -86,6 +111,32 @@ def mma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int 
         for target in (sms, 2 * sms, 4 * sms):
             out.append(KernelConfig("mma", bm, bn, bk, _split(tiles, K, bk, target), warps, stages))
     return list(dict.fromkeys(out))
+
+
+def mma_kw_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
+    """The tuner's ``mma_kw`` variants for ``M <= 4`` rows (``8 / warps >= M``, so one program row covers them), where K
+    splits into whole slices. No split-K: the warps' slices already give narrow layers enough programs."""
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    out = []
+    for bn, bk, warps, stages in MMA_KW_TILES:
+        bk = _block_k(bk, group_size, bits)
+        bm = 8 // warps
+        if bm >= M and mma_kw_block_ok(bm, bn, bk, warps, bits, stages) and mma_k_per_split(K, bk, 1, warps):
+            out.append(KernelConfig("mma_kw", bm, bn, bk, 1, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def mma_kw_default(M: int, N: int, K: int, group_size: int, bits: int = 4):
+    """The untuned choice at 1-2 rows (H100, W4 g128, docs/bench/kernels.md): 32 weight rows on 4 warps for wide layers,
+    16 rows on 8 warps (more slices) for long inputs, else 16 rows on 4 warps; ``None`` where K has no whole slices."""
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    bn, warps = (32, 4) if N >= 12288 else ((16, 8) if K >= 8192 and M == 1 else (16, 4))
+    bk = _block_k(128, group_size, bits)
+    if M > 8 // warps or not mma_kw_block_ok(8 // warps, bn, bk, warps, bits) or not mma_k_per_split(K, bk, 1, warps):
+        return None
+    return KernelConfig("mma_kw", 8 // warps, bn, bk, 1, warps, 2)
 
 
 def mma_default(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):

@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
 def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
-             stages=2):
+             stages=2, slices=1):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -24,9 +24,10 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
 
     sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}",
            "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_om": "i32", "k_per_split": "i32"}
+           "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16",
-                 EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages, num_warps=warps)
+                 EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages, SLICES=slices,
+                 num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
@@ -61,6 +62,28 @@ def test_mma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, split, 
         assert "add.rn.f16x2" in ptx
     else:
         assert "lop3.b32" in ptx and f"fma.rn.{h}x2" in ptx
+
+
+@pytest.mark.parametrize("bits,act,sym,group,rows,bk,warps,stages", [
+    (4, "bf16", True, 128, 16, 128, 8, 2), (4, "bf16", False, 128, 32, 128, 8, 3),
+    (4, "fp16", True, 0, 32, 128, 4, 2), (2, "bf16", True, 64, 16, 64, 8, 2),
+    (8, "bf16", False, 32, 16, 32, 2, 2), (8, "fp16", True, 128, 32, 128, 4, 3),
+])
+def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages):
+    """Warps splitting K (``mma_kw``): the same register operands and mma.sync, vector loads of the words and of the
+    activations (whole slices), and one sum over the slices through shared memory at the end, none in the loop and
+    no atomics."""
+    ck = _compile(act, sym, group, 8, rows * warps, bk, warps, False, bits, True, stages, slices=warps)
+    ptx = ck.asm["ptx"]
+    h = "bf16" if act == "bf16" else "f16"
+    assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{h}\.{h}\.f32", ptx)
+    loop = ptx.split("st.shared")[0]
+    assert "ld.shared" not in loop and "ldmatrix" not in loop and "mma.sync" in loop
+    assert "st.shared" in ptx  # the slices' sum crosses warps
+    # a word row's activations in one load (16 bytes, 8 at 8 bits); the words 8 bytes at a time from 16 rows, 16 above
+    assert ("ld.global.v4.b32" if bits != 8 else "ld.global.v2.b32") in ptx
+    assert ("ld.global.v2.b32" if rows == 16 else "ld.global.v4.b32") in ptx
+    assert "atom." not in ptx
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -119,12 +142,43 @@ def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
         cfg = d.default_config(4, N, 4096, cuda, 4, 128, torch.bfloat16)
         assert (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == ("mma", 8, 128, 128, split)
     assert d.default_config(2, 4096, 4096, cuda, 2, 64, torch.float16).block_k == 64
-    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "gemv"
+    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "mma_kw"
     assert d.default_config(9, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind != "mma"
     for bits, gs, dt, K, dev in ((3, 128, torch.float16, 4096, cuda), (2, 32, torch.float16, 4096, cuda),
                                  (4, 16, torch.float16, 4096, cuda), (4, 128, torch.float32, 4096, cuda),
                                  (4, -1, torch.float16, 4100, cuda), (4, 128, torch.float16, 4096, cpu)):
         assert all(c.kind != "mma" for c in d.candidates(4, 4096, K, dev, bits, gs, dt)), (bits, gs, dt, K, dev)
+
+
+def test_dispatch_offers_mma_kw_where_slices_are_whole(monkeypatch):
+    """``mma_kw`` for 1-4 rows (8 / warps rows a program, at least M), only where K splits into whole slices."""
+    from auto_quant.kernels.mma_plan import mma_k_per_split, mma_kw_block_ok
+
+    d = fake_sm90(monkeypatch)
+    cuda = torch.device("cuda")
+    for bits, gs in ((4, 128), (2, 64), (8, -1), (4, 32)):
+        for M in (1, 2, 3, 4):
+            for N, K in ((4096, 4096), (28672, 4096), (4096, 14336), (1000, 2048)):
+                kw = [c for c in d.candidates(M, N, K, cuda, bits, gs, torch.bfloat16) if c.kind == "mma_kw"]
+                assert kw, (bits, gs, M, N, K)
+                for c in kw:
+                    assert mma_kw_block_ok(c.block_m, c.block_n, c.block_k, c.num_warps, bits, c.num_stages)
+                    assert c.block_m >= M and c.block_m * c.num_warps == 8
+                    assert gs == -1 or gs % c.block_k == 0
+                    assert c.split_k == 1 and mma_k_per_split(K, c.block_k, 1, c.num_warps) == K
+                    assert K % (c.block_k * c.num_warps) == 0
+        assert not any(c.kind == "mma_kw" for c in d.candidates(5, 4096, 4096, cuda, bits, gs, torch.bfloat16))
+    # K that does not split into whole slices of 2 x 64 inputs: no mma_kw tile; the mma tiles still serve
+    assert not any(c.kind == "mma_kw" for c in d.candidates(1, 4096, 4096 + 64, cuda, 4, -1, torch.bfloat16))
+    assert any(c.kind == "mma" for c in d.candidates(1, 4096, 4096 + 64, cuda, 4, -1, torch.bfloat16))
+    assert mma_k_per_split(4096 + 64, 128, 1, 8) is None and mma_k_per_split(4096 + 64, 64, 1, 1) == 4096 + 64
+    assert mma_k_per_split(4096, 128, 2, 8) is None  # no split-K with slices
+    # the untuned choice at 1-2 rows: 16 weight rows per program (8 slices for long inputs), 32 rows for wide layers
+    for M, N, K, tile in ((1, 4096, 4096, (2, 16, 4)), (1, 4096, 14336, (1, 16, 8)), (2, 4096, 14336, (2, 16, 4)),
+                          (1, 28672, 4096, (2, 32, 4)), (2, 14336, 4096, (2, 32, 4))):
+        cfg = d.default_config(M, N, K, cuda, 4, 128, torch.bfloat16)
+        assert (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.split_k) == ("mma_kw",) + tile + (1,), (M, N, K)
+    assert d.default_config(1, 4096, 4096 + 128, cuda, 4, 128, torch.bfloat16).kind == "gemv"  # no whole slices
 
 
 def test_mma_config_validation():
@@ -138,3 +192,9 @@ def test_mma_config_validation():
             KernelConfig("mma", bad[0], bad[1], bad[2], 1, bad[3], 2)
     assert not mma_block_ok(8, 128, 32, 4, 2)  # 2 bits: a group of four words is 64 inputs
     assert mma_block_ok(8, 128, 64, 4, 2) and mma_block_ok(8, 128, 16, 4, 8)
+    KernelConfig("mma_kw", 1, 16, 128, 1, 8, 2)
+    KernelConfig("mma_kw", 4, 64, 128, 1, 2, 3)
+    for bad in ((2, 16, 128, 1, 8), (1, 24, 128, 1, 8), (1, 16, 96, 1, 8), (8, 16, 128, 1, 1), (2, 16, 128, 1, 2),
+                (1, 16, 128, 2, 8)):
+        with pytest.raises(ValueError, match="mma_kw"):
+            KernelConfig("mma_kw", bad[0], bad[1], bad[2], bad[3], bad[4], 2)

@@ -47,6 +47,61 @@ def test_mma_every_candidate(bits, group_size, sym, dt):
 
 
 @needs_sm90
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False),
+                                                 (8, 128, True), (8, -1, False), (8, 32, False),
+                                                 (2, 64, True), (2, 128, False), (2, -1, True)])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_mma_kw_every_candidate(bits, group_size, sym, dt):
+    """Warps splitting K: every ``mma_kw`` tile the tuner may time at 1-4 rows, with a bias, on columns that do not
+    fill the tiles."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, launch
+    from auto_quant.kernels.mma_plan import mma_kw_candidates
+
+    N, K = 1000, 4096
+    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits + 1, bits=bits)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    bias = torch.randn(N, device="cuda").to(dt)
+    for M in (1, 2, 3, 4):
+        x = torch.randn(M, K, device="cuda").to(dt)
+        ref = x.double() @ W.t() + bias.double()
+        cands = mma_kw_candidates(M, N, K, group_size, 132, bits)
+        assert cands
+        for cfg in cands:
+            y = launch(x, kw, bias, cfg, ws)
+            assert y.dtype == dt and torch.isfinite(y).all()
+            for m in range(M):  # every row on its own: a slice or row mix-up shows here
+                assert rel_err(y[m], ref[m]) < TOL, (M, m, cfg, rel_err(y[m], ref[m]))
+
+
+@needs_sm90
+def test_mma_kw_strided_rows_and_uneven_k():
+    """Activation rows with a stride (a slice of a wider tensor) at every slice count, and a program row covering fewer
+    rows than it could; K that does not split into whole slices is refused by the launcher with a message naming the
+    fix."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
+
+    N, K = 256, 2048
+    kw = quantized_weight(N, K, 128, False, seed=3)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    wide = torch.randn(4, K + 64, device="cuda").to(torch.bfloat16)
+    for warps, bn, stages, M in ((8, 16, 2, 1), (8, 32, 3, 1), (4, 32, 2, 2), (4, 64, 3, 1), (2, 64, 2, 4),
+                                 (2, 32, 2, 3)):
+        x = wide[:M, :K]
+        ref = x.double() @ W.t()
+        y = launch(x, kw, None, KernelConfig("mma_kw", 8 // warps, bn, 128, 1, warps, stages), ws)
+        for m in range(M):
+            assert rel_err(y[m], ref[m]) < TOL, (m, warps, bn, M)
+    odd = quantized_weight(N, K + 128, 128, True, seed=4)
+    with pytest.raises(ValueError, match="whole K slices"):
+        launch(torch.randn(1, K + 128, device="cuda").to(torch.bfloat16), odd, None,
+               KernelConfig("mma_kw", 1, 16, 128, 1, 8, 2), ws)
+
+
+@needs_sm90
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mma_partial_tiles_and_odd_rows(bits):
     """A split that ends inside a tile (K not a multiple of split x block_k), x rows with a stride (a slice of a wider
@@ -75,7 +130,7 @@ def test_mma_every_launch_right():
     """Many programs per multiprocessor, repeated launches: every launch matches the reference."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch
-    from auto_quant.kernels.mma_plan import mma_candidates
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
 
     N, K = 4096, 4096
     kw = quantized_weight(N, K, 128, True, seed=7)
@@ -83,7 +138,7 @@ def test_mma_every_launch_right():
     ws = Workspace()
     x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
     ref = x.double() @ W.t()
-    for cfg in mma_candidates(1, N, K, 128, 132):
+    for cfg in mma_candidates(1, N, K, 128, 132) + mma_kw_candidates(1, N, K, 128, 132):
         for _ in range(10):
             assert rel_err(launch(x, kw, None, cfg, ws), ref) < TOL, cfg
 
@@ -95,4 +150,6 @@ def test_tuner_offers_mma():
 
     for M in (1, 4, 16):
         assert any(c.kind == "mma" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
+    for M in (1, 4):
+        assert any(c.kind == "mma_kw" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     assert not any(c.kind == "mma" for c in candidates(17, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))

@@ -101,9 +101,10 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
         assert wg, M
         assert all(wgmma_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 4) <= 232448 for c in wg)
         assert all(c.block_m >= min(M, 16) or c.block_m * 2 >= M for c in wg)
-        # up to 8 rows the untuned choice is the mma kernel (test_kernels_mma.py)
-        assert d.default_config(M, 4096, 4096, cuda, 4, 128, torch.float16).kind == ("mma" if M <= 8 else "wgmma")
-    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
+        # up to 8 rows the untuned choice is one of the mma kernels (test_kernels_mma.py)
+        want = "mma_kw" if M <= 2 else ("mma" if M <= 8 else "wgmma")
+        assert d.default_config(M, 4096, 4096, cuda, 4, 128, torch.float16).kind == want
+    assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "mma_kw"
     for bits in (2, 8):  # the other widths the kernel builds
         assert d.default_config(16, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == "wgmma"
     # not for 3 bits, 32-input groups, fp32 activations, unaligned rows, or off sm_90

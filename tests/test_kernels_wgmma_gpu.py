@@ -90,14 +90,15 @@ def test_wgmma_partial_tiles_and_unaligned_rows():
 
 @needs_sm90
 def test_wgmma_is_the_untuned_choice_on_sm90():
-    """On sm_90 the untuned default for 2/4/8-bit layers with 9+ rows is the wgmma kernel (fp16/bf16; 2-8 rows: the
-    mma kernel), not for fp32 activations or 32-input groups."""
+    """On sm_90 the untuned default for 2/4/8-bit layers with 9+ rows is the wgmma kernel (fp16/bf16; 1-2 rows the
+    mma_kw kernel, 3-8 the mma kernel), not for fp32 activations or 32-input groups."""
     from auto_quant.kernels.dispatch import default_config
 
     cuda = torch.device("cuda")
     for M in (2, 16, 256, 1024):
         for bits in (2, 4, 8):
-            assert default_config(M, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == ("mma" if M <= 8 else "wgmma")
+            want = "mma_kw" if M <= 2 else ("mma" if M <= 8 else "wgmma")
+            assert default_config(M, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == want
     assert default_config(16, 4096, 4096, cuda, 4, 128, torch.float32).kind != "wgmma"
     assert default_config(16, 4096, 4096, cuda, 4, 32, torch.float16).kind != "wgmma"
-    assert default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "gemv"
+    assert default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "mma_kw"
