@@ -526,8 +526,9 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
 class Tuner:
     """Times candidate variants per shape on first use and remembers the fastest.
 
-    Each candidate is timed inside CUDA graphs, after an L2 flush per call, with the flushes' own time
-    subtracted (:func:`~auto_quant.kernels.gpu_timing.graph_time_ms`): event timing of Python-launched calls
+    Each candidate is timed inside CUDA graphs, after an L2 flush per call and a copy of the activations that
+    brings them back into L2, with the flushes' and copies' own time subtracted
+    (:func:`~auto_quant.kernels.gpu_timing.graph_time_ms`): event timing of Python-launched calls
     measured the host's launch cost for kernels this short. An idle GPU's SM clock ramps up over the first
     tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
     candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once
@@ -557,11 +558,12 @@ class Tuner:
         from auto_quant.kernels.gpu_timing import graph_time_ms, l2_flush_buffer
 
         flush = l2_flush_buffer(x2.device)
+        x_copy = torch.empty_like(x2)
 
         def timed(c: KernelConfig, settle: int) -> float | None:
-            try:
+            try:  # cold weights, activations in L2 (as decode finds them): a copy reads them after each flush
                 return graph_time_ms(lambda: launch(x2, w, bias, c, ws), flush, rounds=self.rounds,
-                                     settle_rounds=settle)
+                                     settle_rounds=settle, warm=lambda: x_copy.copy_(x2))
             except Exception as e:  # a variant that does not compile or fit (shared memory) is skipped
                 log.debug("kernel variant %s failed: %s", c, e)
                 torch.cuda.synchronize()

@@ -233,12 +233,24 @@ def _tile(acc, wp, xs, k, s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols,
 
 
 @gluon.jit
-def _tile_inputs(w_ptrs, x_ptrs, k, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER: gl.constexpr,
-                 EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+def _tile_inputs(w_ptrs, x_ptrs, k, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K: gl.constexpr,
+                 PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
     """The packed words and activation pairs of the tile at input ``k`` of the first range (the pointers add the other
-    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows)."""
-    w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
-    x = _load(x_ptrs, k // 2, m_sub, m_n, _x_ok(kq, k_end - k, EVEN_K), True)
+    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows).
+
+    EVEN_K (every tile whole): a tile past the end, loaded ahead and never used, re-reads the range's last tile
+    instead (from L1), and rows past M read row M - 1 (the pointers are clamped): no masks, so no registers zeroed
+    before the loads; only whole tiles of real rows reach an output that is written."""
+    if EVEN_K:
+        kk = gl.minimum(k, k_end - BLOCK_K)
+        if EVEN_N:
+            w = gl.load(w_ptrs + (kk // PER) * N)
+        else:
+            w = gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
+        x = gl.load(x_ptrs + kk // 2)
+    else:
+        w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+        x = _load(x_ptrs, k // 2, m_sub, m_n, _x_ok(kq, k_end - k, EVEN_K), True)
     return w, x
 
 
@@ -350,10 +362,15 @@ def _qmm_mma_kernel(
     kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, x_l))
     if SLICES == 1:
         m_sub = xr
-        x_rows = (m0 + xr) * (stride_xm // 2)
     else:
         m_sub = xr % MR
-        x_rows = (m0 + m_sub) * (stride_xm // 2) + ((xr // MR) * k_len) // 2
+    m_row = m0 + m_sub
+    if EVEN_K:  # unmasked loads: rows past M read row M - 1 (their outputs are never written)
+        m_row = gl.minimum(m_row, M - 1)
+    if SLICES == 1:
+        x_rows = m_row * (stride_xm // 2)
+    else:
+        x_rows = m_row * (stride_xm // 2) + ((xr // MR) * k_len) // 2
     x_ptrs = x32 + gl.expand_dims(x_rows, 1) + gl.expand_dims(kq, 0)
     s_cols, s_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps), n0, k_len, PR,
                                 SLICES)
@@ -368,28 +385,28 @@ def _qmm_mma_kernel(
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
     k1 = k_lo + BLOCK_K
-    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
     if STAGES == 3:
         k2 = k_lo + 2 * BLOCK_K
-        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
         acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l, a_l, b_l,
                     BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + D
-        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
         acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l,
                     a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + BLOCK_K + D
-        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N, EVEN_K)
+        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
         if STAGES == 3:
             acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz,
                         word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
             kd = k0 + 2 * BLOCK_K + D
-            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, PER, EVEN_N,
-                                  EVEN_K)
+            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER,
+                                  EVEN_N, EVEN_K)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
