@@ -15,64 +15,42 @@ pytestmark = pytest.mark.gpu
 TOL = 8e-3
 
 
+FORMATS = [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False), (8, 128, True), (8, -1, False),
+           (8, 32, False), (2, 64, True), (2, 128, False), (2, -1, True)]
+
+
 @needs_sm90
-@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False),
-                                                 (8, 128, True), (8, -1, False), (8, 32, False),
-                                                 (2, 64, True), (2, 128, False), (2, -1, True)])
+@pytest.mark.parametrize("bits,group_size,sym", FORMATS)
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
-def test_mma_every_candidate(bits, group_size, sym, dt):
-    """Every tile and split the tuner may time at 1-16 rows, with a bias, on a shape whose columns do not fill the
-    tiles; split-K leaves its workspace clean."""
+@pytest.mark.parametrize("kind", ["mma", "mma_kw"])
+def test_mma_every_candidate(kind, bits, group_size, sym, dt):
+    """Every tile and split the tuner may time (``mma`` at 1-16 rows; ``mma_kw``, the warps splitting K, at 1-4),
+    with a bias, on a shape whose columns do not fill the tiles, every row checked on its own (a slice or row
+    mix-up shows there); split-K leaves its workspace clean."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch
-    from auto_quant.kernels.mma_plan import mma_candidates
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
 
-    N, K = 1000, 2048
-    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits, bits=bits)
+    plan, K, row_counts = ((mma_candidates, 2048, (1, 3, 8, 13, 16)) if kind == "mma"
+                           else (mma_kw_candidates, 4096, (1, 2, 3, 4)))
+    N = 1000
+    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits + (kind == "mma_kw"), bits=bits)
     W = dequantize(kw).double()
     ws = Workspace()
     bias = torch.randn(N, device="cuda").to(dt)
-    for M in (1, 3, 8, 13, 16):
+    for M in row_counts:
         x = torch.randn(M, K, device="cuda").to(dt)
         ref = x.double() @ W.t() + bias.double()
-        cands = mma_candidates(M, N, K, group_size, 132, bits)
-        assert cands
+        cands = plan(M, N, K, group_size, 132, bits)
+        assert cands and all(c.kind == kind for c in cands)
         for cfg in cands:
             y = launch(x, kw, bias, cfg, ws)
             assert y.dtype == dt and torch.isfinite(y).all()
-            assert rel_err(y, ref) < TOL, (M, cfg, rel_err(y, ref))
+            for m in range(M):
+                assert rel_err(y[m], ref[m]) < TOL, (M, m, cfg, rel_err(y[m], ref[m]))
     torch.cuda.synchronize()
     for acc, cnt in ws._bufs.values():
         assert not acc.any() and not cnt.any()
-
-
-@needs_sm90
-@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False),
-                                                 (8, 128, True), (8, -1, False), (8, 32, False),
-                                                 (2, 64, True), (2, 128, False), (2, -1, True)])
-@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
-def test_mma_kw_every_candidate(bits, group_size, sym, dt):
-    """Warps splitting K: every ``mma_kw`` tile the tuner may time at 1-4 rows, with a bias, on columns that do not
-    fill the tiles."""
-    from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import Workspace, launch
-    from auto_quant.kernels.mma_plan import mma_kw_candidates
-
-    N, K = 1000, 4096
-    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits + 1, bits=bits)
-    W = dequantize(kw).double()
-    ws = Workspace()
-    bias = torch.randn(N, device="cuda").to(dt)
-    for M in (1, 2, 3, 4):
-        x = torch.randn(M, K, device="cuda").to(dt)
-        ref = x.double() @ W.t() + bias.double()
-        cands = mma_kw_candidates(M, N, K, group_size, 132, bits)
-        assert cands
-        for cfg in cands:
-            y = launch(x, kw, bias, cfg, ws)
-            assert y.dtype == dt and torch.isfinite(y).all()
-            for m in range(M):  # every row on its own: a slice or row mix-up shows here
-                assert rel_err(y[m], ref[m]) < TOL, (M, m, cfg, rel_err(y[m], ref[m]))
 
 
 @needs_sm90
