@@ -2,9 +2,13 @@
 
     python benchmarks/gemv_sweep.py [--shapes 4096x4096,4096x14336] [--formats w4g128,w2g64] [--top 8]
     python benchmarks/gemv_sweep.py --kernel tdot --ms 8,16,64,256 [--shapes ...] [--formats ...]
+    python benchmarks/gemv_sweep.py --kernel mma_kw --ms 1,2,4 [--shapes ...] [--formats ...]
 
 ``gemv``: the M = 1 kernel. ``tdot``: the weight-side tensor-core kernel at the given row counts,
 with dequantize + cuBLAS and the older ``dot`` tiles (the tuner's other candidates) timed alongside.
+``wgmma``: the Gluon Hopper kernel over a tile grid. ``mma`` / ``mma_kw``: the Gluon ``mma.sync`` kernel's
+tuning candidates (``kernels/mma_plan.py``; warps along the weight rows, or splitting K) at the given row
+counts, the tuner's other candidates alongside.
 
 Each configuration is timed like ``benchmarks/kernels.py`` times its rows (one CUDA graph over enough
 weight copies to exceed L2, median of replays), next to bf16 cuBLAS in the same process, and checked
@@ -69,6 +73,7 @@ def time_config(cfg, x, w, copies, ref, ws) -> dict:
 def sweep_tdot(args, out):
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, candidates, quant_matmul
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
 
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)
@@ -92,11 +97,15 @@ def sweep_tdot(args, out):
                 default_tiles = WGMMA_TILES if kind == "wgmma" else TDOT_TILES
                 tiles = [tuple(int(v) for v in t.split("x")) for t in args.tdot_tiles.split(",")] if args.tdot_tiles \
                     else default_tiles
-                cfgs = [KernelConfig(kind, bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
-                        for sp in splits if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
-                        and (kind == "wgmma" or bm < 128 or wa >= 8)  # KernelConfig refuses 128-row tdot on 4 warps
-                        and K >= bk * 2 * sp]
-                others = [c for c in candidates(M, N, K, dev, bits, gs) if c.kind != kind]
+                if kind in ("mma", "mma_kw"):  # the plan's own candidates (tiles, splits) for this shape
+                    plan = mma_kw_candidates if kind == "mma_kw" else mma_candidates
+                    cfgs = plan(M, N, K, gs, torch.cuda.get_device_properties(dev).multi_processor_count, bits)
+                else:
+                    cfgs = [KernelConfig(kind, bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
+                            for sp in splits if 16 <= math.ceil(N / bn) * math.ceil(M / bm) * sp <= 2048
+                            and (kind == "wgmma" or bm < 128 or wa >= 8)  # no 128-row tdot on 4 warps
+                            and K >= bk * 2 * sp]
+                others = [c for c in candidates(M, N, K, dev, bits, gs, dt) if c.kind != kind]
                 timings = [time_config(cfg, x, w, copies, ref, ws) for cfg in cfgs + others]
                 good = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
                 best_other = next((t for t in good if t["config"]["kind"] != kind), None)
@@ -134,8 +143,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
-    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot", "wgmma"])
-    p.add_argument("--ms", default="8,16,32,64,256", help="tdot: row counts")
+    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot", "wgmma", "mma", "mma_kw"])
+    p.add_argument("--ms", default="8,16,32,64,256", help="tdot, wgmma, mma, mma_kw: row counts")
     p.add_argument("--max-bm", type=int, default=128, help="tdot: the largest row block tried (tensor-core N, <= 256)")
     p.add_argument("--tdot-tiles", default="", help="tdot: block_n x block_k x warps x stages, comma-separated "
                                                       "(default: the built-in list)")
@@ -145,7 +154,7 @@ def main():
     dt = getattr(torch, args.dtype)
     out = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv), "results": []}
     t0 = time.time()
-    if args.kernel in ("tdot", "wgmma"):
+    if args.kernel in ("tdot", "wgmma", "mma", "mma_kw"):
         sweep_tdot(args, out)
         out["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(out, indent=1))
