@@ -206,12 +206,13 @@ def _load(ptrs, off, rows, n_rows, other_mask, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _tile(acc, wp, xs, k, s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz, word_l: gl.constexpr,
-          a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr,
-          ACT_FP16: gl.constexpr, num_warps: gl.constexpr):
+def _tile(acc, wp, xs, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr,
+          GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, num_warps: gl.constexpr):
     """``acc`` plus the tile at input ``k`` (of the program's first range): packed words ``wp`` ``[word rows, BLOCK_N]``
     (physical rows), activation pairs ``xs``. ``s_base``/``z_base``: the rows' ranges' offsets from the first (0, or
-    per row when the warps split K)."""
+    per row when the warps split K). ``sz``: the scales' and zeros' pointers, offsets, columns and masks,
+    ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
+    s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
@@ -233,14 +234,15 @@ def _tile(acc, wp, xs, k, s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols,
 
 
 @gluon.jit
-def _tile_inputs(w_ptrs, x_ptrs, k, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K: gl.constexpr,
-                 PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+def _tile_inputs(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
     """The packed words and activation pairs of the tile at input ``k`` of the first range (the pointers add the other
-    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows).
+    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows). ``src``: what every
+    tile's loads share, ``(w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)``.
 
     EVEN_K (every tile whole): a tile past the end, loaded ahead and never used, re-reads the range's last tile
     instead (from L1), and rows past M read row M - 1 (the pointers are clamped): no masks, so no registers zeroed
     before the loads; only whole tiles of real rows reach an output that is written."""
+    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
     if EVEN_K:
         kk = gl.minimum(k, k_end - BLOCK_K)
         if EVEN_N:
@@ -250,17 +252,8 @@ def _tile_inputs(w_ptrs, x_ptrs, k, k_end, kw_end, N, rows, col_ok, m_sub, m_n, 
         x = gl.load(x_ptrs + kk // 2)
     else:
         w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
-        x = _load(x_ptrs, k // 2, m_sub, m_n, _x_ok(kq, k_end - k, EVEN_K), True)
+        x = _load(x_ptrs, k // 2, m_sub, m_n, gl.expand_dims(2 * kq < k_end - k, 0), True)  # inputs past the end: 0
     return w, x
-
-
-@gluon.jit
-def _x_ok(kq, k_rem, EVEN_K: gl.constexpr):
-    """Which activation pairs of a tile with ``k_rem`` inputs left in the range to read: all or none when every
-    tile is whole (a tile past the end, loaded ahead, reads nothing), else by input."""
-    if EVEN_K:
-        return gl.expand_dims(kq * 0 < k_rem, 0)
-    return gl.expand_dims(2 * kq < k_rem, 0)
 
 
 @gluon.jit
@@ -381,40 +374,36 @@ def _qmm_mma_kernel(
     zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
     m_n = M - m0
 
+    src = (w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)
+    sz = (s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    wa, xa = _tile_inputs(w_ptrs, x_ptrs, k_lo, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
+    wa, xa = _tile_inputs(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
     k1 = k_lo + BLOCK_K
-    wb, xb = _tile_inputs(w_ptrs, x_ptrs, k1, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
+    wb, xb = _tile_inputs(src, k1, BLOCK_K, PER, EVEN_N, EVEN_K)
     if STAGES == 3:
         k2 = k_lo + 2 * BLOCK_K
-        wc, xc = _tile_inputs(w_ptrs, x_ptrs, k2, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
+        wc, xc = _tile_inputs(src, k2, BLOCK_K, PER, EVEN_N, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
-        acc = _tile(acc, wa, xa, k0, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l, a_l, b_l,
-                    BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        acc = _tile(acc, wa, xa, k0, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + D
-        wa, xa = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
-        acc = _tile(acc, wb, xb, k0 + BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l,
-                    a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        wa, xa = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
+        acc = _tile(acc, wb, xb, k0 + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
         kd = k0 + BLOCK_K + D
-        wb, xb = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER, EVEN_N, EVEN_K)
+        wb, xb = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
         if STAGES == 3:
-            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz,
-                        word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
             kd = k0 + 2 * BLOCK_K + D
-            wc, xc = _tile_inputs(w_ptrs, x_ptrs, kd, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, BLOCK_K, PER,
-                                  EVEN_N, EVEN_K)
+            wc, xc = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
-        acc = _tile(acc, wa, xa, k_rem, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l, a_l, b_l,
-                    BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        acc = _tile(acc, wa, xa, k_rem, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
     if rem >= 2:
-        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz, word_l,
-                    a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
     if GROUP == 0:
         acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
     if SLICES == 1:

@@ -12,10 +12,9 @@ program deep (``split_k`` 1).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
+
+from auto_quant.kernels.wgmma_plan import gluon_arch
 
 MMA_BITS = (2, 4, 8)
 MMA_MAX_M = 16
@@ -28,6 +27,10 @@ MMA_TILES = ((64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2
 MMA_KW_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 2), (16, 128, 8, 3), (32, 128, 4, 3),
                 (32, 64, 8, 3), (16, 128, 2, 2), (32, 128, 2, 2))
 MMA_KW_MAX_M = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _pow2(v: int) -> bool:
@@ -55,15 +58,7 @@ def mma_k_per_split(K: int, block_k: int, split: int, slices: int = 1) -> int | 
     every slice must be whole: ``None`` unless ``slices x block_k`` divides K."""
     if slices > 1:
         return K if split == 1 and K % (slices * block_k) == 0 else None
-    return -(-(-(-K // split)) // block_k) * block_k
-
-
-@functools.cache
-def _gluon_ampere() -> bool:
-    try:
-        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.ampere") is not None
-    except ModuleNotFoundError:
-        return False
+    return _cdiv(_cdiv(K, split), block_k) * block_k
 
 
 def mma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
@@ -78,7 +73,7 @@ def mma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
         return False
     per = 32 // bits
     return ((group_size == -1 or group_size % (4 * per) == 0) and K % per == 0
-            and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and _gluon_ampere())
+            and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and gluon_arch("ampere"))
 
 
 def _block_k(block_k: int, group_size: int, bits: int) -> int:
@@ -107,7 +102,7 @@ def mma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int 
         bk = _block_k(bk, group_size, bits)
         if not mma_block_ok(bm, bn, bk, warps, bits, stages):
             continue
-        tiles = -(-N // bn) * -(-M // bm)
+        tiles = _cdiv(N, bn) * _cdiv(M, bm)
         for target in (sms, 2 * sms, 4 * sms):
             out.append(KernelConfig("mma", bm, bn, bk, _split(tiles, K, bk, target), warps, stages))
     return list(dict.fromkeys(out))
@@ -149,4 +144,4 @@ def mma_default(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4
     bk = _block_k(128, group_size, bits)
     if not mma_block_ok(bm, 128, bk, 4, bits):
         return None
-    return KernelConfig("mma", bm, 128, bk, _split(-(-N // 128) * -(-M // bm), K, bk, 2 * sms), 4, 2)
+    return KernelConfig("mma", bm, 128, bk, _split(_cdiv(N, 128) * _cdiv(M, bm), K, bk, 2 * sms), 4, 2)

@@ -40,9 +40,11 @@ def wgmma_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, bits
 
 
 @functools.cache
-def _gluon_hopper() -> bool:
+def gluon_arch(arch: str) -> bool:
+    """Whether this Triton has Gluon's ``nvidia.<arch>`` language module (``hopper``: wgmma/TMA, ``ampere``:
+    mma.sync), looked up without importing it."""
     try:
-        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+        return importlib.util.find_spec(f"triton.experimental.gluon.language.nvidia.{arch}") is not None
     except ModuleNotFoundError:
         return False
 
@@ -55,7 +57,7 @@ def wgmma_serves(device: torch.device, bits: int, group_size: int, N: int, K: in
     from auto_quant.kernels.dispatch import wgmma_device
 
     return (bits in WGMMA_BITS and (group_size == -1 or group_size % 64 == 0) and K % 8 == 0 and N % 4 == 0
-            and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and _gluon_hopper())
+            and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and gluon_arch("hopper"))
 
 
 def _block_k(block_k: int, group_size: int) -> int:

@@ -51,6 +51,6 @@ def fake_sm90(monkeypatch):
     monkeypatch.setattr(d, "wgmma_device", lambda device: device.type == "cuda")
     monkeypatch.setattr(d, "_sms", lambda device: 132)
     monkeypatch.setattr(d, "smem_limit", lambda device: 232448)
-    monkeypatch.setattr(wgmma_plan, "_gluon_hopper", lambda: True)
-    monkeypatch.setattr(mma_plan, "_gluon_ampere", lambda: True)
+    monkeypatch.setattr(wgmma_plan, "gluon_arch", lambda arch: True)
+    monkeypatch.setattr(mma_plan, "gluon_arch", lambda arch: True)
     return d
