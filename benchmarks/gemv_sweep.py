@@ -12,7 +12,7 @@ counts, the tuner's other candidates alongside.
 
 Each configuration is timed like ``benchmarks/kernels.py`` times its rows (one CUDA graph over enough
 weight copies to exceed L2, median of replays), next to bf16 cuBLAS in the same process, and checked
-against the reference product. The tuner's own pick (``Tuner``, ``do_bench`` with L2 flushes) is
+against the reference product. The tuner's own pick (``Tuner``: graph timing after L2 flushes) is
 timed the same way, so the sweep shows how far the tuner's candidates and its timing are from the best.
 """
 
@@ -72,8 +72,9 @@ def time_config(cfg, x, w, copies, ref, ws) -> dict:
 
 def sweep_tdot(args, out):
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, candidates, quant_matmul
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, candidates, quant_matmul
     from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
+    from auto_quant.kernels.tuner import Tuner
 
     dev = torch.device("cuda")
     dt = getattr(torch, args.dtype)
@@ -135,7 +136,8 @@ def sweep_tdot(args, out):
 
 def main():
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import Tuner, Workspace, _gemv, codes_per_row, quant_matmul
+    from auto_quant.kernels.dispatch import Workspace, _gemv, codes_per_row, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,28672x4096")

@@ -113,7 +113,8 @@ def previous_gemv(N, K, bits, device):
 
 
 def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
-    from auto_quant.kernels.dispatch import Tuner, Workspace, launch, quant_matmul
+    from auto_quant.kernels.dispatch import Workspace, launch, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
 
     dev = torch.device("cuda")
     tuner = Tuner(**tuner_kw)

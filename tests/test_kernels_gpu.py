@@ -268,7 +268,8 @@ def test_gemv_odd_shapes_strides_and_large_activations(bits):
 
 def test_split_k_under_cuda_graph_and_tuner():
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import KernelConfig, Tuner, Workspace, quant_matmul
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
 
     N, K = 4096, 4096
     kw = quantized_weight(N, K, 4, 128, False, seed=5)

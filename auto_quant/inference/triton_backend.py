@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from auto_quant.kernels.dispatch import Tuner, Workspace, quant_matmul
+from auto_quant.kernels.dispatch import Workspace, quant_matmul
+from auto_quant.kernels.tuner import Tuner
 from auto_quant.kernels.pack import from_quant_linear
 
 

@@ -1,0 +1,79 @@
+"""Per-shape kernel choice by timing: ``Tuner`` times the candidate variants of
+:func:`~auto_quant.kernels.dispatch.candidates` on the first call per (weight format, dtype, M bucket, N, K,
+device) and keeps the fastest. A tuner belongs to whoever creates it (one per loaded model), not to the process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from auto_quant.kernels.dispatch import KernelConfig, Workspace, candidates, default_config, launch, m_bucket
+from auto_quant.kernels.pack import KernelWeight
+
+log = logging.getLogger(__name__)
+
+
+class Tuner:
+    """Times candidate variants per shape on first use and remembers the fastest.
+
+    Each candidate is timed inside CUDA graphs, after an L2 flush per call and a copy of the activations that
+    brings them back into L2, with the flushes' and copies' own time subtracted
+    (:func:`~auto_quant.kernels.gpu_timing.graph_time_ms`): event timing of Python-launched calls
+    measured the host's launch cost for kernels this short. An idle GPU's SM clock ramps up over the first
+    tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
+    candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once
+    more, keeping the fastest of that second round. ``rep_ms`` scales the rounds per candidate.
+    """
+
+    def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
+        self.rounds = max(3, min(9, int(rep_ms // 4)))
+        self.settle_rounds = max(1, int(settle_ms // 2))
+        self.recheck = recheck
+        self.best: dict[tuple, KernelConfig] = {}
+        self.timings: dict[tuple, dict[KernelConfig, float]] = {}
+
+    @staticmethod
+    def key(x2: torch.Tensor, w: KernelWeight) -> tuple:
+        return (w.bits, w.group_size, w.zeros is not None, x2.dtype, m_bucket(x2.shape[0]), w.out_features,
+                w.in_features, x2.device)
+
+    def config(self, x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, ws: Workspace) -> KernelConfig:
+        key = self.key(x2, w)
+        cfg = self.best.get(key)
+        if cfg is not None:
+            return cfg
+        M, K = x2.shape
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
+        from auto_quant.kernels.gpu_timing import graph_time_ms, l2_flush_buffer
+
+        flush = l2_flush_buffer(x2.device)
+        x_copy = torch.empty_like(x2)
+
+        def timed(c: KernelConfig, settle: int) -> float | None:
+            try:  # cold weights, activations in L2 (as decode finds them): a copy reads them after each flush
+                return graph_time_ms(lambda: launch(x2, w, bias, c, ws), flush, rounds=self.rounds,
+                                     settle_rounds=settle, warm=lambda: x_copy.copy_(x2))
+            except Exception as e:  # a variant that does not compile or fit (shared memory) is skipped
+                log.debug("kernel variant %s failed: %s", c, e)
+                torch.cuda.synchronize()
+                return None
+
+        times: dict[KernelConfig, float] = {}
+        for i, c in enumerate(candidates(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)):
+            t = timed(c, self.settle_rounds if i == 0 else 0)
+            if t is not None:
+                times[c] = t
+        if not times:
+            cfg = default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
+        else:
+            second = {c: timed(c, 0) for c in sorted(times, key=times.get)[: self.recheck]}
+            rechecked = {c: t for c, t in second.items() if t is not None}
+            times.update(rechecked)
+            cfg = min(rechecked or times, key=times.get)
+        self.best[key] = cfg
+        self.timings[key] = times
+        log.debug("tuned %s -> %s", key, cfg)
+        return cfg
