@@ -359,8 +359,11 @@ def _group_const(w: KernelWeight) -> int:
 
 
 def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-           ws: Workspace) -> torch.Tensor:
-    """Run one variant on a 2-D contiguous ``x2 [M, K]``; returns ``[M, N]`` in ``x2.dtype``."""
+           ws: Workspace, pdl: bool | None = None) -> torch.Tensor:
+    """Run one variant on a 2-D contiguous ``x2 [M, K]``; returns ``[M, N]`` in ``x2.dtype``. ``pdl``: launch the
+    1-row ``gemv`` and the ``mma`` kinds with programmatic dependent launch
+    (:mod:`~auto_quant.kernels.grid_dependency`); by default as
+    :func:`~auto_quant.kernels.grid_dependency.pdl_launch` decides."""
     import triton
 
     from auto_quant.kernels import triton_qmm as k
@@ -381,7 +384,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
             return x2 @ wt
         return torch.addmm(bias.to(x2.dtype), x2, wt)
     if cfg.kind == "gemv":
-        return _launch_gemv(x2, w, bias, cfg, ws)
+        return _launch_gemv(x2, w, bias, cfg, ws, pdl)
     if cfg.kind == "tdot":
         return _launch_tdot(x2, w, bias, cfg, ws)
     if cfg.kind == "wgmma":
@@ -391,7 +394,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
     if cfg.kind in ("mma", "mma_kw"):
         from auto_quant.kernels.gluon_mma import launch_mma
 
-        return launch_mma(x2, w, bias, cfg, ws)
+        return launch_mma(x2, w, bias, cfg, ws, pdl)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -471,16 +474,16 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
 
 def wgmma_device(device: torch.device) -> bool:
     """Whether Triton lowers ``tl.dot`` to Hopper's asynchronous ``wgmma`` here (sm_90; not the interpreter)."""
-    return device.type == "cuda" and not _interpreting() and _capability_major(device.index) == 9
+    return device.type == "cuda" and not _interpreting() and capability_major(device.index) == 9
 
 
 @functools.cache  # called on every tdot launch; a GPU's capability does not change
-def _capability_major(index: int | None) -> int:
+def capability_major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-                 ws: Workspace) -> torch.Tensor:
+                 ws: Workspace, pdl: bool | None = None) -> torch.Tensor:
     """The one-row kernel (``block_m == 1``, a program per row) or the multi-row one (paired path only)."""
     from auto_quant.kernels import triton_gemv as g
     from auto_quant.kernels import triton_gemv_rows as gr
@@ -509,10 +512,14 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
                   EVEN_N=N % cfg.block_n == 0, ACT_FP16=x2.dtype == torch.float16, STAGES=cfg.num_stages,
                   num_warps=cfg.num_warps)
     if cfg.block_m == 1:
+        from auto_quant.kernels.grid_dependency import pdl_launch
+
+        # one stage (register prefetch, often with a deep split) ran 1-12 % slower with PDL in 4 of 5 A/B pairs
+        pdl = pdl_launch(x2.device, N * K * w.bits // 8) and cfg.num_stages > 1 if pdl is None else pdl
         g._gemv_kernel[grid](
             *tensors, N, K, x2.stride(0), out.stride(0), rows, EVEN_K=K % per == 0, PAIRS=pairs,
             ASM=g.pair_asm(w.bits, act, zero) if pairs else "", CONS=g.pair_constraints(w.bits, act, zero) if pairs else "",
-            **consts)
+            PDL=pdl, **({"launch_pdl": True} if pdl else {}), **consts)  # no such launch option in the interpreter
     else:
         gr._gemv_rows_kernel[grid](
             *tensors, M, N, K, x2.stride(0), out.stride(0), rows, BLOCK_M=cfg.block_m,

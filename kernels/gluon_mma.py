@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from auto_quant.kernels.gluon_wgmma import _phys_row, write_tile
+from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kw_block_ok
 
 
@@ -234,10 +235,10 @@ def _tile(acc, wp, xs, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.c
 
 
 @gluon.jit
-def _tile_inputs(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
-    """The packed words and activation pairs of the tile at input ``k`` of the first range (the pointers add the other
-    slices' offsets): nothing read past the range's end ``k_end`` (``kw_end`` in word rows). ``src``: what every
-    tile's loads share, ``(w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)``.
+def _tile_words(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+    """The packed words of the tile at input ``k`` of the first range (the pointers add the other slices' offsets):
+    nothing read past the range's end ``k_end`` (``kw_end`` in word rows). ``src``: what every tile's loads share,
+    ``(w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)``.
 
     EVEN_K (every tile whole): a tile past the end, loaded ahead and never used, re-reads the range's last tile
     instead (from L1), and rows past M read row M - 1 (the pointers are clamped): no masks, so no registers zeroed
@@ -246,14 +247,24 @@ def _tile_inputs(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.co
     if EVEN_K:
         kk = gl.minimum(k, k_end - BLOCK_K)
         if EVEN_N:
-            w = gl.load(w_ptrs + (kk // PER) * N)
-        else:
-            w = gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
-        x = gl.load(x_ptrs + kk // 2)
-    else:
-        w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
-        x = _load(x_ptrs, k // 2, m_sub, m_n, gl.expand_dims(2 * kq < k_end - k, 0), True)  # inputs past the end: 0
-    return w, x
+            return gl.load(w_ptrs + (kk // PER) * N)
+        return gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
+    return _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+
+
+@gluon.jit
+def _tile_acts(src, k, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
+    """The activation pairs of the tile at input ``k`` (as :func:`_tile_words`)."""
+    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
+    if EVEN_K:
+        return gl.load(x_ptrs + gl.minimum(k, k_end - BLOCK_K) // 2)
+    return _load(x_ptrs, k // 2, m_sub, m_n, gl.expand_dims(2 * kq < k_end - k, 0), True)  # inputs past the end: 0
+
+
+@gluon.jit
+def _tile_inputs(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+    """The packed words and activation pairs of the tile at input ``k``."""
+    return _tile_words(src, k, BLOCK_K, PER, EVEN_N, EVEN_K), _tile_acts(src, k, BLOCK_K, EVEN_K)
 
 
 @gluon.jit
@@ -305,7 +316,8 @@ def _qmm_mma_kernel(
     M, N, K, stride_xm, stride_om, k_range,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, PDL: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     # SLICES == 1: the warps stack along the weight rows (BLOCK_N of them), and the program's BLOCK_M activation rows
     # are the mma's columns. SLICES == num_warps: every warp takes the same BLOCK_N / SLICES weight rows over its own
@@ -380,12 +392,20 @@ def _qmm_mma_kernel(
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    wa, xa = _tile_inputs(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
-    k1 = k_lo + BLOCK_K
-    wb, xb = _tile_inputs(src, k1, BLOCK_K, PER, EVEN_N, EVEN_K)
+    # the first tiles' words (the weight, which no kernel writes) are read before waiting for the kernel before this
+    # one (PDL: launched early, this program may start while that one still runs); the activations, and every
+    # write, after it
+    wa = _tile_words(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
+    wb = _tile_words(src, k_lo + BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
     if STAGES == 3:
-        k2 = k_lo + 2 * BLOCK_K
-        wc, xc = _tile_inputs(src, k2, BLOCK_K, PER, EVEN_N, EVEN_K)
+        wc = _tile_words(src, k_lo + 2 * BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
+    if PDL:
+        grid_wait()
+        grid_launch_dependents()
+    xa = _tile_acts(src, k_lo, BLOCK_K, EVEN_K)
+    xb = _tile_acts(src, k_lo + BLOCK_K, BLOCK_K, EVEN_K)
+    if STAGES == 3:
+        xc = _tile_acts(src, k_lo + 2 * BLOCK_K, BLOCK_K, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
         acc = _tile(acc, wa, xa, k0, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
@@ -413,9 +433,11 @@ def _qmm_mma_kernel(
         _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
-def launch_mma(x2, w, bias, cfg, ws):
+def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
-    weight rows, 8 or 16 activation rows per program) or ``mma_kw`` (warps split K, ``8 / warps`` rows per program)."""
+    weight rows, 8 or 16 activation rows per program) or ``mma_kw`` (warps split K, ``8 / warps`` rows per program).
+    ``pdl``: launch with programmatic dependent launch (:mod:`~auto_quant.kernels.grid_dependency`); by default
+    where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so."""
     import torch
 
     M, K = x2.shape
@@ -442,6 +464,7 @@ def launch_mma(x2, w, bias, cfg, ws):
     if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # read as b32 pairs: 4-byte aligned rows
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    pdl = pdl_launch(x2.device, N * K * w.bits // 8) if pdl is None else pdl
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_mma_kernel[grid](
@@ -450,7 +473,7 @@ def launch_mma(x2, w, bias, cfg, ws):
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=grid[2] > 1, ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
-        BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices,
-        num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices, PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return out

@@ -510,7 +510,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_R: tl.constexpr, EVEN_N: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, CONS: tl.constexpr,
-    ACT_FP16: tl.constexpr, STAGES: tl.constexpr,
+    ACT_FP16: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     # grid: (column tiles, rows of x, splits of K); rows_per_split % BLOCK_R == 0. GROUP == 0: per-channel
     # scales; a tile of BLOCK_R word rows inside one group (GROUP % (BLOCK_R * PER) == 0) reads one scale
@@ -519,6 +519,8 @@ def _gemv_kernel(
     # STAGES == 1: each iteration loads the next tile (words, scales, activation pairs) into registers
     # before it computes on this one; STAGES > 1: Triton's pipeliner copies tiles STAGES - 1 ahead into
     # shared memory (cp.async), which keeps more bytes in flight at no register cost.
+    # PDL (programmatic dependent launch, kernels/grid_dependency.py): the activations are read, and anything
+    # written, only after griddepcontrol.wait; with STAGES == 1 the first tile's words are read before it.
     PER: tl.constexpr = 32 // BITS
     ZC: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero
     ROW_S: tl.constexpr = GROUP != 0 and GROUP % (BLOCK_R * PER) != 0
@@ -534,6 +536,9 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
 
     if STAGES > 1:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for r0 in tl.range(r_lo, r_hi, BLOCK_R, num_stages=STAGES):
             rows, live, w, s, z = _load_tile(qw_ptr, s_ptr, z_ptr, r0, offs_r, r_hi, offs_n, n_mask, N, s_ch, z_ch,
                                              GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
@@ -543,6 +548,9 @@ def _gemv_kernel(
     else:
         rows, live, w_nx, s_nx, z_nx = _load_tile(qw_ptr, s_ptr, z_ptr, r_lo, offs_r, r_hi, offs_n, n_mask, N, s_ch,
                                                   z_ch, GROUP, PER, ROW_S, HAS_ZERO, ZC, EVEN_R)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(x32_ptr, rows, live, BITS, EVEN_R, PAIRS, ACT_FP16)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + offs_r

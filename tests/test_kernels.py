@@ -253,14 +253,14 @@ def _compile_sm90(fn, act, int_args, const):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs):
+def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs, pdl=False):
     from auto_quant.kernels import triton_gemv as g
 
     zero = 1 << (bits - 1) if sym else None
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_N=256, BLOCK_R=block_r, SPLIT=True,
                  EVEN_K=True, EVEN_R=False, EVEN_N=False, PAIRS=pairs,
                  ASM=g.pair_asm(bits, act, zero) if pairs else "", CONS=g.pair_constraints(bits, act, zero) if pairs else "",
-                 ACT_FP16=act == "fp16", STAGES=stages)
+                 ACT_FP16=act == "fp16", STAGES=stages, PDL=pdl)
     ints = ["N", "K", "stride_xm", "stride_om", "rows_per_split"]
     return _compile_sm90(g._gemv_kernel, act, ints, const)
 
@@ -279,6 +279,25 @@ def test_gemv_compiles_for_sm90(bits, act, sym, group, block_r, stages):
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
     if stages > 1:  # Triton's pipeliner copies tiles ahead with cp.async
         assert "cp.async" in ptx
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_gemv_pdl_reads_activations_after_the_grid_wait(stages):
+    """Launched with programmatic dependent launch, the kernel may start while the previous kernel still writes its
+    activations: every activation load and every store come after ``griddepcontrol.wait`` (one tile's words may
+    come before it with one stage); without PDL there is no wait at all."""
+    ptx = _compile_gemv_sm90(4, "bf16", True, 128, 4, stages, True, pdl=True).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in body[wait:]
+    before = body[:wait]
+    assert "st.global" not in before and "atom." not in before and "cp.async" not in before
+    loads = re.findall(r"ld\.global[\w.]*", before)
+    if stages == 1:  # the first tile's words (4 word rows x 256 columns over 128 threads) and its scales
+        assert loads.count("ld.global.b32") == 8 and set(loads) == {"ld.global.b32", "ld.global.b16"}
+    else:  # Triton's pipeliner issues words and activations together: nothing before the wait
+        assert not loads
+    assert "griddepcontrol" not in _compile_gemv_sm90(4, "bf16", True, 128, 4, stages, True).asm["ptx"]
 
 
 def _compile_tdot_sm90(bits, act, sym, group, block_k, pairs):

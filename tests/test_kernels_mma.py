@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
 def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
-             stages=2, slices=1):
+             stages=2, slices=1, pdl=False):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -27,7 +27,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
            "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16",
                  EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages, SLICES=slices,
-                 num_warps=warps)
+                 PDL=pdl, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
@@ -84,6 +84,38 @@ def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages
     assert ("ld.global.v4.b32" if bits != 8 else "ld.global.v2.b32") in ptx
     assert ("ld.global.v2.b32" if rows == 16 else "ld.global.v4.b32") in ptx
     assert "atom." not in ptx
+
+
+@pytest.mark.parametrize("slices,stages", [(1, 2), (8, 3)])
+def test_mma_pdl_reads_only_the_weight_before_the_grid_wait(slices, stages):
+    """With programmatic dependent launch the first tiles' words load before ``griddepcontrol.wait`` (the weight is
+    never written by another kernel), the activations, scales and every store after it;
+    without PDL there is no wait."""
+    warps = 8 if slices > 1 else 4
+    ck = _compile("bf16", True, 128, 8, 16 * warps, 128, warps, False, 4, True, stages, slices=slices, pdl=True)
+    body = ck.asm["ptx"][ck.asm["ptx"].index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    before = body[:wait]
+    # the words of the first tiles (8-byte loads, 4 per tile and thread here); no activations (16-byte loads), no
+    # scales, no stores
+    assert re.findall(r"ld\.global[\w.]*", before) == ["ld.global.v2.b32"] * (4 * stages)
+    assert "st." not in before
+    assert "griddepcontrol.launch_dependents" in body[wait:]
+    assert "griddepcontrol" not in _compile("bf16", True, 128, 8, 16 * warps, 128, warps, False, 4, True, stages,
+                                            slices=slices).asm["ptx"]
+
+
+def test_pdl_launch_needs_sm90_and_a_small_weight(monkeypatch):
+    """PDL only where the instructions exist (sm_90+) and for weights up to the bound (where it measured faster)."""
+    from auto_quant.kernels import dispatch
+    from auto_quant.kernels import grid_dependency as g
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(dispatch, "capability_major", lambda index: 9)
+    assert g.pdl_launch(cuda, g.PDL_MAX_WEIGHT_BYTES) and not g.pdl_launch(cuda, g.PDL_MAX_WEIGHT_BYTES + 1)
+    assert not g.pdl_launch(torch.device("cpu"), 1 << 20)
+    monkeypatch.setattr(dispatch, "capability_major", lambda index: 8)
+    assert not g.pdl_launch(cuda, 1 << 20)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -131,3 +131,37 @@ def test_tuner_offers_mma():
     for M in (1, 4):
         assert any(c.kind == "mma_kw" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     assert not any(c.kind == "mma" for c in candidates(17, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
+
+
+@needs_sm90
+@pytest.mark.parametrize("kind,M", [("mma_kw", 1), ("gemv", 1), ("mma", 4), ("mma", 16)])
+def test_pdl_chain_reads_the_previous_output(kind, M):
+    """Launched with programmatic dependent launch a kernel starts while the one before it still runs: a chain in
+    which each matmul's input is the previous one's output (eager, and replayed in a CUDA graph) must equal the same
+    chain launched plainly. A read of the activations before ``griddepcontrol.wait`` would see the old values."""
+    from auto_quant.kernels.dispatch import Workspace, candidates, launch
+
+    N = K = 4096  # 8 MB at 4 bits: launched with PDL by default
+    weights = [quantized_weight(N, K, 128, True, seed=s) for s in range(4)]
+    cfg = next(c for c in candidates(M, N, K, torch.device("cuda"), 4, 128, torch.bfloat16) if c.kind == kind)
+    ws = Workspace()
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):  # each kernel reads the output of the one launched just before it
+        y = x
+        for w in weights:
+            y = launch(y, w, None, cfg, ws, pdl=pdl)
+        return y
+
+    plain = chain(False)  # split-K sums in any order: equal to rounding, not bit for bit
+    assert torch.isfinite(plain).all() and rel_err(chain(True), plain) < 1e-2
+    static = torch.empty_like(plain)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static.copy_(chain(True))
+    for _ in range(3):
+        static.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static, plain) < 1e-2
