@@ -38,8 +38,7 @@ def ab_rows(N, K, fmt, M, top, dev, dt):
 
     bits, group, sym = FORMATS[fmt]
     w = _bk.random_kernel_weight(N, K, bits, group, sym, dev)
-    wbytes = w.qweight.numel() * 4 + w.scales.numel() * 2 + (w.zeros.numel() if w.zeros is not None else 0)
-    copies = [w] + [_bk.clone_weight(w) for _ in range(max(1, _bk.GRAPH_BYTES // wbytes) - 1)]
+    copies = [w] + [_bk.clone_weight(w) for _ in range(max(1, _bk.GRAPH_BYTES // w.nbytes()) - 1)]
     x = torch.randn(M, K, device=dev, dtype=dt)
     ws = Workspace()
     tuner = Tuner()

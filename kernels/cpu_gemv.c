@@ -143,6 +143,11 @@ void aq_quantize_rows(const float *x, int64_t M, int64_t K, int32_t zero, int8_t
  * out[m][r] = sum_b scale[r][b] * d[m][b] * (sum_j code[r][j] * q[m][j] + zero term).
  * MT, ZR (per-block zeros) and BITS (4 or 8) are constants at every call site. */
 
+/* Ask for the lines AQ_PREFETCH bytes past the block of codes at p (BITS: its layout). */
+AQ_INLINE void prefetch_block(const int BITS, const uint8_t *p) {
+    for (int l = 0; l < AQ_TILE_BYTES(BITS); l += 64) __builtin_prefetch(p + AQ_PREFETCH + l, 0, 3);
+}
+
 AQ_INLINE int32_t load_i32(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, sizeof v);
@@ -176,8 +181,7 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i w[8];
-        for (int l = 0; l < AQ_TILE_BYTES(BITS); l += 64)
-            _mm_prefetch((const char *)(wc + b * AQ_TILE_BYTES(BITS) + AQ_PREFETCH + l), _MM_HINT_T0);
+        prefetch_block(BITS, wc + b * AQ_TILE_BYTES(BITS));
         load_block(BITS, wc + b * AQ_TILE_BYTES(BITS), w);
         __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + b * AQ_TILE_N)));
         __m512i zr = ZR ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wz + b * AQ_TILE_N)))
@@ -238,9 +242,7 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8
         for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *p = wc + b * AQ_TILE_BYTES(BITS) + 32 * h;
-            if (h == 0)  /* the second half re-reads the same lines */
-                for (int l = 0; l < AQ_TILE_BYTES(BITS); l += 64)
-                    _mm_prefetch((const char *)(wc + b * AQ_TILE_BYTES(BITS) + AQ_PREFETCH + l), _MM_HINT_T0);
+            if (h == 0) prefetch_block(BITS, wc + b * AQ_TILE_BYTES(BITS)); /* the second half re-reads the lines */
             __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b * AQ_TILE_N + 8 * h)));
             __m256i zr = ZR ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wz + b * AQ_TILE_N + 8 * h)))
                             : _mm256_setzero_si256();

@@ -13,6 +13,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from auto_quant.kernels import dispatch  # no cycle: dispatch imports this module only inside its launchers
+
 
 @gluon.jit
 def grid_wait():
@@ -38,7 +40,5 @@ def pdl_launch(device, weight_bytes: int) -> bool:
     """Whether a matmul over ``weight_bytes`` of packed weight on ``device`` is built with the wait and launched
     with PDL: CUDA devices of compute capability 9.0 and later (the instructions do not exist before sm_90), weights
     up to :data:`PDL_MAX_WEIGHT_BYTES`."""
-    from auto_quant.kernels import dispatch
-
     return (device.type == "cuda" and weight_bytes <= PDL_MAX_WEIGHT_BYTES
             and dispatch.capability_major(device.index) >= 9)
