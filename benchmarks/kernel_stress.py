@@ -76,6 +76,8 @@ def main():
                         bad.append({"N": N, "K": K, "bits": bits, "group_size": gs, "sym": sym, "M": M,
                                     "config": dataclasses.asdict(cfg), "worst_rel_err": worst})
                         print("bad:", bad[-1], file=sys.stderr, flush=True)
+            print(f"{N}x{K} W{bits} g{gs} {'sym' if sym else 'asym'}: {checked} checked, {len(bad)} bad, "
+                  f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "reps": args.reps, "configs_checked": checked,
                       "bad": bad, "seconds": round(time.time() - t0, 1)}, indent=1))
 

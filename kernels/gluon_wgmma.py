@@ -205,14 +205,6 @@ def _dequant(words, sel, zz, ss, BITS: gl.constexpr, ACT_FP16: gl.constexpr):
 
 
 @gluon.jit
-def _release(v):
-    """A ``fence.acq_rel.gpu`` per element of ``v`` (a thread runs it once per element it holds: a few times),
-    instead of one per atomic."""
-    gl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [v], dtype=gl.int32, is_pure=False,
-                              pack=1)
-
-
-@gluon.jit
 def _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l: gl.constexpr, load_l: gl.constexpr,
              word_l: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
              MAGIC: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, BITS: gl.constexpr,
@@ -285,12 +277,12 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
     else:
         w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
         gl.atomic_add(ws_ptr + w_offs, acc, mask=o_mask, sem="relaxed")
-        _release(o_rows)  # this thread's adds are visible GPU-wide before the tile's counter moves
+        # the barrier orders every thread's adds before the counter's acq_rel atomic, whose release is cumulative
+        # (the split-K semaphore pattern of CUTLASS): one fence per program, not one per thread or per element
         gl.thread_barrier()
         tile = pid_m * gl.num_programs(0) + pid_n
         arrived = gl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == gl.num_programs(2) - 1:
-            _release(o_rows)  # acquire side: the counter read is ordered before the reads of the sums
+        if arrived == gl.num_programs(2) - 1:  # the atomic's acquire orders the reads of the sums after it
             tot = gl.atomic_xchg(ws_ptr + w_offs, gl.zeros_like(acc), mask=o_mask, sem="relaxed")  # sum, re-zeroed
             if HAS_BIAS:
                 tot += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)

@@ -71,13 +71,15 @@ def _write_output(res, out_ptr, o_offs, o_mask, ws_ptr, ws_offs, b_ptr, offs_n, 
         tl.store(out_ptr + o_offs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
         w_ptrs = ws_ptr + ws_offs
-        tl.atomic_add(w_ptrs, res, mask=o_mask)  # acq_rel: performed before this thread goes on
+        tl.atomic_add(w_ptrs, res, mask=o_mask, sem="relaxed")
+        # the barrier orders every thread's adds before the counter's acq_rel atomic, whose release is cumulative
+        # (the split-K semaphore pattern of CUTLASS): one fence per program instead of one per element
         tl.debug_barrier()
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == tl.num_programs(2) - 1:
+        if arrived == tl.num_programs(2) - 1:  # the counter's acquire orders the reads below after it
             zero = tl.zeros_like(res)
-            tot = tl.atomic_add(w_ptrs, zero, mask=o_mask)  # read at L2, where the other splits added
+            tot = tl.atomic_add(w_ptrs, zero, mask=o_mask, sem="relaxed")  # read at L2, where the splits added
             tl.store(w_ptrs, zero, mask=o_mask)  # back to zero for the next call
             if HAS_BIAS:
                 tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
