@@ -18,7 +18,8 @@ the unpacking, and this kernel arranges for that to be the cheapest one:
   activation row ``g`` (one 16-byte load at 4 bits) and one ``prmt`` per pair puts them in the words' pairs.
 * **Exact codes, float32 sums.** The operand holds the exact integers ``code - zero``; the products are summed
   in float32 by the tensor core and the group's scale multiplies the tile's sums (one group per tile, or
-  per-channel scales at the end).
+  per-channel scales at the end). Zero points (and, for 16-row tiles, scales) load with the words, ahead of use
+  (:func:`_tile_scales`).
 * **No shared memory in the loop.** The words come straight from global memory (16-byte loads along the
   weight rows: a thread's rows are adjacent physical rows, :func:`~auto_quant.kernels.gluon_wgmma._phys_row`),
   ``STAGES`` tiles ahead in registers, so warps never wait on each other.
@@ -207,21 +208,21 @@ def _load(ptrs, off, rows, n_rows, other_mask, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _tile(acc, wp, xs, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr,
-          GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, num_warps: gl.constexpr):
-    """``acc`` plus the tile at input ``k`` (of the program's first range): packed words ``wp`` ``[word rows, BLOCK_N]``
-    (physical rows), activation pairs ``xs``. ``s_base``/``z_base``: the rows' ranges' offsets from the first (0, or
-    per row when the warps split K). ``sz``: the scales' and zeros' pointers, offsets, columns and masks,
-    ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
+def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr,
+          GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, SCALES_AHEAD: gl.constexpr,
+          num_warps: gl.constexpr):
+    """``acc`` plus the tile at input ``k`` (of the program's first range): packed words ``wp`` ``[word rows,
+    BLOCK_N]`` (physical rows), activation pairs ``xs``, the tile's zero points ``zp`` and (``SCALES_AHEAD``) scales
+    ``sc`` as loaded ahead (:func:`_tile_scales`; else the scales load here). ``sz``: the scales' and zeros' pointers,
+    offsets, columns and masks, ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
+    if GROUP != 0 and not SCALES_AHEAD:
+        sc = gl.load(s_ptr + ((s_base + k) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
-    gs = 0 if GROUP == 0 else (s_base + k) // GROUP
     if HAS_ZERO:
-        gz = 0 if GROUP == 0 else (z_base + k) // GROUP
-        zp = gl.load(z_ptr + gz * N + z_cols, mask=z_ok, other=0).to(gl.float32)
-        zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp, ACT_FP16, BITS), 1), 2)
+        zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 1), 2)
     # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
     wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
     wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
@@ -229,9 +230,32 @@ def _tile(acc, wp, xs, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.c
     a = _operand_a(words, zz, BITS, ACT_FP16, HAS_ZERO, a_l)
     b = _operand_b(xs, BITS, ACT_FP16, b_l)
     if GROUP == 0:
-        return mma_v2(a, b, acc)
-    sc = gl.load(s_ptr + gs * N + s_cols, mask=s_ok, other=0.0).to(gl.float32)
-    return acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc, 1)
+        acc = mma_v2(a, b, acc)
+    else:
+        acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 1)
+    return acc
+
+
+@gluon.jit
+def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr):
+    """The zero points and (``SCALES_AHEAD``) scales of the tile at input ``k`` of the first range, loaded with its
+    words, ``STAGES`` tiles ahead of their use; a tile past the range's end re-reads the last group's. Per-channel
+    scales (``GROUP == 0``) are applied after the loop: none here.
+
+    Why ahead: the zero points feed the dequantization, and loaded just before it their latency stalled every tile
+    (H100, asymmetric W4: 1.10-1.17x median with them ahead). The scales only multiply the tile's sums; ahead they
+    paid at 16 activation rows (1.02-1.07x) and cost at 8 (0.96-0.99x, the registers of ``STAGES`` more tiles'
+    scales), so the kernel takes them ahead for 16-row tiles only (docs/bench/kernels.md, session 12)."""
+    s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
+    kc = gl.minimum(k, k_end - 1)
+    sc = zz
+    if GROUP != 0 and SCALES_AHEAD:
+        sc = gl.load(s_ptr + ((s_base + kc) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
+    zp = sc
+    if HAS_ZERO:
+        gz = 0 if GROUP == 0 else (z_base + kc) // GROUP
+        zp = gl.load(z_ptr + gz * N + z_cols, mask=z_ok, other=0)
+    return sc, zp
 
 
 @gluon.jit
@@ -262,9 +286,12 @@ def _tile_acts(src, k, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
 
 
 @gluon.jit
-def _tile_inputs(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
-    """The packed words and activation pairs of the tile at input ``k``."""
-    return _tile_words(src, k, BLOCK_K, PER, EVEN_N, EVEN_K), _tile_acts(src, k, BLOCK_K, EVEN_K)
+def _tile_inputs(src, sz, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr,
+                 GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr):
+    """The packed words, activation pairs, scales and zero points of the tile at input ``k``."""
+    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
+    sc, zp = _tile_scales(sz, k, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
+    return _tile_words(src, k, BLOCK_K, PER, EVEN_N, EVEN_K), _tile_acts(src, k, BLOCK_K, EVEN_K), sc, zp
 
 
 @gluon.jit
@@ -392,13 +419,18 @@ def _qmm_mma_kernel(
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
+    SCALES_AHEAD: gl.constexpr = BLOCK_M == 16  # see _tile_scales
     # the first tiles' words (the weight, which no kernel writes) are read before waiting for the kernel before this
     # one (PDL: launched early, this program may start while that one still runs); the activations, and every
     # write, after it
     wa = _tile_words(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
+    sa, za = _tile_scales(sz, k_lo, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     wb = _tile_words(src, k_lo + BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
+    sb, zb = _tile_scales(sz, k_lo + BLOCK_K, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     if STAGES == 3:
         wc = _tile_words(src, k_lo + 2 * BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
+        sc, zc = _tile_scales(sz, k_lo + 2 * BLOCK_K, k_end, GROUP, HAS_ZERO,
+                                SCALES_AHEAD)
     if PDL:
         grid_wait()
         grid_launch_dependents()
@@ -408,22 +440,26 @@ def _qmm_mma_kernel(
         xc = _tile_acts(src, k_lo + 2 * BLOCK_K, BLOCK_K, EVEN_K)
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
-        acc = _tile(acc, wa, xa, k0, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
-        kd = k0 + D
-        wa, xa = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
-        acc = _tile(acc, wb, xb, k0 + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
-        kd = k0 + BLOCK_K + D
-        wb, xb = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
+        acc = _tile(acc, wa, xa, sa, za, k0, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
+                    num_warps)
+        wa, xa, sa, za = _tile_inputs(src, sz, k0 + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD)
+        acc = _tile(acc, wb, xb, sb, zb, k0 + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
+                    SCALES_AHEAD, num_warps)
+        wb, xb, sb, zb = _tile_inputs(src, sz, k0 + BLOCK_K + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO,
+                                      SCALES_AHEAD)
         if STAGES == 3:
-            acc = _tile(acc, wc, xc, k0 + 2 * BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
-            kd = k0 + 2 * BLOCK_K + D
-            wc, xc = _tile_inputs(src, kd, BLOCK_K, PER, EVEN_N, EVEN_K)
+            acc = _tile(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
+                        SCALES_AHEAD, num_warps)
+            wc, xc, sc, zc = _tile_inputs(src, sz, k0 + 2 * BLOCK_K + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP,
+                                          HAS_ZERO, SCALES_AHEAD)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
-        acc = _tile(acc, wa, xa, k_rem, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        acc = _tile(acc, wa, xa, sa, za, k_rem, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
+                    num_warps)
     if rem >= 2:
-        acc = _tile(acc, wb, xb, k_rem + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, num_warps)
+        acc = _tile(acc, wb, xb, sb, zb, k_rem + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
+                    SCALES_AHEAD, num_warps)
     if GROUP == 0:
         acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
     if SLICES == 1:

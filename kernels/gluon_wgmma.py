@@ -205,22 +205,33 @@ def _dequant(words, sel, zz, ss, BITS: gl.constexpr, ACT_FP16: gl.constexpr):
 
 
 @gluon.jit
-def _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l: gl.constexpr, load_l: gl.constexpr,
-             word_l: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
-             MAGIC: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, BITS: gl.constexpr,
-             num_warps: gl.constexpr):
-    """Tile ``t``'s dequantized weight in the left-operand layout (waits for the tile's TMA copies)."""
+def _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t, n_tiles, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr,
+                 BLOCK_K: gl.constexpr):
+    """Tile ``t``'s scales and zero points as loaded (a tile past the last re-reads the last one's): issued a tile
+    ahead of their use, so that their latency hides behind a tile's dequantization and ``wgmma``."""
+    k0 = k_lo + gl.minimum(t, n_tiles - 1) * BLOCK_K
+    g = 0 if GROUP == 0 else k0 // GROUP
+    sc = gl.load(s_ptr + g * N + cols, mask=col_ok, other=0.0)
+    zp = sc
+    if HAS_ZERO:
+        zp = gl.load(z_ptr + g * N + cols, mask=col_ok, other=0)
+    return sc, zp
+
+
+@gluon.jit
+def _operand(w_smem, bars, scz, sel, zz, t, a_l: gl.constexpr, load_l: gl.constexpr, word_l: gl.constexpr,
+             HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, MAGIC: gl.constexpr, STAGES: gl.constexpr,
+             BLOCK_K: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
+    """Tile ``t``'s dequantized weight in the left-operand layout (waits for the tile's TMA copies); ``scz``: its
+    scales and zero points (:func:`_tile_scales`)."""
     BKW: gl.constexpr = BLOCK_K // (32 // BITS)
     BLOCK_N: gl.constexpr = w_smem.shape[2]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     s = t % STAGES
-    k0 = k_lo + t * BLOCK_K
-    g = 0 if GROUP == 0 else k0 // GROUP
-    sc = gl.load(s_ptr + g * N + cols, mask=col_ok, other=0.0).to(gl.float32)
-    ss = gl.expand_dims(gl.expand_dims(_pair(sc, ACT_FP16), 1), 2)
+    sc, zp = scz
+    ss = gl.expand_dims(gl.expand_dims(_pair(sc.to(gl.float32), ACT_FP16), 1), 2)
     if HAS_ZERO:
-        zp = gl.load(z_ptr + g * N + cols, mask=col_ok, other=0).to(gl.float32)
-        zz = gl.expand_dims(gl.expand_dims(_pair(-(zp + MAGIC), ACT_FP16), 1), 2)
+        zz = gl.expand_dims(gl.expand_dims(_pair(-(zp.to(gl.float32) + MAGIC), ACT_FP16), 1), 2)
     mbarrier.wait(bars.index(s), (t // STAGES) & 1)
     wp = w_smem.index(s).load(load_l)  # [BKW, BLOCK_N], physical rows
     # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
@@ -355,22 +366,27 @@ def _qmm_wgmma_kernel(
     # next tile's operand could then be built there (seen on the H100: wrong tiles whenever two programs
     # shared a multiprocessor). Here a1 is only redefined after the wait that retired its wgmma.
     a1 = gl.zeros([BLOCK_N, BLOCK_K], gl.float16 if ACT_FP16 else gl.bfloat16, layout=a_l)
+    # each tile's scales (and zero points) are loaded a tile ahead: read just before the dequantization, their
+    # latency from L2 stalled every tile (Nsight Compute: the only global loads of the loop)
+    sz_a = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, 0, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
     for t2 in range(n_tiles // 2):
         t = 2 * t2
-        a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
+        sz_b = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 1, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
+        a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,
+                      BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
         _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
-        a1 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t + 1, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
+        sz_a = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 2, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
+        a1 = _operand(w_smem, bars, sz_b, sel, zz, t + 1, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES,
+                      BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a1, x_smem.index((t + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
         _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
     if n_tiles % 2:
         t = n_tiles - 1
-        a0 = _operand(w_smem, bars, s_ptr, z_ptr, cols, col_ok, sel, zz, N, k_lo, t, a_l, load_l, word_l, GROUP,
-                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
+        a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,
+                      BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
         acc, a0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0))

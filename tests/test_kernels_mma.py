@@ -89,15 +89,15 @@ def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages
 @pytest.mark.parametrize("slices,stages", [(1, 2), (8, 3)])
 def test_mma_pdl_reads_only_the_weight_before_the_grid_wait(slices, stages):
     """With programmatic dependent launch the first tiles' words load before ``griddepcontrol.wait`` (the weight is
-    never written by another kernel), the activations, scales and every store after it;
-    without PDL there is no wait."""
+    never written by another kernel; so would their zero points, and at 16 rows their scales), the activations and
+    every store after it; without PDL there is no wait."""
     warps = 8 if slices > 1 else 4
     ck = _compile("bf16", True, 128, 8, 16 * warps, 128, warps, False, 4, True, stages, slices=slices, pdl=True)
     body = ck.asm["ptx"][ck.asm["ptx"].index(".entry"):]
     wait = body.index("griddepcontrol.wait")
     before = body[:wait]
     # the words of the first tiles (8-byte loads, 4 per tile and thread here); no activations (16-byte loads), no
-    # scales, no stores
+    # scales (loaded at their tile's use at 8 rows), no stores
     assert re.findall(r"ld\.global[\w.]*", before) == ["ld.global.v2.b32"] * (4 * stages)
     assert "st." not in before
     assert "griddepcontrol.launch_dependents" in body[wait:]
