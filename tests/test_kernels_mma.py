@@ -105,6 +105,17 @@ def test_mma_pdl_reads_only_the_weight_before_the_grid_wait(slices, stages):
                                             slices=slices).asm["ptx"]
 
 
+@pytest.mark.parametrize("sym,bm,stages", [(False, 8, 2), (True, 16, 2), (False, 16, 3), (True, 8, 3)])
+def test_mma_loads_zero_points_and_16_row_scales_with_the_words(sym, bm, stages):
+    """Each of the first ``STAGES`` tiles loads its zero points (bytes) and, for 16-row tiles, its fp16 scales with
+    its words, ahead of use (here: before the PDL wait); 8-row tiles read their scales at use."""
+    ck = _compile("bf16", sym, 128, bm, 64, 128, 4, True, 4, True, stages, pdl=True)
+    body = ck.asm["ptx"][ck.asm["ptx"].index(".entry"):]
+    before = body[:body.index("griddepcontrol.wait")]
+    tile = ["ld.global.v2.b32"] * 4 + ["ld.global.b16"] * 2 * (bm == 16) + ["ld.global.b8"] * 2 * (not sym)
+    assert re.findall(r"ld\.global[\w.]*", before) == tile * stages
+
+
 def test_pdl_launch_needs_sm90_and_a_small_weight(monkeypatch):
     """PDL only where the instructions exist (sm_90+) and for weights up to the bound (where it measured faster)."""
     from auto_quant.kernels import dispatch

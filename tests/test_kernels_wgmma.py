@@ -58,6 +58,19 @@ def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stage
         assert "fma.rn.bf16x2" in ptx
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_wgmma_loads_the_next_tiles_scales_before_waiting_for_this_tile(sym):
+    """Scales (and zero points) load a tile ahead: before the loop's first wait on a tile's TMA copies, the scales
+    of tiles 0 and 1 are in flight (2 fp16 per thread each here), not only tile 0's."""
+    import re
+
+    ptx = _compile("bf16", sym, 128, 64, 64, 128, 4, 3, False, 4).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    before = re.findall(r"ld\.global[\w.]*", body[:body.index("mbarrier.try_wait")])
+    assert before.count("ld.global.b16") == 4
+    assert before.count("ld.global.b8") == (0 if sym else 4)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("bn,warps", [(64, 4), (128, 4), (256, 4), (128, 8), (256, 8)])
 def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
