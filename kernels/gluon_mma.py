@@ -429,8 +429,7 @@ def _qmm_mma_kernel(
     sb, zb = _tile_scales(sz, k_lo + BLOCK_K, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     if STAGES == 3:
         wc = _tile_words(src, k_lo + 2 * BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
-        sc, zc = _tile_scales(sz, k_lo + 2 * BLOCK_K, k_end, GROUP, HAS_ZERO,
-                                SCALES_AHEAD)
+        sc, zc = _tile_scales(sz, k_lo + 2 * BLOCK_K, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     if PDL:
         grid_wait()
         grid_launch_dependents()
