@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import sys
 
@@ -47,9 +46,9 @@ def main():
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
         for fmt in args.formats.split(","):
-            bits, gs, sym = int(fmt[1:fmt.index("g")]), int(fmt[fmt.index("g") + 1:].rstrip("a")), not fmt.endswith("a")
+            bits, gs, sym = _bk.parse_format(fmt)
             w = _bk.random_kernel_weight(N, K, bits, gs, sym, dev)
-            copies = [w] + [_bk.clone_weight(w) for _ in range(max(2, math.ceil(_bk.GRAPH_BYTES / w.nbytes())) - 1)]
+            copies = _bk.copies_beyond_l2(w, w.nbytes(), _bk.clone_weight)
             ws = Workspace()
             for M in (int(m) for m in args.ms.split(",")):
                 x = torch.randn(M, K, device=dev, dtype=dt)

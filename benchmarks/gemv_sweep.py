@@ -36,8 +36,7 @@ import torch.nn.functional as F
 _spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os.path.dirname(__file__), "kernels.py"))
 _bk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bk)
-GRAPH_BYTES, clone_weight, graph_time_us, random_kernel_weight = (_bk.GRAPH_BYTES, _bk.clone_weight, _bk.graph_time_us,
-                                                                  _bk.random_kernel_weight)
+clone_weight, graph_time_us, random_kernel_weight = _bk.clone_weight, _bk.graph_time_us, _bk.random_kernel_weight
 
 # (block_n, word rows per tile, warps, stages)
 TILES = [(32, 64, 4, 3), (32, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3), (128, 16, 4, 3), (128, 32, 4, 3),
@@ -81,12 +80,12 @@ def sweep_tdot(args, out):
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
         wb = torch.randn(N, K, device=dev, dtype=dt) * 0.02
-        copies_b = [wb] + [wb.clone() for _ in range(max(2, math.ceil(GRAPH_BYTES / (N * K * 2))) - 1)]
+        copies_b = _bk.copies_beyond_l2(wb, N * K * 2, torch.Tensor.clone)
         for fmt in args.formats.split(","):
-            bits, gs = int(fmt[1:fmt.index("g")]), int(fmt[fmt.index("g") + 1:])
+            bits, gs, _ = _bk.parse_format(fmt)
             w = random_kernel_weight(N, K, bits, gs, True, dev)
             W = dequantize(w).double()
-            copies = [w] + [clone_weight(w) for _ in range(max(2, math.ceil(GRAPH_BYTES / w.nbytes())) - 1)]
+            copies = _bk.copies_beyond_l2(w, w.nbytes(), clone_weight)
             ws = Workspace()
             for M in (int(m) for m in args.ms.split(",")):
                 x = torch.randn(M, K, device=dev, dtype=dt)
@@ -165,14 +164,14 @@ def main():
         N, K = (int(v) for v in shape.split("x"))
         wb = torch.randn(N, K, device=dev, dtype=dt) * 0.02
         x = torch.randn(1, K, device=dev, dtype=dt)
-        copies_b = [wb] + [wb.clone() for _ in range(max(2, math.ceil(GRAPH_BYTES / (N * K * 2))) - 1)]
+        copies_b = _bk.copies_beyond_l2(wb, N * K * 2, torch.Tensor.clone)
         bf16_us = graph_time_us([lambda w=w: F.linear(x, w) for w in copies_b])
         del copies_b, wb
         for fmt in args.formats.split(","):
-            bits, gs = int(fmt[1:fmt.index("g")]), int(fmt[fmt.index("g") + 1:])
+            bits, gs, _ = _bk.parse_format(fmt)
             w = random_kernel_weight(N, K, bits, gs, True, dev)
             ref = (x.double() @ dequantize(w).double().t())
-            copies = [w] + [clone_weight(w) for _ in range(max(2, math.ceil(GRAPH_BYTES / w.nbytes())) - 1)]
+            copies = _bk.copies_beyond_l2(w, w.nbytes(), clone_weight)
             ws = Workspace()
             rows = math.ceil(K / codes_per_row(bits))
             timings = []

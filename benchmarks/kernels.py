@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -60,6 +61,20 @@ def clone_weight(w):
 
     return dataclasses.replace(w, **{f: getattr(w, f).clone() for f in ("qweight", "qweight_hi", "scales", "zeros")
                                      if getattr(w, f) is not None})
+
+
+def copies_beyond_l2(first, nbytes: int, clone) -> list:
+    """``first`` and enough ``clone(first)`` copies (at least one) that a pass over them reads ``GRAPH_BYTES``: timed
+    back to back, each call finds its weight out of L2."""
+    return [first] + [clone(first) for _ in range(max(2, math.ceil(GRAPH_BYTES / nbytes)) - 1)]
+
+
+def parse_format(fmt: str) -> tuple[int, int, bool]:
+    """``"w4g128"`` -> ``(4, 128, True)``; a trailing ``a`` means asymmetric (``"w4g128a"``)."""
+    m = re.fullmatch(r"w(\d+)g(-?\d+)(a?)", fmt)
+    if m is None:
+        raise ValueError(f"format {fmt!r}: expected w<bits>g<group size>, optionally ending in 'a' (asymmetric)")
+    return int(m[1]), int(m[2]), not m[3]
 
 
 def graph_time_us(calls, replays=20, warm_s=0.25):
@@ -122,8 +137,7 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
     rows = []
     for N, K in shapes:
         wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-        n_b = max(2, math.ceil(GRAPH_BYTES / (N * K * 2)))
-        wbs = [wb] + [wb.clone() for _ in range(n_b - 1)]
+        wbs = copies_beyond_l2(wb, N * K * 2, torch.Tensor.clone)
         base = {}
         for M in ms:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -132,8 +146,7 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
         for fmt in formats:
             bits, gs, sym = fmt["bits"], fmt["group_size"], fmt["sym"]
             w = random_kernel_weight(N, K, bits, gs, sym, dev)
-            n_q = max(2, math.ceil(GRAPH_BYTES / w.nbytes()))
-            copies = [w] + [clone_weight(w) for _ in range(n_q - 1)]
+            copies = copies_beyond_l2(w, w.nbytes(), clone_weight)
             for M in [m for m in fmt.get("ms", ms) if m in ms]:
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 quant_matmul(x, w, tuner=tuner, workspace=ws)  # tunes this (shape, M bucket)
@@ -156,7 +169,7 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
                     "bf16_us": round(base[M], 2), "speedup_vs_bf16": round(base[M] / us, 3),
                     "eff_TBps": round(moved / us / 1e6, 3),
                     "bf16_TBps": round((N * K * 2 + (M * K + M * N) * 2) / base[M] / 1e6, 3),
-                    "config": None if cfg is None else cfg.__dict__, "weight_copies": n_q, **prev,
+                    "config": None if cfg is None else cfg.__dict__, "weight_copies": len(copies), **prev,
                     "tuner_us": {f"{c.kind}:{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}": round(t * 1e3, 2)
                                  for c, t in sorted(tuner.timings.get(tuner.key(x, w), {}).items(),
                                                     key=lambda kv: kv[1])},

@@ -28,7 +28,6 @@ _spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os
 _bk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bk)
 
-FORMATS = {"w4g128": (4, 128, True), "w4g128a": (4, 128, False), "w2g64": (2, 64, True), "w8g128": (8, 128, True)}
 PDL_KINDS = ("gemv", "mma", "mma_kw")
 
 
@@ -36,9 +35,9 @@ def ab_rows(N, K, fmt, M, top, dev, dt):
     from auto_quant.kernels.dispatch import Workspace, launch
     from auto_quant.kernels.tuner import Tuner
 
-    bits, group, sym = FORMATS[fmt]
+    bits, group, sym = _bk.parse_format(fmt)
     w = _bk.random_kernel_weight(N, K, bits, group, sym, dev)
-    copies = [w] + [_bk.clone_weight(w) for _ in range(max(1, _bk.GRAPH_BYTES // w.nbytes()) - 1)]
+    copies = _bk.copies_beyond_l2(w, w.nbytes(), _bk.clone_weight)
     x = torch.randn(M, K, device=dev, dtype=dt)
     ws = Workspace()
     tuner = Tuner()
@@ -46,7 +45,7 @@ def ab_rows(N, K, fmt, M, top, dev, dt):
     ranked = sorted(tuner.timings[tuner.key(x, w)].items(), key=lambda kv: kv[1])
     chosen = [c for c, _ in ranked if c.kind in PDL_KINDS and (c.kind != "gemv" or c.block_m == 1)][:top]
     wf = torch.randn(N, K, device=dev, dtype=dt)
-    bf16_copies = [wf] + [wf.clone() for _ in range(max(1, _bk.GRAPH_BYTES // (N * K * 2)) - 1)]
+    bf16_copies = _bk.copies_beyond_l2(wf, N * K * 2, torch.Tensor.clone)
     bf16_us = _bk.graph_time_us([lambda c=c: F.linear(x, c) for c in bf16_copies])
     rows = []
     for cfg in chosen:
