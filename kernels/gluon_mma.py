@@ -217,7 +217,7 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
     offsets, columns and masks, ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     if GROUP != 0 and not SCALES_AHEAD:
-        sc = gl.load(s_ptr + ((s_base + k) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
+        sc = _group_scales(sz, k, GROUP)
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
@@ -237,6 +237,13 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
 
 
 @gluon.jit
+def _group_scales(sz, k, GROUP: gl.constexpr):
+    """The scales of the group holding input ``k`` of the first range (as loaded)."""
+    s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
+    return gl.load(s_ptr + ((s_base + k) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
+
+
+@gluon.jit
 def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr):
     """The zero points and (``SCALES_AHEAD``) scales of the tile at input ``k`` of the first range, loaded with its
     words, ``STAGES`` tiles ahead of their use; a tile past the range's end re-reads the last group's. Per-channel
@@ -250,7 +257,7 @@ def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCAL
     kc = gl.minimum(k, k_end - 1)
     sc = zz
     if GROUP != 0 and SCALES_AHEAD:
-        sc = gl.load(s_ptr + ((s_base + kc) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
+        sc = _group_scales(sz, kc, GROUP)
     zp = sc
     if HAS_ZERO:
         gz = 0 if GROUP == 0 else (z_base + kc) // GROUP
