@@ -66,6 +66,7 @@ def main():
                     except Exception as e:  # a candidate that does not compile or fit: recorded, not fatal
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)  # kept if a time limit stops the run
                 print(f"{N}x{K} {fmt} M={M}: {min(len(cfgs), args.per_case)} configurations", file=sys.stderr,
                       flush=True)
             del copies, w

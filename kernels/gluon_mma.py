@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from auto_quant.kernels.gluon_wgmma import _phys_row, write_tile
+from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kw_block_ok
 
@@ -513,7 +513,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
         out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
-        HAS_BIAS=bias is not None, SPLIT=grid[2] > 1, ACT_FP16=x2.dtype == torch.float16,
+        HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
         BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices, PDL=pdl,
         num_warps=cfg.num_warps, launch_pdl=pdl,

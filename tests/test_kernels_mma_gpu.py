@@ -165,3 +165,28 @@ def test_pdl_chain_reads_the_previous_output(kind, M):
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(static, plain) < 1e-2
+
+
+@needs_sm90
+@pytest.mark.parametrize("N", [1001, 1002, 1004])
+def test_mma_split_k_vector_widths(N):
+    """The split-K epilogue adds one, two or four consecutive output columns per instruction, as ``N`` allows
+    (odd, even, a multiple of four), with the last column tile partial: every row right, the workspace left clean."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
+
+    K = 2048
+    kw = quantized_weight(N, K, 128, False, seed=N)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    for M, cfg in ((3, KernelConfig("mma", 8, 64, 128, 4, 4, 2)), (16, KernelConfig("mma", 16, 128, 128, 8, 4, 3)),
+                   (13, KernelConfig("mma", 16, 256, 128, 2, 8, 2))):
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        ref = x.double() @ W.t() + bias.double()
+        y = launch(x, kw, bias, cfg, ws)
+        for m in range(M):
+            assert rel_err(y[m], ref[m]) < TOL, (N, M, m, cfg, rel_err(y[m], ref[m]))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()

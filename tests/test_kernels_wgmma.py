@@ -26,7 +26,7 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // (32 // bits)}, {bn}],{w_l!r}>",
            "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
-    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=split, ACT_FP16=act == "fp16", STAGES=stages,
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=4 if split else 0, ACT_FP16=act == "fp16", STAGES=stages,
                  num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
@@ -69,6 +69,38 @@ def test_wgmma_loads_the_next_tiles_scales_before_waiting_for_this_tile(sym):
     before = re.findall(r"ld\.global[\w.]*", body[:body.index("mbarrier.try_wait")])
     assert before.count("ld.global.b16") == 4
     assert before.count("ld.global.b8") == (0 if sym else 4)
+
+
+def _spill_bytes(ptx: str) -> int:
+    """Spill stores of an sm_90 PTX, as Triton's bundled ptxas reports them."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([getattr(ptxas, "path", ptxas), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", out).group(1))
+
+
+@pytest.mark.parametrize("bm,bn,bk,warps,quads", [(16, 128, 128, 4, True), (128, 256, 64, 8, True),
+                                                   (16, 64, 128, 4, False), (256, 128, 64, 8, False)])
+def test_wgmma_split_k_adds_column_quads(bm, bn, bk, warps, quads):
+    """Where a thread holds four consecutive output columns (two weight-row repetitions), split-K adds them with one
+    vector reduction and the last program takes the sums with vector loads; elsewhere scalar atomics. The quads'
+    32-bit offsets keep the 8-warp tile of 256 weight rows from spilling (per-element atomics spilled 1.7 KB)."""
+    ptx = _compile("bf16", True, 128, bm, bn, bk, warps, 4, True, 4).asm["ptx"]
+    assert ("red.relaxed.gpu.global.add.v4.f32" in ptx) == quads
+    assert ("ld.relaxed.gpu.global.v4.f32" in ptx) == quads
+    assert ("atom.global.gpu.relaxed.add.f32" in ptx) == (not quads)
+    if bn == 256:
+        assert _spill_bytes(ptx) == 0
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
