@@ -127,6 +127,11 @@ def previous_gemv(N, K, bits, device):
     return out
 
 
+def config_name(c) -> str:
+    """``kind:MxNxK sSPLIT wWARPS stSTAGES`` of a ``KernelConfig`` (every field: two tiles may differ in rows only)."""
+    return f"{c.kind}:{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}"
+
+
 def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
     from auto_quant.kernels.dispatch import Workspace, launch, quant_matmul
     from auto_quant.kernels.tuner import Tuner
@@ -170,7 +175,7 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
                     "eff_TBps": round(moved / us / 1e6, 3),
                     "bf16_TBps": round((N * K * 2 + (M * K + M * N) * 2) / base[M] / 1e6, 3),
                     "config": None if cfg is None else cfg.__dict__, "weight_copies": len(copies), **prev,
-                    "tuner_us": {f"{c.kind}:{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}": round(t * 1e3, 2)
+                    "tuner_us": {config_name(c): round(t * 1e3, 2)
                                  for c, t in sorted(tuner.timings.get(tuner.key(x, w), {}).items(),
                                                     key=lambda kv: kv[1])},
                 })
