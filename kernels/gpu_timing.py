@@ -18,40 +18,56 @@ import statistics
 import torch
 
 
+def graph_times_ms(fns, flush: torch.Tensor, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
+                   warm=None) -> list[float]:
+    """Milliseconds per call of each of ``fns``: per function a graph of ``launches`` x (flush, warm, fn), and one graph
+    of ``launches`` x (flush, warm); each round replays the flush-only graph and then every function's graph, starting
+    at a different function each round, and a function's time is the median over the rounds of (its graph minus that
+    round's flush-only graph) / ``launches``. Interleaved so that a drift of the GPU's clock over the rounds (an idle GPU
+    ramping up, a busy one throttling) falls on every function alike, not on whichever was timed last. Each function
+    runs once first, outside the capture (it compiles, and allocates any workspace it keeps)."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+
+    def capture(fn):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(launches):
+                flush.zero_()
+                if warm is not None:
+                    warm()
+                if fn is not None:
+                    fn()
+        return g
+
+    flush_only = capture(None)
+    works = [capture(fn) for fn in fns]
+    for _ in range(1 + settle_rounds):  # first replays upload the graphs (and let an idle GPU's clock ramp up)
+        for g in (flush_only, *works):
+            g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def replay_ms(g) -> float:
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    diffs: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        base = replay_ms(flush_only)
+        for j in range(len(fns)):
+            i = (r + j) % len(fns)
+            diffs[i].append((replay_ms(works[i]) - base) / launches)
+    return [max(statistics.median(d), 1e-6) for d in diffs]
+
+
 def graph_time_ms(fn, flush: torch.Tensor, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
                   warm=None) -> float:
-    """Milliseconds per ``fn()`` call: the median over ``rounds`` of (graph of ``launches`` x (flush, warm, fn))
-    minus (graph of ``launches`` x (flush, warm)), divided by ``launches``. ``fn`` runs once first, outside the
-    capture (it compiles, and allocates any workspace it keeps)."""
-    fn()
-    torch.cuda.synchronize()
-    work, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(work):
-        for _ in range(launches):
-            flush.zero_()
-            if warm is not None:
-                warm()
-            fn()
-    with torch.cuda.graph(flush_only):
-        for _ in range(launches):
-            flush.zero_()
-            if warm is not None:
-                warm()
-    for _ in range(1 + settle_rounds):  # first replays upload the graphs (and let an idle GPU's clock ramp up)
-        work.replay()
-        flush_only.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    diffs = []
-    for _ in range(rounds):
-        times = []
-        for g in (work, flush_only):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        diffs.append((times[0] - times[1]) / launches)
-    return max(statistics.median(diffs), 1e-6)
+    """Milliseconds per ``fn()`` call (:func:`graph_times_ms` of one function)."""
+    return graph_times_ms([fn], flush, launches, rounds, settle_rounds, warm)[0]
 
 
 def l2_flush_buffer(device: torch.device) -> torch.Tensor:

@@ -292,6 +292,28 @@ def test_split_k_under_cuda_graph_and_tuner():
     assert len(tuner.best) == 3
 
 
+def test_interleaved_graph_times_rank_work_and_ignore_order():
+    """The tuner's second look times candidates side by side in interleaved rounds: a matmul with 8x the work
+    measures several times longer whichever order the two are given in, the small one alike in both orders, and
+    every time is the call's own (the flushes subtracted: positive and far below the 64 MiB flush's own time)."""
+    from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_flush_buffer
+
+    flush = l2_flush_buffer(torch.device("cuda"))
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for n in (2048, 4096))
+
+    def small():
+        return a @ a
+
+    def big():
+        return b @ b
+
+    s1, b1 = graph_times_ms([small, big], flush, rounds=7)
+    b2, s2 = graph_times_ms([big, small], flush, rounds=7)
+    assert 0 < s1 < b1 / 3 and 0 < s2 < b2 / 3
+    assert 0.7 < s1 / s2 < 1.4 and 0.7 < b1 / b2 < 1.4
+    assert 0.7 < graph_time_ms(big, flush, rounds=7) / b1 < 1.4
+
+
 def test_attach_triton_backend_on_cuda_model():
     import transformers
 
