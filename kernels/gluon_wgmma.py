@@ -264,8 +264,8 @@ def split_vector(N: int, split: bool) -> int:
 
 
 # four consecutive workspace words from a base and a 32-bit word offset: $0 a dummy output; mask, base, offset, values
-_RED4 = gl.constexpr("{ .reg .pred p;\n.reg .b64 a;\nmov.b32 $0, 0;\nsetp.ne.b32 p, $1, 0;\nmad.wide.u32 a, $3, 4, $2;\n"
-                     "@p red.relaxed.gpu.global.add.v4.f32 [a], {$4, $5, $6, $7};\n}")
+_RED4 = gl.constexpr("{ .reg .pred p;\n.reg .b64 a;\nmov.b32 $0, 0;\nsetp.ne.b32 p, $1, 0;\n"
+                     "mad.wide.u32 a, $3, 4, $2;\n@p red.relaxed.gpu.global.add.v4.f32 [a], {$4, $5, $6, $7};\n}")
 # read four consecutive workspace words and zero them (0s where masked): four outputs; mask, base, offset
 _TAKE4 = gl.constexpr("{ .reg .pred p;\n.reg .f32 z;\n.reg .b64 a;\nmov.f32 z, 0f00000000;\n"
                       "mov.f32 $0, z;\nmov.f32 $1, z;\nmov.f32 $2, z;\nmov.f32 $3, z;\n"
@@ -320,9 +320,9 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
         gl.store(out_ptr + gl.expand_dims(s_rows, 1) * stride_om + gl.expand_dims(s_cols, 0), res, mask=s_mask)
     else:
         # A thread holding four consecutive columns (REPS >= 2) adds them with one vector reduction, addressed from a
-        # 32-bit offset, instead of four atomics with a 64-bit address and a mask each: 1.03-1.25x on the split-K mma
-        # tiles of 128 rows on 4 warps (H100, docs/kernels.md). With two columns a thread (REPS 1) a two-wide vector
-        # measured 5-12 % slower than the scalar atomics, which stay there.
+        # 32-bit offset, instead of four atomics with a 64-bit address and a mask each: 1.04-1.24x on the mma tiles of
+        # 128 rows on 4 warps at split 8-16, neutral at split 2-4 (H100, docs/bench/kernels.md, session 13). With two
+        # columns a thread (REPS 1) a two-wide vector measured 5-12 % slower than the scalar atomics, which stay there.
         QUADS: gl.constexpr = SPLIT == 4 and REPS >= 2
         if QUADS:
             v0, v1, v2, v3 = _column_quads(acc, REPS, num_warps)
@@ -499,6 +499,7 @@ def launch_wgmma(x2, w, bias, cfg, ws):
         x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
         out, acc, cnt, M, N, K, out.stride(0), k_per_split,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
     )
     return out

@@ -20,12 +20,12 @@ import torch
 
 def graph_times_ms(fns, flush: torch.Tensor, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
                    warm=None) -> list[float]:
-    """Milliseconds per call of each of ``fns``: per function a graph of ``launches`` x (flush, warm, fn), and one graph
-    of ``launches`` x (flush, warm); each round replays the flush-only graph and then every function's graph, starting
-    at a different function each round, and a function's time is the median over the rounds of (its graph minus that
-    round's flush-only graph) / ``launches``. Interleaved so that a drift of the GPU's clock over the rounds (an idle GPU
-    ramping up, a busy one throttling) falls on every function alike, not on whichever was timed last. Each function
-    runs once first, outside the capture (it compiles, and allocates any workspace it keeps)."""
+    """Milliseconds per call of each of ``fns``: per function a graph of ``launches`` x (flush, warm, fn), and one
+    graph of ``launches`` x (flush, warm); each round replays the flush-only graph and then every function's graph,
+    starting at a different function each round, and a function's time is the median over the rounds of (its graph
+    minus that round's flush-only graph) / ``launches``. Interleaved so that a drift of the GPU's clock over the rounds
+    (an idle GPU ramping up, a busy one throttling) falls on every function alike, not on whichever was timed last.
+    Each function runs once first, outside the capture (it compiles, and allocates any workspace it keeps)."""
     for fn in fns:
         fn()
     torch.cuda.synchronize()
