@@ -330,8 +330,9 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
             q_cols = n0 + 4 * gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(1, q_l))
             q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, q_l))
             q_ok = gl.expand_dims(q_cols < N, 1) & gl.expand_dims(q_rows < M, 0)
+            q_on = q_ok.to(gl.int32)  # the PTX's predicate
             q_offs = gl.expand_dims(q_rows, 0) * N + gl.expand_dims(q_cols, 1)
-            gl.inline_asm_elementwise(_RED4, "=r,r,l,r,f,f,f,f", [q_ok.to(gl.int32), ws_ptr, q_offs, v0, v1, v2, v3],
+            gl.inline_asm_elementwise(_RED4, "=r,r,l,r,f,f,f,f", [q_on, ws_ptr, q_offs, v0, v1, v2, v3],
                                       dtype=gl.int32, is_pure=False, pack=1)
         else:
             w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
@@ -343,7 +344,7 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
         arrived = gl.atomic_add(cnt_ptr + tile, 1)
         if arrived == gl.num_programs(2) - 1:  # the atomic's acquire orders the reads of the sums after it
             if QUADS:
-                tot = gl.inline_asm_elementwise(_TAKE4, "=f,=f,=f,=f,r,l,r", [q_ok.to(gl.int32), ws_ptr, q_offs],
+                tot = gl.inline_asm_elementwise(_TAKE4, "=f,=f,=f,=f,r,l,r", [q_on, ws_ptr, q_offs],
                                                 dtype=(gl.float32,) * 4, is_pure=False, pack=1)  # sums, re-zeroed
                 q_ptrs = out_ptr + (gl.expand_dims(q_rows, 0) * stride_om + gl.expand_dims(q_cols, 1))
                 for j in gl.static_range(4):

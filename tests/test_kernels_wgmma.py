@@ -26,8 +26,8 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // (32 // bits)}, {bn}],{w_l!r}>",
            "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
-    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=4 if split else 0, ACT_FP16=act == "fp16", STAGES=stages,
-                 num_warps=warps)
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
+                 ACT_FP16=act == "fp16", STAGES=stages, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     src = GluonASTSource(m._qmm_wgmma_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
@@ -62,8 +62,6 @@ def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stage
 def test_wgmma_loads_the_next_tiles_scales_before_waiting_for_this_tile(sym):
     """Scales (and zero points) load a tile ahead: before the loop's first wait on a tile's TMA copies, the scales
     of tiles 0 and 1 are in flight (2 fp16 per thread each here), not only tile 0's."""
-    import re
-
     ptx = _compile("bf16", sym, 128, 64, 64, 128, 4, 3, False, 4).asm["ptx"]
     body = ptx[ptx.index(".entry"):]
     before = re.findall(r"ld\.global[\w.]*", body[:body.index("mbarrier.try_wait")])
