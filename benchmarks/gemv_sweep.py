@@ -3,12 +3,13 @@
     python benchmarks/gemv_sweep.py [--shapes 4096x4096,4096x14336] [--formats w4g128,w2g64] [--top 8]
     python benchmarks/gemv_sweep.py --kernel tdot --ms 8,16,64,256 [--shapes ...] [--formats ...]
     python benchmarks/gemv_sweep.py --kernel mma_kw --ms 1,2,4 [--shapes ...] [--formats ...]
+    python benchmarks/gemv_sweep.py --kernel mma_kb --ms 1,4,8,16 [--shapes ...] [--formats ...]
 
 ``gemv``: the M = 1 kernel. ``tdot``: the weight-side tensor-core kernel at the given row counts,
 with dequantize + cuBLAS and the older ``dot`` tiles (the tuner's other candidates) timed alongside.
-``wgmma``: the Gluon Hopper kernel over a tile grid. ``mma`` / ``mma_kw``: the Gluon ``mma.sync`` kernel's
-tuning candidates (``kernels/mma_plan.py``; warps along the weight rows, or splitting K) at the given row
-counts, the tuner's other candidates alongside.
+``wgmma``: the Gluon Hopper kernel over a tile grid. ``mma`` / ``mma_kw`` / ``mma_kb``: the Gluon ``mma.sync``
+kernel's tuning candidates (``kernels/mma_plan.py``; warps along the weight rows, splitting K, or splitting K a
+batch each) at the given row counts, the tuner's other candidates alongside.
 
 Each configuration is timed like ``benchmarks/kernels.py`` times its rows (one CUDA graph over enough
 weight copies to exceed L2, median of replays), next to bf16 cuBLAS in the same process, and checked
@@ -72,7 +73,7 @@ def time_config(cfg, x, w, copies, ref, ws) -> dict:
 def sweep_tdot(args, out):
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import KernelConfig, Workspace, candidates, quant_matmul
-    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kb_candidates, mma_kw_candidates
     from auto_quant.kernels.tuner import Tuner
 
     dev = torch.device("cuda")
@@ -97,8 +98,8 @@ def sweep_tdot(args, out):
                 default_tiles = WGMMA_TILES if kind == "wgmma" else TDOT_TILES
                 tiles = [tuple(int(v) for v in t.split("x")) for t in args.tdot_tiles.split(",")] if args.tdot_tiles \
                     else default_tiles
-                if kind in ("mma", "mma_kw"):  # the plan's own candidates (tiles, splits) for this shape
-                    plan = mma_kw_candidates if kind == "mma_kw" else mma_candidates
+                if kind in ("mma", "mma_kw", "mma_kb"):  # the plan's own candidates (tiles, splits) for this shape
+                    plan = {"mma": mma_candidates, "mma_kw": mma_kw_candidates, "mma_kb": mma_kb_candidates}[kind]
                     cfgs = plan(M, N, K, gs, torch.cuda.get_device_properties(dev).multi_processor_count, bits)
                 else:
                     cfgs = [KernelConfig(kind, bm, bn, bk, sp, wa, st) for bm in bms for bn, bk, wa, st in tiles
@@ -144,8 +145,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tiles", default="all", help="all | deep (deeper pipelines and taller tiles at block_n 512/1024)")
-    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot", "wgmma", "mma", "mma_kw"])
-    p.add_argument("--ms", default="8,16,32,64,256", help="tdot, wgmma, mma, mma_kw: row counts")
+    p.add_argument("--kernel", default="gemv", choices=["gemv", "tdot", "wgmma", "mma", "mma_kw", "mma_kb"])
+    p.add_argument("--ms", default="8,16,32,64,256", help="tdot, wgmma, mma, mma_kw, mma_kb: row counts")
     p.add_argument("--max-bm", type=int, default=128, help="tdot: the largest row block tried (tensor-core N, <= 256)")
     p.add_argument("--tdot-tiles", default="", help="tdot: block_n x block_k x warps x stages, comma-separated "
                                                       "(default: the built-in list)")
@@ -155,7 +156,7 @@ def main():
     dt = getattr(torch, args.dtype)
     out = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv), "results": []}
     t0 = time.time()
-    if args.kernel in ("tdot", "wgmma", "mma", "mma_kw"):
+    if args.kernel in ("tdot", "wgmma", "mma", "mma_kw", "mma_kb"):
         sweep_tdot(args, out)
         out["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(out, indent=1))

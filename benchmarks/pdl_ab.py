@@ -3,8 +3,8 @@
     python benchmarks/pdl_ab.py [--shapes 4096x4096,...] [--formats w4g128,w2g64,w8g128] [--ms 1,4,16] [--top 3]
 
 For each shape, format and row count the tuner ranks its candidates (``Tuner``); the ``--top`` fastest of the
-kinds that take PDL (``gemv`` at 1 row, ``mma``, ``mma_kw``) are each timed twice in one CUDA graph over weight
-copies beyond L2 (as ``benchmarks/kernels.py`` times its rows): launched plainly and with PDL (the programs read
+kinds that take PDL (``gemv`` at 1 row, ``mma``, ``mma_kw``, ``mma_kb``) are each timed twice in one CUDA graph over
+weight copies beyond L2 (as ``benchmarks/kernels.py`` times its rows): launched plainly and with PDL (the programs read
 their first weight tiles before waiting for the previous kernel), whatever the default
 (:func:`~auto_quant.kernels.grid_dependency.pdl_launch`) would choose. Back-to-back matmuls are what PDL overlaps; in
 decode the neighbours are also norms, activations and attention, so the end-to-end figure is
@@ -28,7 +28,7 @@ _spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os
 _bk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bk)
 
-PDL_KINDS = ("gemv", "mma", "mma_kw")
+PDL_KINDS = ("gemv", "mma", "mma_kw", "mma_kb")
 
 
 def ab_rows(N, K, fmt, M, top, dev, dt):

@@ -33,6 +33,8 @@ from auto_quant.kernels.mma_plan import (
     mma_block_ok,
     mma_candidates,
     mma_default,
+    mma_kb_block_ok,
+    mma_kb_candidates,
     mma_kw_block_ok,
     mma_kw_candidates,
     mma_kw_default,
@@ -51,7 +53,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw", "mma_kb"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -72,6 +74,11 @@ class KernelConfig:
                 self.block_m, self.block_n, self.block_k, self.num_warps, 8, self.num_stages)):
             raise ValueError("the mma_kw kernel takes 2, 4 or 8 warps (one per K slice), block_m = 8 / warps, block_n "
                              "16 x a power of two, block_k a power-of-two number of four-word groups and no split-K")
+        if self.kind == "mma_kb" and (self.split_k != 1 or not mma_kb_block_ok(
+                self.block_m, self.block_n, self.block_k, self.num_warps, 8, self.num_stages)):
+            raise ValueError("the mma_kb kernel takes 2, 4, 8 or 16 warps (one per K slice), block_n 16 x a power of two "
+                             "weight rows per warp, block_m 8 or 16, block_k a power-of-two number of four-word groups "
+                             "and no split-K")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
@@ -194,6 +201,7 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     out: list[KernelConfig] = []
     if M <= MMA_MAX_M and mma_serves(device, bits, group_size, N, K, act_dtype):
         out += mma_candidates(M, N, K, group_size, sms, bits)
+        out += mma_kb_candidates(M, N, K, group_size, sms, bits)
         if M <= MMA_KW_MAX_M:
             out += mma_kw_candidates(M, N, K, group_size, sms, bits)
     if M == 1 and gemv_ok:
@@ -391,7 +399,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         from auto_quant.kernels.gluon_wgmma import launch_wgmma
 
         return launch_wgmma(x2, w, bias, cfg, ws)
-    if cfg.kind in ("mma", "mma_kw"):
+    if cfg.kind in ("mma", "mma_kw", "mma_kb"):
         from auto_quant.kernels.gluon_mma import launch_mma
 
         return launch_mma(x2, w, bias, cfg, ws, pdl)

@@ -23,6 +23,13 @@ the unpacking, and this kernel arranges for that to be the cheapest one:
 * **No shared memory in the loop.** The words come straight from global memory (16-byte loads along the
   weight rows: a thread's rows are adjacent physical rows, :func:`~auto_quant.kernels.gluon_wgmma._phys_row`),
   ``STAGES`` tiles ahead in registers, so warps never wait on each other.
+* **Three ways to use the warps** (``KernelConfig.kind``): ``mma`` stacks them along the weight rows (8 or 16
+  activation rows a program, split-K across programs for narrow layers); ``mma_kw`` gives each its own slice of K
+  and puts the slices in the ``mma``'s 8 columns (free at 1-4 rows: those columns were idle); ``mma_kb`` gives each
+  its own slice too, as its own batch of a batched ``mma`` (:func:`mma_kb_layouts`), so all 8 or 16 activation rows
+  stay the columns and each warp reads only its slice's activations. Both slice modes sum the slices once, through
+  shared memory, at the end: no split-K atomics. The operands are built by
+  :mod:`~auto_quant.kernels.gluon_mma_operands`.
 
 Split-K over grid axis 2 and the output are :func:`~auto_quant.kernels.gluon_wgmma.write_tile`'s. The packed
 layout is :mod:`~auto_quant.kernels.pack`'s (``[K/PER, N]`` int32, codes in input order).
@@ -35,9 +42,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch
-from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kw_block_ok
+from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
 
 
 @gluon.constexpr_function
@@ -76,127 +84,44 @@ def mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
 
 
 @gluon.constexpr_function
-def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
-    """PTX for pair ``I`` of a packed word (codes ``I`` and ``I + PER/2``): ``$0`` = the exact ``code - zero`` of
-    both as one b32 of halves (:func:`~auto_quant.kernels.triton_gemv.pair_layout`'s shifts and offsets). The
-    asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, and with
-    ``ZERO`` None the per-row pair :func:`_zero_pair` ``$3``/``$4``. The pairs' shifted copies of a word repeat
-    across calls; ptxas keeps one."""
-    from auto_quant.kernels.triton_gemv import _REGS, _byte_pair_groups, pair_layout, pair_lines
-
-    act = "fp16" if ACT_FP16 else "bf16"
-    zero = None if ZERO is None else int(ZERO)
-    lines = ["{", *_REGS]
-    if BITS == 8 and not ACT_FP16:  # each byte under the float32 exponent of 2**23, less 2**23 + zero, both rounded
-        zz = "$3" if zero is None else f"0f{0x4B000000 + zero:08X}"  # once into the pair (exact: |code - zero| <= 255)
-        lines += [f"prmt.b32 v, $1, 0x4B000000, {0x7440 + I:#06x};", f"prmt.b32 d, $1, 0x4B000000, {0x7442 + I:#06x};",
-                  f"sub.f32 v, v, {zz};", f"sub.f32 d, d, {zz};", "cvt.rn.bf16x2.f32 d, d, v;"]
-    elif BITS == 8:
-        lines += _byte_pair_groups(act, zero, "$1", "$3")[I]
-    else:
-        sh, s = pair_layout(BITS, act, zero)[I]
-        lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
-        lines += pair_lines(BITS, act, zero, s, "$3")
-    return "\n".join(lines + ["mov.b32 $0, d;", "}"])
-
-
-@gluon.jit
-def _zero_pair(z, ACT_FP16: gl.constexpr, BITS: gl.constexpr):
-    """The b32 the dequantization takes for per-row zero points ``z`` (float32): the pair ``-(base + zero)``
-    (fp16 base 1024, bf16 128); for bf16 8-bit codes the float32 ``2**23 + zero``."""
-    if BITS == 8 and not ACT_FP16:
-        return (z + 8388608.0).to(gl.int32, bitcast=True)
-    if ACT_FP16:
-        h = (-(z + 1024.0)).to(gl.float16)
-    else:
-        h = (-(z + 128.0)).to(gl.bfloat16)
-    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _pair(w2, zz2, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, I: gl.constexpr):
-    """Pair ``I`` of every word, ``[BLOCK_N, groups, 4, 2]`` halves from the words broadcast over the last axis."""
-    ASM: gl.constexpr = mma_pair_asm(BITS, ACT_FP16, None if HAS_ZERO else 1 << (BITS - 1), I)
-    if HAS_ZERO:  # int16 halves (one return type for both activation dtypes); the tile is bitcast once built
-        p = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w2, zz2], dtype=gl.int16, is_pure=True, pack=2)
-    else:
-        p = gl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=gl.int16, is_pure=True, pack=2)
-    return p
-
-
-@gluon.jit
-def _operand_a(words, zz, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, a_l: gl.constexpr):
-    """``[BLOCK_N, groups, 4]`` words -> the ``[BLOCK_N, BLOCK_K]`` left operand, inputs in the tile's order:
-    ``k = group * 4 PER + s * 16 + h * 8 + t * 2 + e`` for code ``e * PER/2 + 2 s + h`` of word ``t``. Each pair is
-    one b32 out of its asm and stays one operand register (no repacking of halves)."""
-    BN: gl.constexpr = words.shape[0]
-    G: gl.constexpr = words.shape[1]
-    BK: gl.constexpr = G * 4 * (32 // BITS)
-    w2 = gl.join(words, words)  # a last axis of two for pack=2 (the same registers)
-    zzb, _ = gl.broadcast(zz, words)
-    zz2 = gl.join(zzb, zzb)
-    if BITS == 8:
-        t = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
-        tile = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3)), [BN, BK])  # [BN, G, T, E, H] -> [BN, G, H, T, E]
-    elif BITS == 4:
-        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
-        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
-        t = gl.join(q0, q1)  # [BN, G, T, E, H, S]
-        tile = gl.reshape(gl.permute(t, (0, 1, 5, 4, 2, 3)), [BN, BK])  # -> [BN, G, S, H, T, E]
-    else:
-        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
-        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
-        q2 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 4), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 5))
-        q3 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 6), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 7))
-        t = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [BN, G, T, E, H, S_lo, S_hi]
-        tile = gl.reshape(gl.permute(t, (0, 1, 6, 5, 4, 2, 3)), [BN, BK])
-    if ACT_FP16:
-        tile = tile.to(gl.float16, bitcast=True)
-    else:
-        tile = tile.to(gl.bfloat16, bitcast=True)
-    return gl.convert_layout(tile, a_l)
+def mma_kb_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
+    """:func:`mma_layouts` for the batched mode (``mma_kb``): every warp its own K slice, the slice the leading axis
+    of each tile (accumulator ``[W, PR, MR]``, loads ``[W, word rows, PR]``, words ``[W, PR, groups, 4]``,
+    activations ``[W, MR, BLOCK_K / 2]``; ``PR = BLOCK_N / W``, ``MR = BLOCK_M / W``). Inside a warp the rows are
+    those of a one-warp :func:`mma_layouts` tile."""
+    W = num_warps
+    per = 32 // BITS
+    pr, mr = BLOCK_N // W, BLOCK_M // W
+    reps = pr // 16
+    groups = BLOCK_K // (4 * per)
+    acc = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+    a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    b = gl.DotOperandLayout(operand_index=1, parent=acc, k_width=2)
+    warp3 = [[1 << i, 0, 0] for i in range(W.bit_length() - 1)]
+    load = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1]] + [[0, 0, 2 << i] for i in range(reps.bit_length() - 1)]
+        + [[0, 4 << i, 0] for i in range(groups.bit_length() - 1)],
+        lane_bases=[[0, 1, 0], [0, 2, 0]] + [[0, 0, (2 * reps) << i] for i in range(3)],
+        warp_bases=warp3, block_bases=[], shape=[W, 4 * groups, pr])
+    word = gl.DistributedLinearLayout(
+        reg_bases=[[0, 8, 0, 0]] + [[0, 16 << i, 0, 0] for i in range(reps.bit_length() - 1)]
+        + [[0, 0, 1 << i, 0] for i in range(groups.bit_length() - 1)],
+        lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
+        warp_bases=[[1 << i, 0, 0, 0] for i in range(W.bit_length() - 1)], block_bases=[], shape=[W, pr, groups, 4])
+    xload = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1 << i] for i in range((per // 2).bit_length() - 1)]
+        + [[0, 0, (2 * per) << i] for i in range(groups.bit_length() - 1)]
+        + [[0, 8 << i, 0] for i in range((mr // 8).bit_length() - 1)],
+        lane_bases=[[0, 0, per // 2], [0, 0, per], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=warp3, block_bases=[], shape=[W, mr, BLOCK_K // 2])
+    return acc, a, b, load, word, xload
 
 
 @gluon.constexpr_function
-def x_pair_asm(BITS, SEL):
-    """PTX for one word row's activations, ``PER/2`` b32 pairs in (``pack = PER/2``): out ``k`` is the pair
-    ``(x[2k + SEL], x[2k + SEL + PER/2])`` (one ``prmt`` of pairs ``k`` and ``k + PER/4``)."""
-    q = 32 // BITS // 4  # outputs; inputs follow them
-    sel = "0x5410" if SEL == 0 else "0x7632"
-    return "\n".join(f"prmt.b32 ${k}, ${q + k}, ${q + k + q}, {sel};" for k in range(q))
-
-
-@gluon.jit
-def _x_pairs(xq, SEL: gl.constexpr, BITS: gl.constexpr):
-    """``[BLOCK_M, BLOCK_K / 2]`` b32 pairs -> the same shape of halves, word row by word row: position ``2s + e``
-    of a row holds ``x[2s + SEL + e * PER/2]``. The ``pack`` groups one thread's ``PER/2`` consecutive registers,
-    which the load layout makes one word row."""
-    ASM: gl.constexpr = x_pair_asm(BITS, SEL)
-    if BITS == 8:
-        return gl.inline_asm_elementwise(ASM, "=r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=2)
-    if BITS == 4:
-        return gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=4)
-    return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [xq], dtype=gl.int16, is_pure=True, pack=8)
-
-
-@gluon.jit
-def _operand_b(xq, BITS: gl.constexpr, ACT_FP16: gl.constexpr, b_l: gl.constexpr):
-    """``[BLOCK_M, BLOCK_K / 2]`` activation pairs (b32, input order) -> the ``[BLOCK_K, BLOCK_M]`` right operand in
-    the tile's order (:func:`_operand_a`)."""
-    BM: gl.constexpr = xq.shape[0]
-    BK: gl.constexpr = xq.shape[1] * 2
-    PER: gl.constexpr = 32 // BITS
-    G: gl.constexpr = BK // (4 * PER)
-    S: gl.constexpr = PER // 4
-    h0 = gl.reshape(_x_pairs(xq, 0, BITS), [BM, G, 4, S, 2])  # [M, G, T, S, E]
-    h1 = gl.reshape(_x_pairs(xq, 1, BITS), [BM, G, 4, S, 2])
-    # [M, G, T, S, E, H] -> [M, G, S, H, T, E]
-    t = gl.reshape(gl.permute(gl.join(h0, h1), (0, 1, 3, 5, 2, 4)), [BM, BK])
-    if ACT_FP16:
-        t = t.to(gl.float16, bitcast=True)
-    else:
-        t = t.to(gl.bfloat16, bitcast=True)
-    return gl.convert_layout(gl.permute(t, (1, 0)), b_l)
+def kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED):
+    """The kernel's layouts: :func:`mma_kb_layouts` in the batched mode, else :func:`mma_layouts`."""
+    f = mma_kb_layouts if BATCHED else mma_layouts
+    return getattr(f, "__wrapped__", f)(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)
 
 
 @gluon.jit
@@ -218,21 +143,56 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     if GROUP != 0 and not SCALES_AHEAD:
         sc = _group_scales(sz, k, GROUP)
-    BKW: gl.constexpr = wp.shape[0]
-    BLOCK_N: gl.constexpr = wp.shape[1]
-    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+    if len(wp.shape) == 3:  # the batched mode (an else: the 2-D code would not pass for 3-D tiles)
+        acc = _tile_batched(acc, wp, xs, sc, zp, zz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16)
+    else:
+        BKW: gl.constexpr = wp.shape[0]
+        BLOCK_N: gl.constexpr = wp.shape[1]
+        REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
+        if HAS_ZERO:
+            zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 1), 2)
+        # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
+        wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
+        wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
+        words = gl.convert_layout(gl.reshape(gl.permute(wl, (1, 0)), [BLOCK_N, BKW // 4, 4]), word_l,
+                                  assert_trivial=True)
+        a = gl.convert_layout(a_halves(words, zz, BITS, ACT_FP16, HAS_ZERO), a_l)
+        b = gl.convert_layout(gl.permute(act_halves(xs, BITS, ACT_FP16), (1, 0)), b_l)
+        if GROUP == 0:
+            acc = mma_v2(a, b, acc)
+        else:
+            acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 1)
+    return acc
+
+
+@gluon.jit
+def _tile_batched(acc, wp, xs, sc, zp, zz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                  BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr):
+    """:func:`_tile` in the batched mode: words ``[W, word rows, PR]``, activation pairs ``[W, MR, BLOCK_K / 2]``,
+    scales and zero points ``[W, PR]``, accumulator ``[W, PR, MR]``: one ``mma`` batch per warp, each over its own
+    slice. The operands are built as for ``W x PR`` rows and ``W x MR`` activation rows, then split by warp."""
+    W: gl.constexpr = wp.shape[0]
+    BKW: gl.constexpr = wp.shape[1]
+    PR: gl.constexpr = wp.shape[2]
+    MR: gl.constexpr = xs.shape[1]
+    BK: gl.constexpr = xs.shape[2] * 2
+    REPS: gl.constexpr = PR // 16
     if HAS_ZERO:
-        zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 1), 2)
-    # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
-    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
-    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
-    words = gl.convert_layout(gl.reshape(gl.permute(wl, (1, 0)), [BLOCK_N, BKW // 4, 4]), word_l, assert_trivial=True)
-    a = _operand_a(words, zz, BITS, ACT_FP16, HAS_ZERO, a_l)
-    b = _operand_b(xs, BITS, ACT_FP16, b_l)
+        zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 2), 3)
+    # in a warp: physical p = (g * REPS + rep) * 2 + h  ->  logical l = (rep * 2 + h) * 8 + g
+    wl = gl.reshape(gl.permute(gl.reshape(wp, [W, BKW, 8, REPS, 2]), (0, 1, 3, 4, 2)), [W, BKW, PR])
+    words = gl.convert_layout(gl.reshape(gl.permute(wl, (0, 2, 1)), [W, PR, BKW // 4, 4]), word_l,
+                              assert_trivial=True)
+    zzb, _ = gl.broadcast(zz, words)
+    halves = a_halves(gl.reshape(words, [W * PR, BKW // 4, 4]), gl.reshape(zzb, [W * PR, BKW // 4, 4]), BITS,
+                      ACT_FP16, HAS_ZERO)
+    a = gl.convert_layout(gl.reshape(halves, [W, PR, BK]), a_l)
+    xh = gl.reshape(act_halves(gl.reshape(xs, [W * MR, BK // 2]), BITS, ACT_FP16), [W, MR, BK])
+    b = gl.convert_layout(gl.permute(xh, (0, 2, 1)), b_l)
     if GROUP == 0:
         acc = mma_v2(a, b, acc)
     else:
-        acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 1)
+        acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 2)
     return acc
 
 
@@ -275,12 +235,15 @@ def _tile_words(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.con
     instead (from L1), and rows past M read row M - 1 (the pointers are clamped): no masks, so no registers zeroed
     before the loads; only whole tiles of real rows reach an output that is written."""
     w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
-    if EVEN_K:
+    if EVEN_K:  # (an else: the batched mode's tiles, 3-D, are always whole and would not pass the 2-D masks)
         kk = gl.minimum(k, k_end - BLOCK_K)
         if EVEN_N:
-            return gl.load(w_ptrs + (kk // PER) * N)
-        return gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
-    return _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+            w = gl.load(w_ptrs + (kk // PER) * N)
+        else:
+            w = gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
+    else:
+        w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+    return w
 
 
 @gluon.jit
@@ -288,8 +251,10 @@ def _tile_acts(src, k, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
     """The activation pairs of the tile at input ``k`` (as :func:`_tile_words`)."""
     w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
     if EVEN_K:
-        return gl.load(x_ptrs + gl.minimum(k, k_end - BLOCK_K) // 2)
-    return _load(x_ptrs, k // 2, m_sub, m_n, gl.expand_dims(2 * kq < k_end - k, 0), True)  # inputs past the end: 0
+        x = gl.load(x_ptrs + gl.minimum(k, k_end - BLOCK_K) // 2)
+    else:
+        x = _load(x_ptrs, k // 2, m_sub, m_n, gl.expand_dims(2 * kq < k_end - k, 0), True)  # inputs past the end: 0
+    return x
 
 
 @gluon.jit
@@ -331,11 +296,17 @@ def _slice_sum(acc, REPS: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """The output of a program whose warps split K (:func:`_slice_sum`), plus the bias."""
-    res = _slice_sum(acc, REPS, num_warps)
-    res_l: gl.constexpr = res.type.layout
-    o_cols = n0 + gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, res_l))
+                  num_warps: gl.constexpr, BATCHED: gl.constexpr):
+    """The output of a program whose warps split K, plus the bias: the slices summed (:func:`_slice_sum`, or over the
+    batch axis in the batched mode, rows in logical order there)."""
+    if BATCHED:
+        res = gl.sum(acc, axis=0)
+        res_l: gl.constexpr = res.type.layout
+        o_cols = n0 + _phys_row(gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, res_l)), res.shape[0] // 16, 1)
+    else:
+        res = _slice_sum(acc, REPS, num_warps)
+        res_l: gl.constexpr = res.type.layout
+        o_cols = n0 + gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, res_l))
     o_rows = m0 + gl.arange(0, res.shape[1], layout=gl.SliceLayout(0, res_l))
     c_ok = o_cols < N
     if HAS_BIAS:
@@ -345,12 +316,48 @@ def _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS: gl.constex
 
 
 @gluon.jit
+def _batched_inputs(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l: gl.constexpr,
+                    load_l: gl.constexpr, word_l: gl.constexpr, x_l: gl.constexpr, W: gl.constexpr,
+                    PR: gl.constexpr, MR: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr):
+    """The batched mode's ``src`` and ``sz`` (as :func:`_tile_inputs` takes them): warp ``w`` reads slice ``w``
+    (inputs ``w * k_len`` on) of the program's ``PR`` weight rows and ``MR`` activation rows; scales and zero points
+    ``[W, PR]`` in logical row order. Every tile is whole (the launcher's condition): rows past M read row M - 1."""
+    BKW: gl.constexpr = BLOCK_K // PER
+    l3: gl.constexpr = gl.SliceLayout(2, load_l)
+    sl = gl.arange(0, W, layout=gl.SliceLayout(1, l3))
+    rows = gl.arange(0, BKW, layout=gl.SliceLayout(0, l3))
+    cols = n0 + gl.arange(0, PR, layout=gl.SliceLayout(0, gl.SliceLayout(1, load_l)))
+    w_ptrs = (qw_ptr + gl.expand_dims(gl.expand_dims(sl * ((k_len // PER) * N), 1) + gl.expand_dims(rows, 0) * N, 2)
+              + gl.expand_dims(gl.expand_dims(cols, 0), 1))
+    col_ok = gl.expand_dims(gl.expand_dims(cols < N, 0), 1)
+    x3: gl.constexpr = gl.SliceLayout(2, x_l)
+    xs = gl.arange(0, W, layout=gl.SliceLayout(1, x3))
+    m_sub = gl.arange(0, MR, layout=gl.SliceLayout(0, x3))
+    kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_l)))
+    x_rows = gl.expand_dims(xs * (k_len // 2), 1) + gl.expand_dims(gl.minimum(m0 + m_sub, M - 1) * (stride_xm // 2), 0)
+    x_ptrs = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + gl.expand_dims(x_rows, 2)
+              + gl.expand_dims(gl.expand_dims(kq, 0), 1))
+    s2: gl.constexpr = gl.SliceLayout(2, acc_l)
+    s_off, s_cols = gl.broadcast(gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, s2)) * k_len, 1),
+                                 gl.expand_dims(n0 + _phys_row(gl.arange(0, PR, layout=gl.SliceLayout(0, s2)),
+                                                               PR // 16, 1), 0))
+    z2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, word_l))
+    z_off, z_cols = gl.broadcast(gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, z2)) * k_len, 1),
+                                 gl.expand_dims(n0 + _phys_row(gl.arange(0, PR, layout=gl.SliceLayout(0, z2)),
+                                                               PR // 16, 1), 0))
+    zz = gl.zeros([W, PR, 1, 1], gl.int32, layout=word_l)
+    src = (w_ptrs, x_ptrs, k_end, k_end // PER, N, rows, col_ok, m_sub, M - m0, kq)
+    sz = (s_ptr, z_ptr, N, s_off, s_cols, s_cols < N, z_off, z_cols, z_cols < N, zz)
+    return src, sz
+
+
+@gluon.jit
 def _qmm_mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, k_range,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, PDL: gl.constexpr,
+    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, BATCHED: gl.constexpr, PDL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     # SLICES == 1: the warps stack along the weight rows (BLOCK_N of them), and the program's BLOCK_M activation rows
@@ -359,18 +366,20 @@ def _qmm_mma_kernel(
     # (column j holds slice j // MR's activations, so a warp's products land in its own slice's columns; at 1 row
     # the columns were idle anyway). The slices are summed once at the end, in the program: the grid fills the GPU
     # without split-K's atomics (SLICES > 1 runs without them: one program per column tile). Every slice is whole
-    # (the launcher's condition).
+    # (the launcher's condition). BATCHED (with SLICES == num_warps): every warp its own batch of the mma, over its own
+    # slice of K, with all BLOCK_M / SLICES activation rows as the mma's columns (no column holds another slice's
+    # products, so 8 or 16 rows fit); the slices are summed over the batch axis at the end.
     PER: gl.constexpr = 32 // BITS
     BKW: gl.constexpr = BLOCK_K // PER
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     PR: gl.constexpr = BLOCK_N // SLICES  # weight rows (output columns) of the program
     MR: gl.constexpr = BLOCK_M // SLICES  # activation rows of the program
-    acc_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[0]
-    a_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[1]
-    b_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
-    load_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[3]
-    word_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[4]
-    x_l: gl.constexpr = mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[5]
+    acc_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[0]
+    a_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[1]
+    b_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[2]
+    load_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[3]
+    word_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[4]
+    x_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[5]
     zrow_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_l))
     srow_l: gl.constexpr = gl.SliceLayout(1, acc_l)
 
@@ -390,43 +399,48 @@ def _qmm_mma_kernel(
     kw_end = k_end // PER
     n_tiles = gl.cdiv(k_len, BLOCK_K)
 
-    rows = gl.arange(0, BKW, layout=gl.SliceLayout(1, load_l))
-    cols, w_off = _range_cols(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, load_l)), n0, k_len, PR, SLICES)
-    w_ptrs = qw_ptr + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols + (w_off // PER) * N, 0)
-    col_ok = gl.expand_dims(cols < N, 0)
-    # activations as b32 pairs, [BLOCK_M, BLOCK_K / 2] (row j: activation row j % MR of slice j // MR): rows past M
-    # read as 0, and inputs past the range's end unless every tile is whole (EVEN_K)
-    x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-    xr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
-    kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, x_l))
-    if SLICES == 1:
-        m_sub = xr
+    if BATCHED:
+        src, sz = _batched_inputs(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l, load_l,
+                                  word_l, x_l, SLICES, PR, MR, BLOCK_K, PER)
+        acc = gl.zeros([SLICES, PR, MR], gl.float32, layout=acc_l)
     else:
-        m_sub = xr % MR
-    m_row = m0 + m_sub
-    if EVEN_K:  # unmasked loads: rows past M read row M - 1 (their outputs are never written)
-        m_row = gl.minimum(m_row, M - 1)
-    if SLICES == 1:
-        x_rows = m_row * (stride_xm // 2)
-    else:
-        x_rows = m_row * (stride_xm // 2) + ((xr // MR) * k_len) // 2
-    x_ptrs = x32 + gl.expand_dims(x_rows, 1) + gl.expand_dims(kq, 0)
-    s_cols, s_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps), n0, k_len, PR,
-                                SLICES)
-    s_ok = s_cols < N
-    z_cols, z_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=zrow_l), REPS, num_warps), n0, k_len, PR,
-                                SLICES)
-    z_ok = z_cols < N
-    zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
-    m_n = M - m0
+        rows = gl.arange(0, BKW, layout=gl.SliceLayout(1, load_l))
+        cols, w_off = _range_cols(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, load_l)), n0, k_len, PR, SLICES)
+        w_ptrs = qw_ptr + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols + (w_off // PER) * N, 0)
+        col_ok = gl.expand_dims(cols < N, 0)
+        # activations as b32 pairs, [BLOCK_M, BLOCK_K / 2] (row j: activation row j % MR of slice j // MR): rows past M
+        # read as 0, and inputs past the range's end unless every tile is whole (EVEN_K)
+        x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        xr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+        kq = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, x_l))
+        if SLICES == 1:
+            m_sub = xr
+        else:
+            m_sub = xr % MR
+        m_row = m0 + m_sub
+        if EVEN_K:  # unmasked loads: rows past M read row M - 1 (their outputs are never written)
+            m_row = gl.minimum(m_row, M - 1)
+        if SLICES == 1:
+            x_rows = m_row * (stride_xm // 2)
+        else:
+            x_rows = m_row * (stride_xm // 2) + ((xr // MR) * k_len) // 2
+        x_ptrs = x32 + gl.expand_dims(x_rows, 1) + gl.expand_dims(kq, 0)
+        s_cols, s_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=srow_l), REPS, num_warps), n0, k_len, PR,
+                                    SLICES)
+        s_ok = s_cols < N
+        z_cols, z_off = _range_cols(_phys_row(gl.arange(0, BLOCK_N, layout=zrow_l), REPS, num_warps), n0, k_len, PR,
+                                    SLICES)
+        z_ok = z_cols < N
+        zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
+        m_n = M - m0
 
-    src = (w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)
-    sz = (s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
+        src = (w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)
+        sz = (s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
     # STAGES further on, so no value moves between registers from one iteration to the next
     D: gl.constexpr = STAGES * BLOCK_K
-    SCALES_AHEAD: gl.constexpr = BLOCK_M == 16  # see _tile_scales
+    SCALES_AHEAD: gl.constexpr = BLOCK_M // SLICES == 16 if BATCHED else BLOCK_M == 16  # see _tile_scales
     # the first tiles' words (the weight, which no kernel writes) are read before waiting for the kernel before this
     # one (PDL: launched early, this program may start while that one still runs); the activations, and every
     # write, after it
@@ -467,17 +481,19 @@ def _qmm_mma_kernel(
         acc = _tile(acc, wb, xb, sb, zb, k_rem + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
                     SCALES_AHEAD, num_warps)
     if GROUP == 0:
-        acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), 1)
+        s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz = sz
+        acc = acc * gl.expand_dims(gl.load(s_ptr + s_cols, mask=s_ok, other=0.0).to(gl.float32), len(acc.shape) - 1)
     if SLICES == 1:
         write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
                    num_warps)
     else:
-        _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
+        _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps, BATCHED)
 
 
 def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
-    weight rows, 8 or 16 activation rows per program) or ``mma_kw`` (warps split K, ``8 / warps`` rows per program).
+    weight rows, 8 or 16 activation rows per program), ``mma_kw`` (warps split K, ``8 / warps`` rows per program) or
+    ``mma_kb`` (warps split K, each its own batch of the mma, 8 or 16 rows per program).
     ``pdl``: launch with programmatic dependent launch (:mod:`~auto_quant.kernels.grid_dependency`); by default
     where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so."""
     import torch
@@ -485,11 +501,11 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     M, K = x2.shape
     N = w.out_features
     per = 32 // w.bits
-    slices = cfg.num_warps if cfg.kind == "mma_kw" else 1
+    slices = cfg.num_warps if cfg.kind in ("mma_kw", "mma_kb") else 1
+    block_ok = {"mma": mma_block_ok, "mma_kw": mma_kw_block_ok, "mma_kb": mma_kb_block_ok}[cfg.kind]
     if w.bits not in MMA_BITS:
         raise ValueError(f"the mma kernel serves {MMA_BITS}-bit weights, not {w.bits} bits")
-    if not (mma_kw_block_ok if slices > 1 else mma_block_ok)(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-                                                            w.bits, cfg.num_stages):
+    if not block_ok(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, w.bits, cfg.num_stages):
         raise ValueError(f"the mma kernel cannot take the tile {cfg}")
     if w.group_size != -1 and w.group_size % cfg.block_k:
         raise ValueError(f"the mma kernel needs one group per tile: group size {w.group_size}, block_k {cfg.block_k}")
@@ -498,10 +514,10 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     if K % per:
         raise ValueError(f"the mma kernel needs in_features % {per} == 0 at {w.bits} bits, not {K}")
     if slices > 1 and cfg.split_k != 1:
-        raise ValueError(f"the mma_kw kernel runs without split-K (its warps split K), not split_k={cfg.split_k}")
+        raise ValueError(f"the {cfg.kind} kernel runs without split-K (its warps split K), not split_k={cfg.split_k}")
     k_per_split = mma_k_per_split(K, cfg.block_k, cfg.split_k, slices)
     if k_per_split is None:
-        raise ValueError(f"the mma_kw kernel needs whole K slices: in_features {K} is not a multiple of "
+        raise ValueError(f"the {cfg.kind} kernel needs whole K slices: in_features {K} is not a multiple of "
                          f"warps x block_k ({cfg.num_warps} x {cfg.block_k}); use an mma tile")
     if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # read as b32 pairs: 4-byte aligned rows
@@ -515,7 +531,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
-        BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices, PDL=pdl,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
+        BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices,
+        BATCHED=cfg.kind == "mma_kb", PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return out

@@ -8,6 +8,11 @@ activation rows and 16 above (one or two ``mma.sync`` column tiles).
 weight rows per program, every warp over its own slice of K, and ``block_m = 8 / warps`` activation rows (the
 ``mma``'s 8 columns hold the rows times the slices). It serves 1 to 4 rows where K divides into whole slices, one
 program deep (``split_k`` 1).
+
+``mma_kb`` tiles split K over the warps too, but each warp is its own batch of a batched ``mma``: ``block_n`` weight
+rows and all ``block_m`` (8 or 16) activation rows per warp, over its own slice, summed across the warps at the end.
+No column of the ``mma`` holds another slice's products, so it serves up to 16 rows (``mma_kw`` runs out of columns
+at 8 / warps); each warp reads only its own slice's activations.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ MMA_KW_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 
                 (32, 64, 8, 3), (16, 128, 2, 2), (32, 128, 2, 2))
 MMA_KW_MAX_M = 4
 
+# (block_n weight rows per warp, block_k, warps = K slices = batches, tiles in flight)
+MMA_KB_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 2), (64, 128, 4, 2), (32, 64, 8, 3),
+                (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3), (16, 128, 16, 2), (16, 64, 16, 3))
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -37,13 +46,19 @@ def _pow2(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
 
+def _warp_tile_ok(block_m: int, rows: int, block_k: int, bits: int, stages: int) -> bool:
+    """One warp's tile: 16 weight rows a power-of-two number of times, 8 or 16 activation rows, a power-of-two number
+    of groups of four packed words, 2 or 3 tiles in flight."""
+    per = 32 // bits if bits in MMA_BITS else 0
+    return (per > 0 and rows % 16 == 0 and _pow2(rows // 16) and block_m in (8, 16) and block_k % (4 * per) == 0
+            and _pow2(block_k // (4 * per)) and stages in (2, 3))
+
+
 def mma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2) -> bool:
     """Tiles the kernel's layouts cover: 2, 4 or 8 warps stacked along the weight rows (16 rows each, a power-of-two
     number of times), 8 or 16 activation rows, and a power-of-two number of groups of four packed words."""
-    per = 32 // bits if bits in MMA_BITS else 0
-    reps = block_n // (16 * num_warps) if num_warps in (2, 4, 8) else 0
-    return (per > 0 and _pow2(reps) and block_n == 16 * num_warps * reps and block_m in (8, 16)
-            and block_k % (4 * per) == 0 and _pow2(block_k // (4 * per)) and stages in (2, 3))
+    return (num_warps in (2, 4, 8) and block_n % num_warps == 0
+            and _warp_tile_ok(block_m, block_n // num_warps, block_k, bits, stages))
 
 
 def mma_kw_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2) -> bool:
@@ -51,6 +66,13 @@ def mma_kw_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bi
     of two) and ``block_m = 8 / warps`` activation rows; ``block_k`` as for :func:`mma_block_ok`."""
     return (num_warps in (2, 4, 8) and block_m * num_warps == 8
             and mma_block_ok(8, block_n * num_warps, block_k, num_warps, bits, stages))
+
+
+def mma_kb_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2) -> bool:
+    """``mma_kb`` tiles: 2, 4, 8 or 16 warps, one batch (K slice) each over the same ``block_n`` weight rows (16 times
+    a power of two) and ``block_m`` (8 or 16) activation rows; ``block_k`` as for :func:`mma_block_ok` (each warp's
+    rows are a one-warp ``mma`` tile's)."""
+    return num_warps in (2, 4, 8, 16) and _warp_tile_ok(block_m, block_n, block_k, bits, stages)
 
 
 def mma_k_per_split(K: int, block_k: int, split: int, slices: int = 1) -> int | None:
@@ -119,6 +141,20 @@ def mma_kw_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: i
         bm = 8 // warps
         if bm >= M and mma_kw_block_ok(bm, bn, bk, warps, bits, stages) and mma_k_per_split(K, bk, 1, warps):
             out.append(KernelConfig("mma_kw", bm, bn, bk, 1, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def mma_kb_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
+    """The tuner's ``mma_kb`` variants for ``M <= 16`` rows (8 per program up to 8 rows, else 16), where K splits into
+    whole slices; no split-K."""
+    from auto_quant.kernels.dispatch import KernelConfig
+
+    bm = 8 if M <= 8 else 16
+    out = []
+    for bn, bk, warps, stages in MMA_KB_TILES:
+        bk = _block_k(bk, group_size, bits)
+        if mma_kb_block_ok(bm, bn, bk, warps, bits, stages) and mma_k_per_split(K, bk, 1, warps):
+            out.append(KernelConfig("mma_kb", bm, bn, bk, 1, warps, stages))
     return list(dict.fromkeys(out))
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
 def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
-             stages=2, slices=1, pdl=False):
+             stages=2, slices=1, pdl=False, batched=False):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -27,7 +27,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
            "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages,
-                 SLICES=slices, PDL=pdl, num_warps=warps)
+                 SLICES=slices, BATCHED=batched, PDL=pdl, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
@@ -84,6 +84,61 @@ def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages
     assert ("ld.global.v4.b32" if bits != 8 else "ld.global.v2.b32") in ptx
     assert ("ld.global.v2.b32" if rows == 16 else "ld.global.v4.b32") in ptx
     assert "atom." not in ptx
+
+
+@pytest.mark.parametrize("bits,act,sym,group,rows,bm,bk,warps,stages", [
+    (4, "bf16", True, 128, 16, 16, 128, 8, 2), (4, "bf16", False, 128, 32, 8, 128, 4, 3),
+    (4, "fp16", True, 0, 32, 16, 128, 4, 2), (2, "bf16", True, 64, 32, 16, 64, 8, 2),
+    (8, "bf16", False, 32, 16, 16, 32, 2, 2), (8, "fp16", True, 128, 32, 8, 128, 4, 3),
+    (4, "bf16", False, 128, 16, 8, 128, 16, 2), (2, "fp16", True, 64, 16, 16, 64, 16, 3),
+])
+def test_mma_kb_compiles_for_sm90(bits, act, sym, group, rows, bm, bk, warps, stages):
+    """A batch of the mma per warp (``mma_kb``): per tile and warp exactly its own ``rows x bm`` products (no column
+    of another slice's), the operands built in registers, one sum over the warps through shared memory at the end,
+    none in the loop, no atomics."""
+    ck = _compile(act, sym, group, bm * warps, rows * warps, bk, warps, False, bits, True, stages, slices=warps,
+                  batched=True)
+    ptx = ck.asm["ptx"]
+    h = "bf16" if act == "bf16" else "f16"
+    assert re.search(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{h}\.{h}\.f32", ptx)
+    per_tile = (rows // 16) * (bm // 8) * (bk // 16)  # one warp's mma per tile: its own rows and activation rows
+    assert ptx.count("mma.sync") == per_tile * (stages + stages - 1)  # the loop's STAGES tiles and the remainders
+    loop = ptx.split("st.shared")[0]
+    assert "ld.shared" not in loop and "ldmatrix" not in loop and "mma.sync" in loop
+    assert "st.shared" in ptx and "atom." not in ptx
+    assert ("ld.global.v4.b32" if bits != 8 else "ld.global.v2.b32") in ptx  # a word row's activations at once
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("rows,bk,warps", [(16, 128, 8), (32, 128, 4), (64, 128, 4), (32, 256, 2), (16, 64, 8),
+                                           (16, 128, 16)])
+def test_mma_kb_layouts_keep_each_warp_on_its_slice(rows, bk, warps, bits):
+    """Batched mode: a warp holds only its own slice (batch index = warp) in the word loads, the words, the
+    activations and the accumulator; inside the slice its rows and words agree between the load and the word layouts
+    through ``_phys_row(l, reps, 1)``, and its activations are the PER inputs of its word rows (as one warp of
+    :func:`mma_layouts`)."""
+    from auto_quant.kernels import gluon_mma as m
+
+    if bk % (4 * 32 // bits):
+        pytest.skip("the tile holds no whole group of four words")
+    fn = getattr(m.mma_kb_layouts, "__wrapped__", m.mma_kb_layouts)
+    per = 32 // bits
+    for bm in (8, 16):
+        _, _, _, load, word, xload = fn(rows * warps, bm * warps, bk, warps, bits)
+        seen = set()
+        for warp in range(warps):
+            for lane in range(32):
+                logical = {(c[0], c[1], c[2] * 4 + c[3]) for c in thread_coords(word, warp, lane)}
+                physical = {(c[0], c[2], c[1]) for c in thread_coords(load, warp, lane)}
+                assert {s for s, _, _ in logical | physical} == {warp}
+                assert {(s, m._phys_row.fn(l, rows // 16, 1), kw) for s, l, kw in logical} == physical, (warp, lane)
+                assert {kw % 4 for _, _, kw in physical} == {lane % 4}
+                seen |= physical
+                xs = {tuple(c) for c in thread_coords(xload, warp, lane)}
+                kws = {kw for _, _, kw in physical}
+                assert xs == {(warp, g, (kw * per) // 2 + q)
+                              for g in range(lane // 4, bm, 8) for kw in kws for q in range(per // 2)}, (warp, lane)
+        assert seen == {(s, p, kw) for s in range(warps) for p in range(rows) for kw in range(bk // per)}
 
 
 @pytest.mark.parametrize("slices,stages", [(1, 2), (8, 3)])
@@ -224,6 +279,25 @@ def test_dispatch_offers_mma_kw_where_slices_are_whole(monkeypatch):
     assert d.default_config(1, 4096, 4096 + 128, cuda, 4, 128, torch.bfloat16).kind == "gemv"  # no whole slices
 
 
+def test_dispatch_offers_mma_kb_up_to_16_rows(monkeypatch):
+    """``mma_kb`` for 1-16 rows (8 rows a program up to 8, then 16), only where K splits into whole slices."""
+    from auto_quant.kernels.mma_plan import mma_k_per_split, mma_kb_block_ok
+
+    d = fake_sm90(monkeypatch)
+    cuda = torch.device("cuda")
+    for bits, gs in ((4, 128), (2, 64), (8, -1), (4, 32)):
+        for M in (1, 5, 8, 9, 16):
+            kb = [c for c in d.candidates(M, 4096, 4096, cuda, bits, gs, torch.bfloat16) if c.kind == "mma_kb"]
+            assert kb, (bits, gs, M)
+            for c in kb:
+                assert mma_kb_block_ok(c.block_m, c.block_n, c.block_k, c.num_warps, bits, c.num_stages)
+                assert c.block_m == (8 if M <= 8 else 16) and c.split_k == 1
+                assert gs == -1 or gs % c.block_k == 0
+                assert mma_k_per_split(4096, c.block_k, 1, c.num_warps) == 4096
+    assert not any(c.kind == "mma_kb" for c in d.candidates(17, 4096, 4096, cuda, 4, 128, torch.bfloat16))
+    assert not any(c.kind == "mma_kb" for c in d.candidates(16, 4096, 4096 + 64, cuda, 4, -1, torch.bfloat16))
+
+
 def test_mma_config_validation():
     from auto_quant.kernels.dispatch import KernelConfig
     from auto_quant.kernels.mma_plan import mma_block_ok
@@ -241,3 +315,10 @@ def test_mma_config_validation():
                 (1, 16, 128, 2, 8)):
         with pytest.raises(ValueError, match="mma_kw"):
             KernelConfig("mma_kw", bad[0], bad[1], bad[2], bad[3], bad[4], 2)
+    KernelConfig("mma_kb", 16, 16, 128, 1, 8, 2)
+    KernelConfig("mma_kb", 8, 64, 64, 1, 4, 3)
+    KernelConfig("mma_kb", 16, 16, 128, 1, 16, 2)
+    for bad in ((12, 16, 128, 1, 8), (16, 24, 128, 1, 8), (16, 16, 96, 1, 8), (16, 16, 128, 1, 1), (16, 16, 128, 2, 8),
+                (32, 16, 128, 1, 4), (16, 16, 128, 1, 32)):
+        with pytest.raises(ValueError, match="mma_kb"):
+            KernelConfig("mma_kb", bad[0], bad[1], bad[2], bad[3], bad[4], 2)

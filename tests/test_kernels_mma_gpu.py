@@ -22,19 +22,20 @@ FORMATS = [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False), (8, 1
 @needs_sm90
 @pytest.mark.parametrize("bits,group_size,sym", FORMATS)
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["mma", "mma_kw"])
+@pytest.mark.parametrize("kind", ["mma", "mma_kw", "mma_kb"])
 def test_mma_every_candidate(kind, bits, group_size, sym, dt):
-    """Every tile and split the tuner may time (``mma`` at 1-16 rows; ``mma_kw``, the warps splitting K, at 1-4),
-    with a bias, on a shape whose columns do not fill the tiles, every row checked on its own (a slice or row
-    mix-up shows there); split-K leaves its workspace clean."""
+    """Every tile and split the tuner may time (``mma`` at 1-16 rows; ``mma_kw``, the warps splitting K, at 1-4;
+    ``mma_kb``, a batch per warp, at 1-16), with a bias, on a shape whose columns do not fill the tiles, every row
+    checked on its own (a slice or row mix-up shows there); split-K leaves its workspace clean."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch
-    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kb_candidates, mma_kw_candidates
 
-    plan, K, row_counts = ((mma_candidates, 2048, (1, 3, 8, 13, 16)) if kind == "mma"
-                           else (mma_kw_candidates, 4096, (1, 2, 3, 4)))
+    plan, K, row_counts = {"mma": (mma_candidates, 2048, (1, 3, 8, 13, 16)),
+                           "mma_kw": (mma_kw_candidates, 4096, (1, 2, 3, 4)),
+                           "mma_kb": (mma_kb_candidates, 4096, (1, 5, 8, 9, 16))}[kind]
     N = 1000
-    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits + (kind == "mma_kw"), bits=bits)
+    kw = quantized_weight(N, K, group_size, sym, seed=group_size + sym + bits + len(kind), bits=bits)
     W = dequantize(kw).double()
     ws = Workspace()
     bias = torch.randn(N, device="cuda").to(dt)
@@ -80,6 +81,32 @@ def test_mma_kw_strided_rows_and_uneven_k():
 
 
 @needs_sm90
+def test_mma_kb_strided_rows_and_every_slice_count():
+    """``mma_kb`` (a batch of the mma per warp, each over its own K slice) with activation rows that have a stride, at
+    every slice count, 8 and 16 rows a program and fewer rows than that; K without whole slices is refused."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
+
+    N, K = 320, 2048
+    kw = quantized_weight(N, K, 128, False, seed=5)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    wide = torch.randn(16, K + 64, device="cuda").to(torch.bfloat16)
+    for warps, bn, bm, stages, M in ((8, 16, 16, 2, 16), (8, 32, 8, 3, 7), (4, 64, 16, 2, 11), (4, 16, 8, 3, 1),
+                                     (2, 32, 16, 2, 16), (2, 64, 8, 2, 3), (8, 16, 16, 3, 2), (16, 16, 16, 2, 13),
+                                     (16, 16, 8, 2, 1)):
+        x = wide[:M, :K]
+        ref = x.double() @ W.t()
+        y = launch(x, kw, None, KernelConfig("mma_kb", bm, bn, 128, 1, warps, stages), ws)
+        for m in range(M):
+            assert rel_err(y[m], ref[m]) < TOL, (m, warps, bn, bm, M)
+    odd = quantized_weight(N, K + 128, 128, True, seed=6)
+    with pytest.raises(ValueError, match="whole K slices"):
+        launch(torch.randn(9, K + 128, device="cuda").to(torch.bfloat16), odd, None,
+               KernelConfig("mma_kb", 16, 16, 128, 1, 8, 2), ws)
+
+
+@needs_sm90
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mma_partial_tiles_and_odd_rows(bits):
     """A split that ends inside a tile (K not a multiple of split x block_k), x rows with a stride (a slice of a wider
@@ -108,17 +135,19 @@ def test_mma_every_launch_right():
     """Many programs per multiprocessor, repeated launches: every launch matches the reference."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch
-    from auto_quant.kernels.mma_plan import mma_candidates, mma_kw_candidates
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kb_candidates, mma_kw_candidates
 
     N, K = 4096, 4096
     kw = quantized_weight(N, K, 128, True, seed=7)
     W = dequantize(kw).double()
     ws = Workspace()
-    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
-    ref = x.double() @ W.t()
-    for cfg in mma_candidates(1, N, K, 128, 132) + mma_kw_candidates(1, N, K, 128, 132):
-        for _ in range(10):
-            assert rel_err(launch(x, kw, None, cfg, ws), ref) < TOL, cfg
+    for M in (1, 16):
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        ref = x.double() @ W.t()
+        cands = mma_candidates(M, N, K, 128, 132) + mma_kb_candidates(M, N, K, 128, 132)
+        for cfg in cands + (mma_kw_candidates(M, N, K, 128, 132) if M == 1 else []):
+            for _ in range(10):
+                assert rel_err(launch(x, kw, None, cfg, ws), ref) < TOL, cfg
 
 
 @needs_sm90
@@ -130,11 +159,13 @@ def test_tuner_offers_mma():
         assert any(c.kind == "mma" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     for M in (1, 4):
         assert any(c.kind == "mma_kw" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
+    for M in (1, 8, 16):
+        assert any(c.kind == "mma_kb" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     assert not any(c.kind == "mma" for c in candidates(17, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
 
 
 @needs_sm90
-@pytest.mark.parametrize("kind,M", [("mma_kw", 1), ("gemv", 1), ("mma", 4), ("mma", 16)])
+@pytest.mark.parametrize("kind,M", [("mma_kw", 1), ("gemv", 1), ("mma", 4), ("mma", 16), ("mma_kb", 16)])
 def test_pdl_chain_reads_the_previous_output(kind, M):
     """Launched with programmatic dependent launch a kernel starts while the one before it still runs: a chain in
     which each matmul's input is the previous one's output (eager, and replayed in a CUDA graph) must equal the same
