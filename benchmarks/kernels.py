@@ -300,6 +300,8 @@ def gpu_main(args):
     if args.ms:
         ms = [int(m) for m in args.ms.split(",")]
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:  # e.g. the rest of a run that a time limit stopped
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     formats = [dict(bits=4, group_size=128, sym=True),
                dict(bits=2, group_size=64, sym=True, ms=[m for m in ms if m == 1]),
                dict(bits=8, group_size=128, sym=True, ms=[m for m in ms if m == 1])]
@@ -557,6 +559,7 @@ def main():
     g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
     g.add_argument("--ms", default="", help="comma-separated batch sizes (default 1,4,16,64,256,1024)")
     g.add_argument("--e2e-batches", default="1", help="end-to-end decode batch sizes, e.g. 1,4,16")
+    g.add_argument("--shapes", default="", help="comma-separated NxK (out x in; default: the five Llama-3-8B shapes)")
     g.add_argument("--compare-previous", action="store_true",
                    help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")
     c = sub.add_parser("cpu")
