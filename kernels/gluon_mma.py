@@ -158,10 +158,18 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
                                   assert_trivial=True)
         a = gl.convert_layout(a_halves(words, zz, BITS, ACT_FP16, HAS_ZERO), a_l)
         b = gl.convert_layout(gl.permute(act_halves(xs, BITS, ACT_FP16), (1, 0)), b_l)
-        if GROUP == 0:
-            acc = mma_v2(a, b, acc)
-        else:
-            acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 1)
+        acc = _mma_scaled(a, b, acc, sc, GROUP)
+    return acc
+
+
+@gluon.jit
+def _mma_scaled(a, b, acc, sc, GROUP: gl.constexpr):
+    """``acc`` plus the tile's products, times the tile's group scales ``sc`` (per weight row: the accumulator
+    without its last axis); per-channel scales (``GROUP == 0``) are applied after the loop."""
+    if GROUP == 0:
+        acc = mma_v2(a, b, acc)
+    else:
+        acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), len(acc.shape) - 1)
     return acc
 
 
@@ -189,11 +197,7 @@ def _tile_batched(acc, wp, xs, sc, zp, zz, word_l: gl.constexpr, a_l: gl.constex
     a = gl.convert_layout(gl.reshape(halves, [W, PR, BK]), a_l)
     xh = gl.reshape(act_halves(gl.reshape(xs, [W * MR, BK // 2]), BITS, ACT_FP16), [W, MR, BK])
     b = gl.convert_layout(gl.permute(xh, (0, 2, 1)), b_l)
-    if GROUP == 0:
-        acc = mma_v2(a, b, acc)
-    else:
-        acc = acc + mma_v2(a, b, gl.zeros_like(acc)) * gl.expand_dims(sc.to(gl.float32), 2)
-    return acc
+    return _mma_scaled(a, b, acc, sc, GROUP)
 
 
 @gluon.jit
