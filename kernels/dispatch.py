@@ -76,9 +76,9 @@ class KernelConfig:
                              "16 x a power of two, block_k a power-of-two number of four-word groups and no split-K")
         if self.kind == "mma_kb" and (self.split_k != 1 or not mma_kb_block_ok(
                 self.block_m, self.block_n, self.block_k, self.num_warps, 8, self.num_stages)):
-            raise ValueError("the mma_kb kernel takes 2, 4, 8 or 16 warps (one per K slice), block_n 16 x a power of two "
-                             "weight rows per warp, block_m 8 or 16, block_k a power-of-two number of four-word groups "
-                             "and no split-K")
+            raise ValueError("the mma_kb kernel takes 2, 4, 8 or 16 warps (one per K slice), block_n 16 x a power of "
+                             "two weight rows per warp, block_m 8 or 16, block_k a power-of-two number of four-word "
+                             "groups and no split-K")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")

@@ -113,8 +113,8 @@ def test_mma_kb_compiles_for_sm90(bits, act, sym, group, rows, bm, bk, warps, st
 @pytest.mark.parametrize("rows,bk,warps", [(16, 128, 8), (32, 128, 4), (64, 128, 4), (32, 256, 2), (16, 64, 8),
                                            (16, 128, 16)])
 def test_mma_kb_layouts_keep_each_warp_on_its_slice(rows, bk, warps, bits):
-    """Batched mode: a warp holds only its own slice (batch index = warp) in the word loads, the words, the
-    activations and the accumulator; inside the slice its rows and words agree between the load and the word layouts
+    """Batched mode: a warp holds only its own slice (batch index = warp) in the word loads, the words and the
+    activations; inside the slice its rows and words agree between the load and the word layouts
     through ``_phys_row(l, reps, 1)``, and its activations are the PER inputs of its word rows (as one warp of
     :func:`mma_layouts`)."""
     from auto_quant.kernels import gluon_mma as m
