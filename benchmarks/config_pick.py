@@ -1,6 +1,6 @@
 """Time named kernel configurations with the installed tree; prints one JSON line per case.
 
-    python benchmarks/config_pick.py TAG [--cases NxK:M:CONFIG,...] [--bits 4 --group-size 128]
+    python benchmarks/config_pick.py TAG [--cases NxK:M:CONFIG,...] [--bits 4 --group-size 128] [--pdl on|off]
 
 ``CONFIG`` is ``benchmarks/kernels.py``'s ``config_name`` (``kind:MxNxKsSPLITwWARPSstSTAGES``, e.g.
 ``mma:16x128x128s16w4st2``). Each case is one CUDA graph over weight copies beyond L2, median of 20 replays
@@ -53,7 +53,10 @@ def main():
     p.add_argument("--cases", default=SESSION_13, help="comma-separated NxK:M:CONFIG")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--pdl", choices=["default", "on", "off"], default="default",
+                   help="programmatic dependent launch for the kinds that take it (default: the launcher's choice)")
     args = p.parse_args()
+    pdl = {"default": None, "on": True, "off": False}[args.pdl]
     dev = torch.device("cuda")
     copies_of = {}
     for case in args.cases.split(","):
@@ -66,8 +69,10 @@ def main():
         copies = copies_of[(N, K)]
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ws = Workspace()
-        us = _bk.graph_time_us([lambda c=c: launch(x, c, None, cfg, ws) for c in copies], replays=20, warm_s=0.1)
-        print(json.dumps({"tag": args.tag, "N": N, "K": K, "M": M, "cfg": name, "us": round(us, 2)}), flush=True)
+        us = _bk.graph_time_us([lambda c=c: launch(x, c, None, cfg, ws, pdl=pdl) for c in copies], replays=20,
+                               warm_s=0.1)
+        print(json.dumps({"tag": args.tag, "N": N, "K": K, "M": M, "cfg": name, "pdl": args.pdl, "us": round(us, 2)}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
-from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch
+from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch, pdl_max_weight_bytes
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
 
 
@@ -526,7 +526,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # read as b32 pairs: 4-byte aligned rows
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    pdl = pdl_launch(x2.device, N * K * w.bits // 8) if pdl is None else pdl
+    pdl = pdl_launch(x2.device, N * K * w.bits // 8, pdl_max_weight_bytes(cfg.kind)) if pdl is None else pdl
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_mma_kernel[grid](

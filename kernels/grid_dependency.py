@@ -34,11 +34,20 @@ def grid_launch_dependents():
 # pairs): weights of 8-12 MB ran 0.96-1.18x as fast with PDL (median 1.07x); 15-59 MB 0.88-1.13x (median 1.02x, 9
 # of 46 pairs more than 3 % slower). The start and tail it hides are a fixed cost, worth most to short kernels.
 PDL_MAX_WEIGHT_BYTES = 16 << 20
+# The `mma_kb` tiles (warps splitting K, a batch each; session 14, benchmarks/config_pick.py --pdl on/off, 3 rounds
+# each, 16 of the tuner's tiles at 1-16 rows): the 12 on weights above 16 MB ran 1.04-1.07x as fast with PDL at
+# 29 MB and 1.00-1.02x at 59 MB, none slower (at 8-13 MB 0.94-1.17x); so up to the largest size measured
+PDL_MAX_WEIGHT_BYTES_MMA_KB = 64 << 20
 
 
-def pdl_launch(device, weight_bytes: int) -> bool:
+def pdl_max_weight_bytes(kind: str) -> int:
+    """The weight size up to which a kernel kind is launched with PDL by default."""
+    return PDL_MAX_WEIGHT_BYTES_MMA_KB if kind == "mma_kb" else PDL_MAX_WEIGHT_BYTES
+
+
+def pdl_launch(device, weight_bytes: int, max_bytes: int = PDL_MAX_WEIGHT_BYTES) -> bool:
     """Whether a matmul over ``weight_bytes`` of packed weight on ``device`` is built with the wait and launched
     with PDL: CUDA devices of compute capability 9.0 and later (the instructions do not exist before sm_90), weights
-    up to :data:`PDL_MAX_WEIGHT_BYTES`."""
-    return (device.type == "cuda" and weight_bytes <= PDL_MAX_WEIGHT_BYTES
+    up to ``max_bytes`` (:data:`PDL_MAX_WEIGHT_BYTES`; the kernel kind may measure a larger bound)."""
+    return (device.type == "cuda" and weight_bytes <= max_bytes
             and dispatch.capability_major(device.index) >= 9)

@@ -179,6 +179,11 @@ def test_pdl_launch_needs_sm90_and_a_small_weight(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(dispatch, "capability_major", lambda index: 9)
     assert g.pdl_launch(cuda, g.PDL_MAX_WEIGHT_BYTES) and not g.pdl_launch(cuda, g.PDL_MAX_WEIGHT_BYTES + 1)
+    # mma_kb measured faster with PDL on larger weights too (29 and 59 MB); the other kinds keep the 16 MB bound
+    kb = g.pdl_max_weight_bytes("mma_kb")
+    assert kb == g.PDL_MAX_WEIGHT_BYTES_MMA_KB > 59e6
+    assert g.pdl_launch(cuda, kb, kb) and not g.pdl_launch(cuda, kb + 1, kb)
+    assert g.pdl_max_weight_bytes("mma") == g.pdl_max_weight_bytes("mma_kw") == g.PDL_MAX_WEIGHT_BYTES
     assert not g.pdl_launch(torch.device("cpu"), 1 << 20)
     monkeypatch.setattr(dispatch, "capability_major", lambda index: 8)
     assert not g.pdl_launch(cuda, 1 << 20)
