@@ -300,10 +300,10 @@ def _slice_sum(acc, REPS: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  num_warps: gl.constexpr, BATCHED: gl.constexpr):
+                  num_warps: gl.constexpr):
     """The output of a program whose warps split K, plus the bias: the slices summed (:func:`_slice_sum`, or over the
-    batch axis in the batched mode, rows in logical order there)."""
-    if BATCHED:
+    batch axis of the batched mode's 3-D accumulator, rows in logical order there)."""
+    if len(acc.shape) == 3:
         res = gl.sum(acc, axis=0)
         res_l: gl.constexpr = res.type.layout
         o_cols = n0 + _phys_row(gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, res_l)), res.shape[0] // 16, 1)
@@ -491,7 +491,7 @@ def _qmm_mma_kernel(
         write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
                    num_warps)
     else:
-        _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps, BATCHED)
+        _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
 def launch_mma(x2, w, bias, cfg, ws, pdl=None):
