@@ -3,12 +3,18 @@
 ``triton.testing.do_bench`` times every call between events after an L2 flush; a Python-launched kernel of
 10-30 µs then measures the host's launch cost instead (H100, session 8: 42-80 µs for kernels that run 13-18 µs in
 a graph, 78-114 µs per call in an eager loop), so the tuner ranked candidates by launch overhead and noise.
-Here the calls are captured in a CUDA graph, each after a flush of L2 (a 64 MiB memset, above an H100's
-50 MiB), and the graph of flushes alone is subtracted: what is left is the kernels' own time with cold
-weights, as in decode under CUDA graphs. ``warm`` runs after every flush in both graphs: the tuner passes a copy
-of the activations, which decode finds in L2 (the previous kernel wrote them) and a bare flush would have made
-cold (H100, session 10: the flushed timings ranked the `mma_kw` tiles, whose warps each read every slice's
-activations, behind `gemv` on shapes where graph timing with warm activations put them ahead).
+Here the calls are captured in a CUDA graph, each after an L2 flush, and the graph of flushes alone is subtracted:
+what is left is the kernels' own time with cold weights, as in decode under CUDA graphs. ``warm`` runs after every
+flush in both graphs: the tuner passes a copy of the activations, which decode finds in L2 (the previous kernel
+wrote them) and a bare flush would have made cold (H100, session 10: the flushed timings ranked the `mma_kw` tiles,
+whose warps each read every slice's activations, behind `gemv` on shapes where graph timing with warm activations
+put them ahead).
+
+The flush *reads* 64 MiB (:func:`l2_read_flush`), leaving L2 full of clean lines, as decode finds it (the previous
+layers' weights). A memset (:func:`l2_write_flush`, the flush until session 15) leaves about 50 MB of dirty lines,
+which the timed kernel's reads then write back: on an H100 it timed 29-59 MB kernels 11-18 % above their
+back-to-back time (median over a case's candidates), where the read flush agreed within 3 %
+(``benchmarks/timing_context.py``, docs/bench/kernels.md).
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import statistics
 import torch
 
 
-def graph_times_ms(fns, flush: torch.Tensor, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
+def graph_times_ms(fns, flush, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
                    warm=None) -> list[float]:
-    """Milliseconds per call of each of ``fns``: per function a graph of ``launches`` x (flush, warm, fn), and one
-    graph of ``launches`` x (flush, warm); each round replays the flush-only graph and then every function's graph,
-    starting at a different function each round, and a function's time is the median over the rounds of (its graph
-    minus that round's flush-only graph) / ``launches``. Interleaved so that a drift of the GPU's clock over the rounds
-    (an idle GPU ramping up, a busy one throttling) falls on every function alike, not on whichever was timed last.
-    Each function runs once first, outside the capture (it compiles, and allocates any workspace it keeps)."""
+    """Milliseconds per call of each of ``fns``: per function a graph of ``launches`` x (``flush()``, ``warm()``,
+    ``fn()``), and one graph of ``launches`` x (flush, warm); each round replays the flush-only graph and then every
+    function's graph, starting at a different function each round, and a function's time is the median over the
+    rounds of (its graph minus that round's flush-only graph) / ``launches``. Interleaved so that a drift of the
+    GPU's clock over the rounds (an idle GPU ramping up, a busy one throttling) falls on every function alike, not
+    on whichever was timed last. Each function runs once first, outside the capture (it compiles, and allocates any
+    workspace it keeps)."""
     for fn in fns:
         fn()
     torch.cuda.synchronize()
@@ -34,7 +41,7 @@ def graph_times_ms(fns, flush: torch.Tensor, launches: int = 8, rounds: int = 5,
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for _ in range(launches):
-                flush.zero_()
+                flush()
                 if warm is not None:
                     warm()
                 if fn is not None:
@@ -64,12 +71,20 @@ def graph_times_ms(fns, flush: torch.Tensor, launches: int = 8, rounds: int = 5,
     return [max(statistics.median(d), 1e-6) for d in diffs]
 
 
-def graph_time_ms(fn, flush: torch.Tensor, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
+def graph_time_ms(fn, flush, launches: int = 8, rounds: int = 5, settle_rounds: int = 0,
                   warm=None) -> float:
     """Milliseconds per ``fn()`` call (:func:`graph_times_ms` of one function)."""
     return graph_times_ms([fn], flush, launches, rounds, settle_rounds, warm)[0]
 
 
-def l2_flush_buffer(device: torch.device) -> torch.Tensor:
-    """64 MiB to overwrite between timed calls (more than an H100's or A100's L2)."""
-    return torch.empty(64 << 20, dtype=torch.uint8, device=device)
+def l2_read_flush(device: torch.device):
+    """A call that evicts L2 by reading 64 MiB (more than an H100's or A100's L2) into one sum: clean lines."""
+    buf = torch.ones(16 << 20, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    return lambda: torch.sum(buf, dim=0, out=out)
+
+
+def l2_write_flush(device: torch.device):
+    """A call that evicts L2 by writing 64 MiB (a memset): dirty lines, for comparison with :func:`l2_read_flush`."""
+    buf = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    return buf.zero_

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 class Tuner:
     """Times candidate variants per shape on first use and remembers the fastest.
 
-    Each candidate is timed inside CUDA graphs, after an L2 flush per call and a copy of the activations that
-    brings them back into L2, with the flushes' and copies' own time subtracted
+    Each candidate is timed inside CUDA graphs, after an L2 flush per call (a read, which leaves L2 clean) and a
+    copy of the activations that brings them back into L2, with the flushes' and copies' own time subtracted
     (:func:`~auto_quant.kernels.gpu_timing.graph_time_ms`): event timing of Python-launched calls
     measured the host's launch cost for kernels this short. An idle GPU's SM clock ramps up over the first
     tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
@@ -48,9 +48,9 @@ class Tuner:
         M, K = x2.shape
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
-        from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_flush_buffer
+        from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_read_flush
 
-        flush = l2_flush_buffer(x2.device)
+        flush = l2_read_flush(x2.device)
         x_copy = torch.empty_like(x2)
 
         def timed(c: KernelConfig, settle: int) -> float | None:

@@ -292,13 +292,32 @@ def test_split_k_under_cuda_graph_and_tuner():
     assert len(tuner.best) == 3
 
 
+def test_tuner_times_every_candidate_that_runs():
+    """The tuner times every candidate it is offered that compiles and fits (each a positive time, its flush and
+    activation copy subtracted) and keeps one of them; the tuned matmul is right."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, candidates, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
+
+    N, K = 1024, 2048
+    kw = quantized_weight(N, K, 4, 128, True, seed=7)
+    W = dequantize(kw).double()
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    offered = candidates(4, N, K, x.device, 4, 128, x.dtype)
+    tuner = Tuner(rep_ms=5)
+    assert rel_err(quant_matmul(x, kw, tuner=tuner, workspace=Workspace()), x.double() @ W.t()) < TOL
+    times = tuner.timings[tuner.key(x, kw)]
+    assert len(times) >= len(offered) - 2 and all(t > 0 for t in times.values())
+    assert tuner.best[tuner.key(x, kw)] in times
+
+
 def test_interleaved_graph_times_rank_work_and_ignore_order():
     """The tuner's second look times candidates side by side in interleaved rounds: a matmul with 8x the work
     measures several times longer whichever order the two are given in, the small one alike in both orders, and
     every time is the call's own (the flushes subtracted: positive and far below the 64 MiB flush's own time)."""
-    from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_flush_buffer
+    from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_read_flush
 
-    flush = l2_flush_buffer(torch.device("cuda"))
+    flush = l2_read_flush(torch.device("cuda"))
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for n in (2048, 4096))
 
     def small():
