@@ -31,3 +31,26 @@ def test_config_names_round_trip():
     assert kernels.config_name(a) != kernels.config_name(b)
     with pytest.raises(ValueError, match="kind:MxNxK"):
         pick.parse_config("wgmma:128x64")
+
+
+def test_timing_context_reads_back_its_picks(tmp_path):
+    """``benchmarks/timing_context.py e2e --picks`` reads the picks that its ``clocks --out`` and ``e2e --out``
+    wrote: (M bucket, N, K) keys from both file shapes, configurations intact; its rank correlation is +1 / -1 on
+    equal / reversed orders."""
+    import json
+
+    from auto_quant.kernels.dispatch import KernelConfig, m_bucket
+
+    tc = _load("timing_context")
+    cfg = KernelConfig("mma_kb", 8, 16, 128, 1, 8, 2)
+    e2e = tmp_path / "e2e.json"
+    e2e.write_text(json.dumps({"picks": {"tuner_1": {str((1, 1024, 4096)): cfg.__dict__}}}))
+    clocks = tmp_path / "clocks.json"
+    clocks.write_text(json.dumps({"cases": [{"case": "4096x4096:16:w4g128", "picks": {"read": "a", "chain": "b"},
+                                             "rows": {"a": {"config": cfg.__dict__}, "b": {"config": cfg.__dict__}}}]}))
+    assert tc.load_picks(str(e2e)) == {"tuner_1": {(1, 1024, 4096): cfg.__dict__}}
+    got = tc.load_picks(str(clocks))
+    assert set(got) == {"read", "chain"} and got["read"] == {(m_bucket(16), 4096, 4096): cfg.__dict__}
+    assert KernelConfig(**got["read"][(m_bucket(16), 4096, 4096)]) == cfg
+    assert tc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert tc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
