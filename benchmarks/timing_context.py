@@ -158,36 +158,38 @@ def e2e_main(args):
     from auto_quant.kernels.tuner import Tuner
 
     batches = tuple(int(b) for b in args.batches.split(","))
-    picks = {}
-    read_flush = gt.l2_read_flush
-    tunings = [(f"tuner_{i + 1}", read_flush) for i in range(args.tune)]
-    tunings += [("tuner_memset", gt.l2_write_flush)] if args.tune_memset else []
-    for variant, flush in tunings:
-        gt.l2_read_flush = flush  # the tuner looks it up when it tunes
-        tuner = Tuner(recheck=args.recheck)
-        tb.Tuner = lambda tuner=tuner: tuner
-        _bk.e2e_decode(args.layers, steps=8, batches=batches)
-        picks[variant] = {k[4:7]: v.__dict__ for k, v in tuner.best.items()}
-    gt.l2_read_flush = read_flush
-    for path in args.picks or []:
-        for variant, p in load_picks(path).items():
-            picks[f"{os.path.basename(path)}:{variant}"] = p
-    names = list(picks)
-    runs = []
-    for r in range(args.repeats):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            seeded = seeded_tuner(picks[name])
-            tb.Tuner = lambda seeded=seeded: seeded
-            out = _bk.e2e_decode(args.layers, batches=batches)
-            row = {"variant": name, "round": r, "tuned_here": sorted(str(k[4:7]) for k in seeded.timings),
-                   "speedup": [out["speedup"]] + [b["speedup"] for b in out.get("batched", [])],
-                   "tokens_per_s": [out["w4g128"]["tokens_per_s"]] + [b["w4g128"]["tokens_per_s"]
-                                                                        for b in out.get("batched", [])],
-                   "bf16_tokens_per_s": [out["bf16"]["tokens_per_s"]] + [b["bf16"]["tokens_per_s"]
-                                                                         for b in out.get("batched", [])]}
-            runs.append(row)
-            print(json.dumps(row), flush=True)
+    read_flush, tuner_class = gt.l2_read_flush, tb.Tuner  # patched below (this script only), restored at the end
+    try:
+        picks = {}
+        tunings = [(f"tuner_{i + 1}", read_flush) for i in range(args.tune)]
+        tunings += [("tuner_memset", gt.l2_write_flush)] if args.tune_memset else []
+        for variant, flush in tunings:
+            gt.l2_read_flush = flush  # the tuner looks it up when it tunes
+            tuner = Tuner(recheck=args.recheck)
+            tb.Tuner = lambda tuner=tuner: tuner
+            _bk.e2e_decode(args.layers, steps=8, batches=batches)
+            picks[variant] = {k[4:7]: v.__dict__ for k, v in tuner.best.items()}
+        for path in args.picks or []:
+            for variant, p in load_picks(path).items():
+                picks[f"{os.path.basename(path)}:{variant}"] = p
+        names = list(picks)
+        runs = []
+        for r in range(args.repeats):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                seeded = seeded_tuner(picks[name])
+                tb.Tuner = lambda seeded=seeded: seeded
+                out = _bk.e2e_decode(args.layers, batches=batches)
+                row = {"variant": name, "round": r, "tuned_here": sorted(str(k[4:7]) for k in seeded.timings),
+                       "speedup": [out["speedup"]] + [b["speedup"] for b in out.get("batched", [])],
+                       "tokens_per_s": [out["w4g128"]["tokens_per_s"]] + [b["w4g128"]["tokens_per_s"]
+                                                                            for b in out.get("batched", [])],
+                       "bf16_tokens_per_s": [out["bf16"]["tokens_per_s"]] + [b["bf16"]["tokens_per_s"]
+                                                                             for b in out.get("batched", [])]}
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        gt.l2_read_flush, tb.Tuner = read_flush, tuner_class
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "batches": batches,
