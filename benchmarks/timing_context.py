@@ -6,11 +6,11 @@
 ``clocks``: for each case every candidate of ``kernels.dispatch.candidates`` is timed three ways:
 
 * ``chain_us``: one CUDA graph over weight copies beyond L2, back to back (``benchmarks/kernels.py``'s table);
-* ``memset_us``: the tuner's clock (``kernels.gpu_timing.graph_times_ms``), each call after a 64 MiB memset that
-  flushes L2 and a copy of the activations, less the flushes alone;
-* ``read_us``: the same with a 64 MiB *read* (a sum) as the flush, which leaves L2 holding clean lines, as decode
-  finds it (the previous layers' weights), where a memset leaves about 50 MB of dirty lines that the timed kernel's
-  reads must write back.
+* ``memset_us``: the tuner's clock until session 15 (``kernels.gpu_timing.graph_times_ms``), each call after a
+  64 MiB memset that flushes L2 and a copy of the activations, less the flushes alone;
+* ``read_us``: the tuner's clock now, the same with a 64 MiB *read* (a sum) as the flush, which leaves L2 holding
+  clean lines, as decode finds it (the previous layers' weights), where a memset leaves about 50 MB of dirty lines
+  that the timed kernel's reads must write back.
 
 Per case: each clock's pick, its ``chain_us`` against the best ``chain_us``, and the rank correlation.
 
