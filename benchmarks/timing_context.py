@@ -1,7 +1,8 @@
 """How the tuner's clock ranks kernel candidates, against back-to-back timing and against decode; prints JSON.
 
     python benchmarks/timing_context.py clocks [--cases NxK:M:FORMAT,...] [--out picks.json]
-    python benchmarks/timing_context.py e2e [--tune 2] [--tune-memset] [--picks a.json b.json] [--batches 1,4,16]
+    python benchmarks/timing_context.py e2e [--tune 2] [--rep-ms 25,100] [--tune-memset] [--picks a.json b.json]
+                                            [--batches 1,4,16]
 
 ``clocks``: for each case every candidate of ``kernels.dispatch.candidates`` is timed three ways:
 
@@ -150,9 +151,9 @@ def load_picks(path: str) -> dict:
 
 
 def e2e_main(args):
-    """``--tune`` fresh tuners as shipped (and with ``--tune-memset`` one with the memset flush) each tune the model
-    once; then every variant's picks (and those of ``--picks`` files) decode ``--repeats`` times, in rotating order,
-    from a tuner seeded with them."""
+    """``--tune`` fresh tuners as shipped per ``--rep-ms`` (and with ``--tune-memset`` one with the memset flush)
+    each tune the model once; then every variant's picks (and those of ``--picks`` files) decode ``--repeats``
+    times, in rotating order, from a tuner seeded with them."""
     import auto_quant.inference.triton_backend as tb
     import auto_quant.kernels.gpu_timing as gt
     from auto_quant.kernels.tuner import Tuner
@@ -161,11 +162,13 @@ def e2e_main(args):
     read_flush, tuner_class = gt.l2_read_flush, tb.Tuner  # patched below (this script only), restored at the end
     try:
         picks = {}
-        tunings = [(f"tuner_{i + 1}", read_flush) for i in range(args.tune)]
-        tunings += [("tuner_memset", gt.l2_write_flush)] if args.tune_memset else []
-        for variant, flush in tunings:
+        reps = [float(r) for r in args.rep_ms.split(",")]
+        tunings = [(f"tuner_{i + 1}" if len(reps) == 1 else f"tuner_rep{r:g}_{i + 1}", read_flush, r)
+                   for r in reps for i in range(args.tune)]
+        tunings += [("tuner_memset", gt.l2_write_flush, reps[0])] if args.tune_memset else []
+        for variant, flush, rep_ms in tunings:
             gt.l2_read_flush = flush  # the tuner looks it up when it tunes
-            tuner = Tuner(recheck=args.recheck)
+            tuner = Tuner(rep_ms=rep_ms, recheck=args.recheck)
             tb.Tuner = lambda tuner=tuner: tuner
             _bk.e2e_decode(args.layers, steps=8, batches=batches)
             picks[variant] = {k[4:7]: v.__dict__ for k, v in tuner.best.items()}
@@ -209,6 +212,8 @@ def main():
     e.add_argument("--tune", type=int, default=1, help="fresh tuners as shipped, each tuning the model once")
     e.add_argument("--tune-memset", action="store_true", help="and one tuning with the memset flush")
     e.add_argument("--recheck", type=int, default=4, help="the tuners' recheck (1: the first look decides)")
+    e.add_argument("--rep-ms", default="25", help="the tuners' rep_ms, comma-separated: --tune tunings of each "
+                                                   "(rounds per candidate: rep_ms // 4, 3 to 30)")
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--layers", type=int, default=16)
     e.add_argument("--batches", default="1,4,16")

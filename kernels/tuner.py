@@ -25,11 +25,11 @@ class Tuner:
     tenths of a second of work (H100: timings 10-15 % slow at first, docs/bench/kernels.md), so the first
     candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once more
     together, in twice as many interleaved rounds (:func:`~auto_quant.kernels.gpu_timing.graph_times_ms`), keeping
-    the fastest of that second look. ``rep_ms`` scales the rounds per candidate.
+    the fastest of that second look. ``rep_ms`` scales the rounds per candidate (``rep_ms // 4``, 3 to 30).
     """
 
     def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
-        self.rounds = max(3, min(9, int(rep_ms // 4)))
+        self.rounds = max(3, min(30, int(rep_ms // 4)))
         self.settle_rounds = max(1, int(settle_ms // 2))
         self.recheck = recheck
         self.best: dict[tuple, KernelConfig] = {}
