@@ -54,7 +54,7 @@ def _ldg_read(w_ptr, out_ptr, N, rows_per_prog, BR: tl.constexpr, BN: tl.constex
 
 
 @gluon.constexpr_function
-def _read_layout(BR, BN, num_warps):
+def _read_layout(BN, num_warps):
     tpw_n = min(32, BN // 4)
     return gl.BlockedLayout([1, 4], [32 // tpw_n, tpw_n], [num_warps, 1], [1, 0])
 
@@ -63,7 +63,7 @@ def _read_layout(BR, BN, num_warps):
 def _tma_read(w_desc, out_ptr, rows_per_prog, STAGES: gl.constexpr, num_warps: gl.constexpr):
     BR: gl.constexpr = w_desc.block_type.shape[0]
     BN: gl.constexpr = w_desc.block_type.shape[1]
-    L: gl.constexpr = _read_layout(BR, BN, num_warps)
+    L: gl.constexpr = _read_layout(BN, num_warps)
     pn = gl.program_id(0)
     pk = gl.program_id(1)
     n0 = pn * BN
