@@ -39,8 +39,6 @@ from auto_quant.kernels.mma_plan import (
     mma_kw_candidates,
     mma_kw_default,
     mma_serves,
-    mma_tma_candidates,
-    mma_tma_ok,
 )
 from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
@@ -55,8 +53,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw", "mma_kb",
-                             "mma_tma"):
+        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw", "mma_kb"):
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -82,11 +79,6 @@ class KernelConfig:
             raise ValueError("the mma_kb kernel takes 2, 4, 8 or 16 warps (one per K slice), block_n 16 x a power of "
                              "two weight rows per warp, block_m 8 or 16, block_k a power-of-two number of four-word "
                              "groups and no split-K")
-        if self.kind == "mma_tma" and (self.split_k != 1 or not mma_tma_ok(
-                self.block_m, self.block_n, self.block_k, self.num_warps, 8, self.num_stages)):
-            raise ValueError("the mma_tma kernel takes 2, 4 or 8 warps (one per K slice), block_n 16 x a power of two "
-                             "weight rows per warp, block_m 8 or 16, block_k a power-of-two number of four-word "
-                             "groups, a ring of 2 to 8 slots and no split-K")
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
@@ -210,7 +202,6 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
     if M <= MMA_MAX_M and mma_serves(device, bits, group_size, N, K, act_dtype):
         out += mma_candidates(M, N, K, group_size, sms, bits)
         out += mma_kb_candidates(M, N, K, group_size, sms, bits)
-        out += mma_tma_candidates(M, N, K, group_size, sms, bits)
         if M <= MMA_KW_MAX_M:
             out += mma_kw_candidates(M, N, K, group_size, sms, bits)
     if M == 1 and gemv_ok:
@@ -412,10 +403,6 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         from auto_quant.kernels.gluon_mma import launch_mma
 
         return launch_mma(x2, w, bias, cfg, ws, pdl)
-    if cfg.kind == "mma_tma":
-        from auto_quant.kernels.gluon_mma_tma import launch_mma_tma
-
-        return launch_mma_tma(x2, w, bias, cfg, pdl)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)

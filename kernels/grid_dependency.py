@@ -42,7 +42,7 @@ PDL_MAX_WEIGHT_BYTES_MMA_KB = 64 << 20
 
 def pdl_max_weight_bytes(kind: str) -> int:
     """The weight size up to which a kernel kind is launched with PDL by default."""
-    return PDL_MAX_WEIGHT_BYTES_MMA_KB if kind in ("mma_kb", "mma_tma") else PDL_MAX_WEIGHT_BYTES
+    return PDL_MAX_WEIGHT_BYTES_MMA_KB if kind == "mma_kb" else PDL_MAX_WEIGHT_BYTES
 
 
 def pdl_launch(device, weight_bytes: int, max_bytes: int = PDL_MAX_WEIGHT_BYTES) -> bool:

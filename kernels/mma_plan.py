@@ -39,13 +39,6 @@ MMA_KB_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 
                 (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3))
 
 
-# `mma_tma` (the `mma_kb` tile fed by a TMA ring, kernels/gluon_mma_tma.py): (block_n weight rows per warp, block_k,
-# warps = K slices, ring depth); 8-16 KB of W4 words per ring slot
-MMA_TMA_TILES = ((16, 128, 8, 2), (16, 128, 8, 4), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 4, 4), (32, 128, 4, 4),
-                 (32, 128, 4, 8), (64, 128, 4, 4), (16, 128, 4, 8), (32, 128, 2, 8), (64, 128, 2, 4))
-MMA_TMA_MAX_STAGES = 8
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -81,19 +74,6 @@ def mma_kb_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bi
     a power of two) and ``block_m`` (8 or 16) activation rows; ``block_k`` as for :func:`mma_block_ok` (each warp's
     rows are a one-warp ``mma`` tile's)."""
     return num_warps in (2, 4, 8, 16) and _warp_tile_ok(block_m, block_n, block_k, bits, stages)
-
-
-def mma_tma_ok(block_m: int, block_n: int, block_k: int, num_warps: int, bits: int = 4, stages: int = 2,
-               N: int | None = None, K: int | None = None) -> bool:
-    """``mma_tma`` tiles: an ``mma_kb`` tile (at most 8 warps: the TMA box holds one slice per warp) with a ring of 2
-    to :data:`MMA_TMA_MAX_STAGES` slots; for a layer ``N x K`` (when given) every tile whole and at least ``stages``
-    tiles per slice."""
-    if not (num_warps in (2, 4, 8) and 2 <= stages <= MMA_TMA_MAX_STAGES and block_n <= 256
-            and _warp_tile_ok(block_m, block_n, block_k, bits, 2)):
-        return False
-    if N is not None and N % block_n:
-        return False
-    return K is None or (K % (num_warps * block_k) == 0 and K // (num_warps * block_k) >= stages)
 
 
 def mma_k_per_split(K: int, block_k: int, split: int, slices: int = 1) -> int | None:
@@ -176,20 +156,6 @@ def mma_kb_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: i
         bk = _block_k(bk, group_size, bits)
         if mma_kb_block_ok(bm, bn, bk, warps, bits, stages) and mma_k_per_split(K, bk, 1, warps):
             out.append(KernelConfig("mma_kb", bm, bn, bk, 1, warps, stages))
-    return list(dict.fromkeys(out))
-
-
-def mma_tma_candidates(M: int, N: int, K: int, group_size: int, sms: int, bits: int = 4):
-    """The tuner's ``mma_tma`` variants for ``M <= 16`` rows (8 per program up to 8 rows, else 16) where every tile is
-    whole (:func:`mma_tma_ok`)."""
-    from auto_quant.kernels.dispatch import KernelConfig
-
-    bm = 8 if M <= 8 else 16
-    out = []
-    for bn, bk, warps, stages in MMA_TMA_TILES:
-        bk = _block_k(bk, group_size, bits)
-        if mma_tma_ok(bm, bn, bk, warps, bits, stages, N, K):
-            out.append(KernelConfig("mma_tma", bm, bn, bk, 1, warps, stages))
     return list(dict.fromkeys(out))
 
 

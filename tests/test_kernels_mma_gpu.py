@@ -161,13 +161,11 @@ def test_tuner_offers_mma():
         assert any(c.kind == "mma_kw" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     for M in (1, 8, 16):
         assert any(c.kind == "mma_kb" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
-        assert any(c.kind == "mma_tma" for c in candidates(M, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
     assert not any(c.kind == "mma" for c in candidates(17, 4096, 4096, torch.device("cuda"), 4, 128, torch.bfloat16))
 
 
 @needs_sm90
-@pytest.mark.parametrize("kind,M", [("mma_kw", 1), ("gemv", 1), ("mma", 4), ("mma", 16), ("mma_kb", 16),
-                                    ("mma_tma", 1), ("mma_tma", 16)])
+@pytest.mark.parametrize("kind,M", [("mma_kw", 1), ("gemv", 1), ("mma", 4), ("mma", 16), ("mma_kb", 16)])
 def test_pdl_chain_reads_the_previous_output(kind, M):
     """Launched with programmatic dependent launch a kernel starts while the one before it still runs: a chain in
     which each matmul's input is the previous one's output (eager, and replayed in a CUDA graph) must equal the same
