@@ -4,30 +4,20 @@ barrier between a worker's mbarrier waits). Its numbers come from the device mac
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("_mma_ws_probe", ROOT / "benchmarks" / "mma_ws_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _compile(bits=4, group=128, sym=True, bm=8, bn=32, bk=128, slices=4, stages=4, maxnreg=128, wregs=128):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    m = _probe()
+    m = load_benchmark("mma_ws_probe")
     per = 32 // bits
     lay = m.words_layout(bn, bk // per)
     sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<i32[1, {bk // per}, {bn}],{lay!r}>", "s_ptr": "*fp16",

@@ -4,23 +4,13 @@ per tile step). Their timings come from the device machine."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("_stream_probe", ROOT / "benchmarks" / "stream_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("BR,BN,stages,warps", [(32, 64, 4, 4), (16, 128, 8, 4)])
@@ -28,7 +18,7 @@ def test_tma_ring_compiles_for_sm90(BR, BN, stages, warps):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sp = _probe()
+    sp = load_benchmark("stream_probe")
     sig = {"w_desc": f"tensordesc<i32[{BR}, {BN}],{sp.shared_layout()!r}>", "out_ptr": "*i32", "rows_per_prog": "i32",
            "STAGES": "constexpr", "num_warps": "constexpr"}
     keys = list(sig)
@@ -45,7 +35,7 @@ def test_ldg_probe_issues_u_loads_per_step():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sp = _probe()
+    sp = load_benchmark("stream_probe")
     sig = {"w_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "rows_per_prog": "i32", "BR": "constexpr",
            "BN": "constexpr", "U": "constexpr"}
     keys = list(sig)
