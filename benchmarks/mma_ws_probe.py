@@ -46,8 +46,9 @@ def words_layout(block_n: int, word_rows: int):
 
 
 @gluon.jit
-def _ws_default():
-    pass
+def _ws_default(PDL: gl.constexpr):
+    if PDL:  # (the next kernel may start launching; its own wait still waits for this one to finish)
+        grid_launch_dependents()
 
 
 @gluon.jit
@@ -124,14 +125,14 @@ def _qmm_mma_ws_kernel(
     fence_async_shared()
     a = (x_ptr, w_desc, s_ptr, z_ptr, ring, bars, part, M, N, k_len, stride_xm, n0, m0)
     if SLICES == 4:
-        gl.warp_specialize([(_ws_default, ()),
+        gl.warp_specialize([(_ws_default, (PDL,)),
                             (_ws_worker, (0, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
                             (_ws_worker, (1, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
                             (_ws_worker, (2, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
                             (_ws_worker, (3, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL))],
                            [1, 1, 1, 1], [WREGS, WREGS, WREGS, WREGS])
     else:
-        gl.warp_specialize([(_ws_default, ()),
+        gl.warp_specialize([(_ws_default, (PDL,)),
                             (_ws_worker, (0, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
                             (_ws_worker, (1, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
                             (_ws_worker, (2, a, BITS, GROUP, HAS_ZERO, ACT_FP16, PR, MR, BLOCK_K, STAGES, PDL)),
