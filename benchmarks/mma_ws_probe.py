@@ -89,14 +89,14 @@ def _ws_worker(SL: gl.constexpr, a, BITS: gl.constexpr, GROUP: gl.constexpr, HAS
         s = t % STAGES
         mbarrier.wait(bars.index(base + s), (t // STAGES) & 1)
         wp = ring.index(base + s).load(load_l)
-        if t + STAGES < n_tiles:
-            mbarrier.expect(bars.index(base + s), w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [SL, (t + STAGES) * BKW, n0], bars.index(base + s),
-                                            ring.index(base + s))
         k = t * BLOCK_K
         xn = _tile_acts(src, k + BLOCK_K, BLOCK_K, True)
         sn, zn = _tile_scales(sz, k + BLOCK_K, k_len, GROUP, HAS_ZERO, SCALES_AHEAD)
         acc = _tile(acc, wp, xs, sc, zp, k, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, 1)
+        if t + STAGES < n_tiles:  # refilled once its words were used (the warp's shared loads are done)
+            mbarrier.expect(bars.index(base + s), w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [SL, (t + STAGES) * BKW, n0], bars.index(base + s),
+                                            ring.index(base + s))
         xs = xn
         sc = sn
         zp = zn
