@@ -6,6 +6,7 @@ device) and keeps the fastest. A tuner belongs to whoever creates it (one per lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -26,10 +27,14 @@ class Tuner:
     candidate's graphs are replayed ``settle_rounds`` extra times, and the ``recheck`` fastest are timed once more
     together, in twice as many interleaved rounds (:func:`~auto_quant.kernels.gpu_timing.graph_times_ms`), keeping
     the fastest of that second look. ``rep_ms`` scales the rounds per candidate (``rep_ms // 4``, 3 to 30).
+    ``flush``: makes the per-call L2 flush for a device (default
+    :func:`~auto_quant.kernels.gpu_timing.l2_read_flush`; benchmarks compare others).
     """
 
-    def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4):
+    def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4,
+                 flush: Callable[[torch.device], Callable[[], object]] | None = None):
         self.rounds = max(3, min(30, int(rep_ms // 4)))
+        self.flush = flush
         self.settle_rounds = max(1, int(settle_ms // 2))
         self.recheck = recheck
         self.best: dict[tuple, KernelConfig] = {}
@@ -50,7 +55,7 @@ class Tuner:
             return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_read_flush
 
-        flush = l2_read_flush(x2.device)
+        flush = (self.flush or l2_read_flush)(x2.device)
         x_copy = torch.empty_like(x2)
 
         def timed(c: KernelConfig, settle: int) -> float | None:
