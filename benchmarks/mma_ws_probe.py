@@ -28,11 +28,14 @@ import json
 import os
 import sys
 
-import torch
-import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+# run as a script, this folder is sys.path[0]: its gguf.py would shadow the gguf package auto_quant imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma  # noqa: E402
 
 from auto_quant.kernels.gluon_mma import _batched_inputs, _tile, _tile_acts, _tile_scales, _write_slices, kernel_layouts
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait

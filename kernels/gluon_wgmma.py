@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from auto_quant.kernels.wgmma_plan import WGMMA_BITS
+from auto_quant.kernels.wgmma_plan import WGMMA_BITS, wgmma_schedule
 
 
 @gluon.constexpr_function
@@ -362,10 +362,10 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
 
 @gluon.jit
 def _qmm_wgmma_kernel(
-    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_om, k_per_split,
+    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr,
+    M, N, K, stride_om, k_per_split, full_tiles, parts,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
-    ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    SERIAL: gl.constexpr, ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -382,13 +382,24 @@ def _qmm_wgmma_kernel(
     word_l: gl.constexpr = gl.SliceLayout(2, deq_l)
     row_l: gl.constexpr = gl.SliceLayout(1, word_l)
 
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
+    if SERIAL:  # one grid axis: the whole tiles, then `parts` programs per tail tile, each a K range
+        pid = gl.program_id(0)
+        whole = (pid < full_tiles).to(gl.int32)
+        q = (pid - full_tiles) * (1 - whole)
+        tile = pid - q + q // parts
+        k_part = q % parts
+        k_lo = k_part * k_per_split
+        k_hi = whole * K + (1 - whole) * gl.minimum(k_lo + k_per_split, K)
+        grid_n = gl.cdiv(N, BLOCK_N)
+        pid_n = tile % grid_n
+        pid_m = tile // grid_n
+    else:  # split-K over grid axis 2
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        k_lo = gl.program_id(2) * k_per_split
+        k_hi = gl.minimum(k_lo + k_per_split, K)
     n0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
-    k_lo = pid_k * k_per_split
-    k_hi = gl.minimum(k_lo + k_per_split, K)
     n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
 
     # per-thread constants: the byte selector (lane % 4 into byte 0, zeros elsewhere), the rows' columns
@@ -453,8 +464,42 @@ def _qmm_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
-               num_warps)
+    if SERIAL:
+        write = pid < full_tiles
+        if pid >= full_tiles:
+            acc, write = _serial_sum(acc, scr_ptr, cnt_ptr, tile - full_tiles, k_part, parts)
+        if write:
+            write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS,
+                       0, num_warps)
+    else:
+        write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS,
+                   SPLIT, num_warps)
+
+
+@gluon.jit
+def _serial_sum(acc, scr_ptr, cnt_ptr, slot, part, parts):
+    """A tail tile's K-range partial: stored (plain stores, in the accumulator's own layout) to its slot of the
+    scratch ``[tail tiles, parts, BLOCK_N, BLOCK_M]``; the tile's last program to arrive at its counter adds the
+    other parts (read from L2) and returns ``(sum, True)``, resetting the counter; the others ``(acc, False)``.
+    No atomics on the data: at 1024 rows the atomic split-K epilogue cost more than the split saved."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    acc_l: gl.constexpr = acc.type.layout
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    offs = gl.expand_dims(rows, 1) * BLOCK_M + gl.expand_dims(cols, 0)
+    base = scr_ptr + slot * parts * (BLOCK_N * BLOCK_M)
+    gl.store(base + part * (BLOCK_N * BLOCK_M) + offs, acc)
+    # every thread's stores, then the counter's acq_rel atomic (cumulative release; write_tile's pattern)
+    gl.thread_barrier()
+    arrived = gl.atomic_add(cnt_ptr + slot, 1)
+    last = arrived == parts - 1
+    if last:  # the acquire orders these reads after the other parts' stores; .cg reads them from L2
+        for j in range(parts):
+            if j != part:
+                acc += gl.load(base + j * (BLOCK_N * BLOCK_M) + offs, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + slot, 0)
+    return acc, last
 
 
 @functools.cache
@@ -468,10 +513,14 @@ def shared_layouts(block_m: int, block_n: int, block_k: int, act_fp16: bool):
 
 
 def launch_wgmma(x2, w, bias, cfg, ws):
-    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 4-bit ``KernelWeight``."""
+    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 2-, 4- or 8-bit
+    ``KernelWeight``. ``cfg.split_k`` splits K over every tile while the tiles fill at most one wave, else only the
+    tiles of the last, partial wave (:func:`~auto_quant.kernels.wgmma_plan.wgmma_schedule`)."""
     import torch
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from auto_quant.kernels.dispatch import _sms, smem_limit
 
     M, K = x2.shape
     N = w.out_features
@@ -492,15 +541,26 @@ def launch_wgmma(x2, w, bias, cfg, ws):
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
     w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
                               w_l)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
-    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
+    grid_n, grid_m = triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m)
+    sched = wgmma_schedule(grid_n * grid_m, cfg, K, w.bits, _sms(x2.device), smem_limit(x2.device))
+    k_per_split = triton.cdiv(triton.cdiv(K, sched.parts), cfg.block_k) * cfg.block_k
+    scr = acc = cnt = out
+    if sched.serial:
+        grid = (sched.full_tiles + sched.tail_tiles * sched.parts,)
+        if sched.tail_tiles:
+            cnt = ws.get(x2.device, 1, sched.tail_tiles)[1]
+            scr = ws.scratch(x2.device, sched.tail_tiles * sched.parts * cfg.block_n * cfg.block_m)
+    else:
+        grid = (grid_n, grid_m, triton.cdiv(K, k_per_split))
+        if grid[2] > 1:
+            acc, cnt = ws.get(x2.device, M * N, grid_n * grid_m)
     _qmm_wgmma_kernel[grid](
         x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-        out, acc, cnt, M, N, K, out.stride(0), k_per_split,
+        out, acc, cnt, scr, M, N, K, out.stride(0), k_per_split, sched.full_tiles, sched.parts,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
+        BITS=w.bits, SPLIT=split_vector(N, not sched.serial and grid[2] > 1), SERIAL=sched.serial,
+        ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out
+

@@ -127,3 +127,32 @@ def test_wgmma_is_the_untuned_choice_on_sm90():
     assert default_config(16, 4096, 4096, cuda, 4, 128, torch.float32).kind != "wgmma"
     assert default_config(16, 4096, 4096, cuda, 4, 32, torch.float16).kind != "wgmma"
     assert default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "mma_kw"
+
+
+@needs_sm90
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (2, 64, True), (8, -1, False)])
+def test_wgmma_tail_split(bits, group_size, sym):
+    """Past one wave (4608 x 1000 rows: 144 tiles of 256 x 128 on 132 multiprocessors, a partial last row block)
+    the tail split sums each tail tile's K parts through scratch: every such tile the tuner may time, five launches
+    each, matches the float64 product with a bias, and the counters are back at zero."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, _sms, smem_limit
+    from auto_quant.kernels.gluon_wgmma import launch_wgmma
+    from auto_quant.kernels.wgmma_plan import wgmma_candidates, wgmma_schedule
+
+    cuda = torch.device("cuda")
+    N, K, M = 4608, 2048, 1000
+    kw = quantized_weight(N, K, group_size, sym, seed=bits + group_size, bits=bits)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ dequantize(kw).double().t() + bias.double()
+    ws = Workspace()
+    tails = [c for c in wgmma_candidates(M, N, K, group_size, _sms(cuda), smem_limit(cuda), bits)
+             if wgmma_schedule(-(-N // c.block_n) * -(-M // c.block_m), c, K, bits, _sms(cuda), smem_limit(cuda)).serial]
+    assert tails
+    for cfg in tails:
+        errs = [rel_err(launch_wgmma(x, kw, bias, cfg, ws), ref) for _ in range(5)]
+        assert max(errs) < TOL, (cfg, max(errs))
+    torch.cuda.synchronize()
+    for acc, cnt in ws._bufs.values():
+        assert not acc.any() and not cnt.any()
