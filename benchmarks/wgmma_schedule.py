@@ -30,18 +30,27 @@ SHAPES = ("4096x4096", "6144x4096", "14336x4096", "4096x14336", "28672x4096")
 
 
 def variants(M: int, N: int, K: int, sms: int, smem: int, bits: int = 4):
-    """Every 256-row tile at split 1 and, where the last wave leaves slots idle, at its tail split."""
+    """``(label, config, schedule)`` for every 256-row tile: split 1; where the last wave leaves slots idle, the tail
+    split (the dispatcher's schedule for ``split_k`` > 1) and stream-K over the tail alone and over the tail and
+    one whole wave (one wave of programs)."""
     from auto_quant.kernels.dispatch import KernelConfig
-    from auto_quant.kernels.wgmma_plan import WGMMA_TILES, wgmma_slots, wgmma_smem_bytes, wgmma_tail_parts
+    from auto_quant.kernels.wgmma_plan import (WGMMA_TILES, stream_k_schedule, wgmma_slots, wgmma_smem_bytes,
+                                               wgmma_tail_parts)
 
     out = []
     for bm, bn, bk, warps, stages in WGMMA_TILES[256]:
         if wgmma_smem_bytes(bm, bn, bk, stages, bits) > smem:
             continue
         tiles = -(-N // bn) * -(-M // bm)
-        tail = wgmma_tail_parts(tiles, wgmma_slots(bm, bn, bk, warps, stages, bits, sms, smem), K, bk)
-        for split in dict.fromkeys((1, tail)):
-            out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages))
+        slots = wgmma_slots(bm, bn, bk, warps, stages, bits, sms, smem)
+        out.append(("split1", KernelConfig("wgmma", bm, bn, bk, 1, warps, stages), None))
+        tail = wgmma_tail_parts(tiles, slots, K, bk)
+        if tail > 1:
+            out.append(("tail", KernelConfig("wgmma", bm, bn, bk, tail, warps, stages), None))
+        if tiles > slots and tiles % slots:
+            one = KernelConfig("wgmma", bm, bn, bk, 1, warps, stages)
+            out.append(("sk0", one, stream_k_schedule(tiles, slots, 0)))
+            out.append(("sk1", one, stream_k_schedule(tiles, slots, 1)))
     return out
 
 
@@ -66,13 +75,13 @@ def main():
         bias = torch.randn(N, device=dev).to(torch.bfloat16)
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ref = x.double() @ W.t() + bias.double()
-        for cfg in variants(M, N, K, sms, smem, bits):
+        for label, cfg, sched in variants(M, N, K, sms, smem, bits):
             if gs > 0 and gs % cfg.block_k:
                 continue
             row = {"check": True, "N": N, "K": K, "M": M, "bits": bits, "gs": gs, "sym": sym,
-                   "cfg": bk.config_name(cfg)}
+                   "cfg": bk.config_name(cfg), "schedule": label}
             try:
-                y = launch_wgmma(x, w, bias, cfg, ws)
+                y = launch_wgmma(x, w, bias, cfg, ws, sched)
                 row["rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
                 row["max_row_err"] = max(((y[m].double() - ref[m]).norm() / ref[m].norm()).item() for m in range(M))
             except Exception as e:  # noqa: BLE001 (a probe: report and go on)
@@ -93,10 +102,11 @@ def main():
             for rnd in (1, 2):
                 us = bk.graph_time_us([lambda b=b: F.linear(x, b) for b in wbs], warm_s=0.1)
                 print(json.dumps({"N": N, "K": K, "M": M, "round": rnd, "kind": "bf16", "us": round(us, 2)}), flush=True)
-                for cfg in variants(M, N, K, sms, smem):
-                    row = {"N": N, "K": K, "M": M, "round": rnd, "kind": "wgmma", "cfg": bk.config_name(cfg)}
+                for label, cfg, sched in variants(M, N, K, sms, smem):
+                    row = {"N": N, "K": K, "M": M, "round": rnd, "kind": "wgmma", "cfg": bk.config_name(cfg),
+                           "schedule": label}
                     try:
-                        us = bk.graph_time_us([lambda c=c: launch_wgmma(x, c, None, cfg, ws)
+                        us = bk.graph_time_us([lambda c=c: launch_wgmma(x, c, None, cfg, ws, sched)
                                                for c in copies], warm_s=0.1)
                         row["us"] = round(us, 2)
                     except Exception as e:  # noqa: BLE001

@@ -86,25 +86,35 @@ def wgmma_slots(block_m: int, block_n: int, block_k: int, num_warps: int, stages
 
 @dataclasses.dataclass(frozen=True)
 class WgmmaSchedule:
-    """How a launch covers its tiles. ``serial``: a one-axis grid of ``full_tiles`` whole tiles, then ``parts``
-    programs per each of the ``tail_tiles`` of the last, partial wave, each a K range, summed through scratch by the
-    tile's last program. Otherwise the three-axis grid, ``parts``-way split-K over every tile (atomic adds)."""
+    """How a launch covers its tiles. ``serial``: a one-axis grid, ``full_tiles`` programs taking whole tiles, then
+    ``sk_programs`` sharing the remaining ``sk_tiles`` tiles' K steps laid end to end (stream-K), a tile's parts
+    summed through scratch by its last program. Otherwise the three-axis grid with ``cfg.split_k``-way split-K over
+    every tile (atomic adds)."""
 
     serial: bool
     full_tiles: int
-    tail_tiles: int
-    parts: int
+    sk_tiles: int = 0
+    sk_programs: int = 0
 
 
 def wgmma_schedule(tiles: int, cfg, K: int, bits: int, sms: int, smem: int) -> WgmmaSchedule:
     """``cfg.split_k`` splits K over every tile while the tiles fill at most one wave (the decode shapes, where the
-    split is what fills the machine), else only over the tiles of the last, partial wave: at 1024 rows a
-    14336x4096 layer has 448 tiles of 256x128, 3.39 waves on an H100's 132 multiprocessors."""
+    split is what fills the machine), else only over the tiles of the last, partial wave, ``split_k`` programs each:
+    at 1024 rows a 14336x4096 layer has 448 tiles of 256x128, 3.39 waves on an H100's 132 multiprocessors."""
     slots = wgmma_slots(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, bits, sms, smem)
     if cfg.split_k == 1 or tiles <= slots:
-        return WgmmaSchedule(False, tiles, 0, cfg.split_k)
+        return WgmmaSchedule(False, tiles)
     tail = tiles % slots
-    return WgmmaSchedule(True, tiles - tail, tail, cfg.split_k)
+    return WgmmaSchedule(True, tiles - tail, tail, tail * cfg.split_k)
+
+
+def stream_k_schedule(tiles: int, slots: int, waves: int = 1) -> WgmmaSchedule:
+    """The last partial wave and up to ``waves`` whole waves before it shared evenly by one wave of programs."""
+    tail = tiles % slots
+    if tail == 0 or tiles <= slots:
+        return WgmmaSchedule(True, tiles)
+    sk = min(tiles, tail + waves * slots)
+    return WgmmaSchedule(True, tiles - sk, sk, slots)
 
 
 def wgmma_tail_parts(tiles: int, slots: int, K: int, block_k: int) -> int:

@@ -131,14 +131,14 @@ def test_wgmma_is_the_untuned_choice_on_sm90():
 
 @needs_sm90
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (2, 64, True), (8, -1, False)])
-def test_wgmma_tail_split(bits, group_size, sym):
+def test_wgmma_tail_split_and_stream_k(bits, group_size, sym):
     """Past one wave (4608 x 1000 rows: 144 tiles of 256 x 128 on 132 multiprocessors, a partial last row block)
     the tail split sums each tail tile's K parts through scratch: every such tile the tuner may time, five launches
     each, matches the float64 product with a bias, and the counters are back at zero."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, _sms, smem_limit
     from auto_quant.kernels.gluon_wgmma import launch_wgmma
-    from auto_quant.kernels.wgmma_plan import wgmma_candidates, wgmma_schedule
+    from auto_quant.kernels.wgmma_plan import stream_k_schedule, wgmma_candidates, wgmma_schedule, wgmma_slots
 
     cuda = torch.device("cuda")
     N, K, M = 4608, 2048, 1000
@@ -153,6 +153,16 @@ def test_wgmma_tail_split(bits, group_size, sym):
     for cfg in tails:
         errs = [rel_err(launch_wgmma(x, kw, bias, cfg, ws), ref) for _ in range(5)]
         assert max(errs) < TOL, (cfg, max(errs))
+    # stream-K (the same compiled kernel): a wave of programs over the tail (parts of up to 9 programs a tile) and
+    # over the tail and the wave before it (tiles shared by two programs, their segments crossing tile borders)
+    cfg = tails[0]
+    tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
+    slots = wgmma_slots(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, bits, _sms(cuda),
+                        smem_limit(cuda))
+    for waves in (0, 1):
+        sched = stream_k_schedule(tiles, slots, waves)
+        errs = [rel_err(launch_wgmma(x, kw, bias, cfg, ws, sched), ref) for _ in range(5)]
+        assert max(errs) < TOL, (cfg, sched, max(errs))
     torch.cuda.synchronize()
     for acc, cnt in ws._bufs.values():
         assert not acc.any() and not cnt.any()
