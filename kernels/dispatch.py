@@ -339,19 +339,10 @@ def tdot_candidates(M: int, N: int, K: int, bits: int, group_size: int, sms: int
 
 
 class Workspace:
-    """Zero-at-rest fp32 scratch and int32 tile counters for split-K, per device; and plain fp32 scratch (any
-    contents) for partials that are stored, not added."""
+    """Zero-at-rest fp32 scratch and int32 tile counters for split-K, per device."""
 
     def __init__(self):
         self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._scratch: dict[torch.device, torch.Tensor] = {}
-
-    def scratch(self, device: torch.device, n: int) -> torch.Tensor:
-        buf = self._scratch.get(device)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.float32, device=device)
-            self._scratch[device] = buf
-        return buf
 
     def get(self, device: torch.device, n_acc: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         acc, cnt = self._bufs.get(device, (None, None))

@@ -43,7 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves
-from auto_quant.kernels.gluon_epilogue import _phys_row, split_vector, write_tile
+from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch, pdl_max_weight_bytes
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
 

@@ -46,8 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from auto_quant.kernels.gluon_epilogue import _phys_row, serial_sum, split_vector, store_layout, write_tile  # noqa: F401
-from auto_quant.kernels.wgmma_plan import WGMMA_BITS, wgmma_schedule
+from auto_quant.kernels.wgmma_plan import WGMMA_BITS
 
 
 @gluon.constexpr_function
@@ -86,6 +85,24 @@ def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
             reg_bases=lrows + [[1 << i, 0] for i in range(nb)], lane_bases=[[0, 0], [0, 0]] + lg,
             warp_bases=lwarp, block_bases=[], shape=[bkw, BLOCK_N])
     return acc, a, deq, load
+
+
+@gluon.constexpr_function
+def store_layout(BLOCK_M, BLOCK_N, num_warps):
+    """Eight consecutive output columns (16 bytes) per thread, a warp across the tile's columns."""
+    cols = min(BLOCK_N // 8, 32)
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // cols, cols], warps_per_cta=[num_warps, 1],
+                            order=[1, 0])
+
+
+@gluon.jit
+def _phys_row(l, REPS: gl.constexpr, W: gl.constexpr):
+    """Physical row (within the tile) of logical operand row ``l``."""
+    g = l % 8
+    h = (l // 8) % 2
+    w = (l // 16) % W
+    rep = l // (16 * W)
+    return h + 2 * rep + 2 * REPS * g + 16 * REPS * w
 
 
 @gluon.jit
@@ -240,13 +257,116 @@ def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAG
         tma.async_copy_global_to_shared(x_desc, [m0, k_lo + nxt * BLOCK_K], bars.index(ns), x_smem.index(ns))
 
 
+def split_vector(N: int, split: bool) -> int:
+    """``write_tile``'s ``SPLIT`` for a launch: 0 without split-K, else 4 where ``N`` is a multiple of four (a thread
+    may add four consecutive output columns at once, a vector then wholly in or out of range), else 1."""
+    return 0 if not split else (4 if N % 4 == 0 else 1)
+
+
+# four consecutive workspace words from a base and a 32-bit word offset: $0 a dummy output; mask, base, offset, values
+_RED4 = gl.constexpr("{ .reg .pred p;\n.reg .b64 a;\nmov.b32 $0, 0;\nsetp.ne.b32 p, $1, 0;\n"
+                     "mad.wide.u32 a, $3, 4, $2;\n@p red.relaxed.gpu.global.add.v4.f32 [a], {$4, $5, $6, $7};\n}")
+# read four consecutive workspace words and zero them (0s where masked): four outputs; mask, base, offset
+_TAKE4 = gl.constexpr("{ .reg .pred p;\n.reg .f32 z;\n.reg .b64 a;\nmov.f32 z, 0f00000000;\n"
+                      "mov.f32 $0, z;\nmov.f32 $1, z;\nmov.f32 $2, z;\nmov.f32 $3, z;\n"
+                      "setp.ne.b32 p, $4, 0;\nmad.wide.u32 a, $6, 4, $5;\n"
+                      "@p ld.relaxed.gpu.global.v4.f32 {$0, $1, $2, $3}, [a];\n"
+                      "@p st.relaxed.gpu.global.v4.f32 [a], {z, z, z, z};\n}")
+
+
 @gluon.jit
-def _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, n0, m0, k_lo, n_tiles, N, BITS: gl.constexpr,
-                  GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, STAGES: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """The fp32 accumulator ``[BLOCK_N, BLOCK_M]`` (logical rows) of weight rows ``n0..`` and activation rows ``m0..``
-    over ``n_tiles`` K tiles from input ``k_lo``. The ring (shared memory and barriers) lives only here, so the
-    epilogue's layout change can reuse its shared memory, also between the segments of a stream-K program."""
+def _column_quads(acc, REPS: gl.constexpr, num_warps: gl.constexpr):
+    """The accumulator ``[BLOCK_N, BLOCK_M]`` (logical rows) as four tensors ``[BLOCK_N / 4, BLOCK_M]``, element
+    ``(c, m)`` of tensor ``j`` at physical column ``4 c + j``. With ``REPS >= 2`` a thread's four consecutive physical
+    columns (row halves and repetitions, :func:`_phys_row`) are its own registers, so this moves no data."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    t = gl.reshape(acc, [REPS, num_warps, 2, 8, BLOCK_M])
+    t = gl.reshape(gl.permute(t, (1, 3, 0, 2, 4)), [BLOCK_N // 4, 2, 2, BLOCK_M])  # physical columns, bit 1, bit 0
+    e, o = gl.split(gl.permute(t, (0, 3, 1, 2)))  # column bit 0
+    v0, v2 = gl.split(e)
+    v1, v3 = gl.split(o)
+    return v0, v1, v2, v3
+
+
+@gluon.jit
+def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS: gl.constexpr,
+               HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    """Write the ``[BLOCK_N, BLOCK_M]`` accumulator (logical rows, :func:`_phys_row`) of output rows ``m0..`` and
+    columns ``n0..``: directly (``SPLIT`` 0), or with split-K (grid axis 2) through the zero-at-rest workspace, the
+    last program of a tile adding the bias and writing the output (``SPLIT``: :func:`split_vector`). Any NVMMA
+    accumulator layout (``wgmma`` or ``mma.sync``)."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    acc_l: gl.constexpr = acc.type.layout
+    # epilogue: acc[l, m] is output (m0 + m, column of l)
+    o_cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), REPS, num_warps)
+    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    c_ok = o_cols < N
+    o_mask = gl.expand_dims(c_ok, 1) & gl.expand_dims(o_rows < M, 0)
+    o_offs = gl.expand_dims(o_rows, 0) * stride_om + gl.expand_dims(o_cols, 1)
+    if SPLIT == 0:
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+        # rows back to physical order in registers, then one layout change (through shared memory) to 16-byte
+        # stores along the output row: the accumulator layout would scatter 2-byte stores over 8 rows
+        res = gl.reshape(acc.to(out_ptr.dtype.element_ty), [REPS, num_warps, 2, 8, BLOCK_M])
+        res = gl.reshape(gl.permute(res, (1, 3, 0, 2, 4)), [BLOCK_N, BLOCK_M])
+        st_l: gl.constexpr = store_layout(BLOCK_M, BLOCK_N, num_warps)
+        res = gl.convert_layout(gl.permute(res, (1, 0)), st_l)  # [BLOCK_M, BLOCK_N], physical columns
+        s_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_l))
+        s_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_l))
+        s_mask = gl.expand_dims(s_rows < M, 1) & gl.expand_dims(s_cols < N, 0)
+        gl.store(out_ptr + gl.expand_dims(s_rows, 1) * stride_om + gl.expand_dims(s_cols, 0), res, mask=s_mask)
+    else:
+        # A thread holding four consecutive columns (REPS >= 2) adds them with one vector reduction, addressed from a
+        # 32-bit offset, instead of four atomics with a 64-bit address and a mask each: 1.04-1.24x on the mma tiles of
+        # 128 rows on 4 warps at split 8-16, neutral at split 2-4 (H100, docs/bench/kernels.md, session 13). With two
+        # columns a thread (REPS 1) a two-wide vector measured 5-12 % slower than the scalar atomics, which stay there.
+        QUADS: gl.constexpr = SPLIT == 4 and REPS >= 2
+        if QUADS:
+            v0, v1, v2, v3 = _column_quads(acc, REPS, num_warps)
+            q_l: gl.constexpr = v0.type.layout
+            q_cols = n0 + 4 * gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(1, q_l))
+            q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, q_l))
+            q_ok = gl.expand_dims(q_cols < N, 1) & gl.expand_dims(q_rows < M, 0)
+            q_on = q_ok.to(gl.int32)  # the PTX's predicate
+            q_offs = gl.expand_dims(q_rows, 0) * N + gl.expand_dims(q_cols, 1)
+            gl.inline_asm_elementwise(_RED4, "=r,r,l,r,f,f,f,f", [q_on, ws_ptr, q_offs, v0, v1, v2, v3],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            w_offs = gl.expand_dims(o_rows, 0) * N + gl.expand_dims(o_cols, 1)
+            gl.atomic_add(ws_ptr + w_offs, acc, mask=o_mask, sem="relaxed")
+        # the barrier orders every thread's adds before the counter's acq_rel atomic, whose release is cumulative
+        # (the split-K semaphore pattern of CUTLASS): one fence per program, not one per thread or per element
+        gl.thread_barrier()
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == gl.num_programs(2) - 1:  # the atomic's acquire orders the reads of the sums after it
+            if QUADS:
+                tot = gl.inline_asm_elementwise(_TAKE4, "=f,=f,=f,=f,r,l,r", [q_on, ws_ptr, q_offs],
+                                                dtype=(gl.float32,) * 4, is_pure=False, pack=1)  # sums, re-zeroed
+                q_ptrs = out_ptr + (gl.expand_dims(q_rows, 0) * stride_om + gl.expand_dims(q_cols, 1))
+                for j in gl.static_range(4):
+                    t = tot[j]
+                    if HAS_BIAS:
+                        t += gl.expand_dims(gl.load(b_ptr + q_cols + j, mask=q_cols < N, other=0.0).to(gl.float32), 1)
+                    gl.store(q_ptrs + j, t.to(out_ptr.dtype.element_ty), mask=q_ok)
+            else:
+                tot = gl.atomic_xchg(ws_ptr + w_offs, gl.zeros_like(acc), mask=o_mask, sem="relaxed")  # sum, re-zeroed
+                if HAS_BIAS:
+                    tot += gl.expand_dims(gl.load(b_ptr + o_cols, mask=c_ok, other=0.0).to(gl.float32), 1)
+                gl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@gluon.jit
+def _qmm_wgmma_kernel(
+    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_om, k_per_split,
+    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+    ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -262,6 +382,21 @@ def _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, n0, m0, k_lo, n_tiles, N, B
     word_l: gl.constexpr = gl.SliceLayout(2, deq_l)
     row_l: gl.constexpr = gl.SliceLayout(1, word_l)
 
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    k_lo = pid_k * k_per_split
+    k_hi = gl.minimum(k_lo + k_per_split, K)
+    n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
+
+    # per-thread constants: the byte selector (lane % 4 into byte 0, zeros elsewhere), the rows' columns
+    PARTS: gl.constexpr = 2 if BITS == 8 else 4
+    SEL_MUL: gl.constexpr = lane_selector(BITS)[0]
+    SEL_ADD: gl.constexpr = lane_selector(BITS)[1]
+    part = gl.arange(0, PARTS, layout=gl.SliceLayout(0, gl.SliceLayout(0, deq_l))) * SEL_MUL + SEL_ADD
+    sel = gl.expand_dims(gl.expand_dims(part, 0), 0)
     cols = n0 + _phys_row(gl.arange(0, BLOCK_N, layout=row_l), REPS, num_warps)
     col_ok = cols < N
     if HAS_ZERO:
@@ -317,74 +452,9 @@ def _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, n0, m0, k_lo, n_tiles, N, B
     acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    return acc
 
-
-@gluon.jit
-def _qmm_wgmma_kernel(
-    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr,
-    M, N, K, stride_om, k_per_split, full_tiles, sk_iters, max_parts,
-    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
-    SERIAL: gl.constexpr, ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
-    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-    REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
-    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
-    # per-thread constant: the byte selector (lane % 4 into byte 0, zeros elsewhere)
-    PARTS: gl.constexpr = 2 if BITS == 8 else 4
-    SEL_MUL: gl.constexpr = lane_selector(BITS)[0]
-    SEL_ADD: gl.constexpr = lane_selector(BITS)[1]
-    lane_part = gl.arange(0, PARTS, layout=gl.SliceLayout(0, gl.SliceLayout(0, deq_l))) * SEL_MUL + SEL_ADD
-    sel = gl.expand_dims(gl.expand_dims(lane_part, 0), 0)
-    grid_n = gl.cdiv(N, BLOCK_N)
-
-    if SERIAL:
-        # one grid axis: programs [0, full_tiles) take whole tiles; each later program takes the next sk_iters K
-        # steps of the remaining tiles, laid end to end (stream-K), in one or more segments
-        pid = gl.program_id(0)
-        if pid < full_tiles:
-            pid_n = pid % grid_n
-            pid_m = pid // grid_n
-            acc = _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, pid_n * BLOCK_N, pid_m * BLOCK_M, 0,
-                                gl.cdiv(K, BLOCK_K), N, BITS, GROUP, HAS_ZERO, ACT_FP16, STAGES, num_warps)
-            write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, M, N, stride_om,
-                       pid_n, pid_m, REPS, HAS_BIAS, 0, num_warps)
-        else:
-            k_steps = gl.cdiv(K, BLOCK_K)
-            sk = pid - full_tiles
-            it = sk * sk_iters
-            end = gl.minimum(it + sk_iters, (gl.cdiv(M, BLOCK_M) * grid_n - full_tiles) * k_steps)
-            while it < end:
-                t = it // k_steps  # the tile among the stream-K ones
-                kb = it - t * k_steps
-                ke = gl.minimum(end - t * k_steps, k_steps)
-                tile = full_tiles + t
-                pid_n = tile % grid_n
-                pid_m = tile // grid_n
-                acc = _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, pid_n * BLOCK_N, pid_m * BLOCK_M,
-                                    kb * BLOCK_K, ke - kb, N, BITS, GROUP, HAS_ZERO, ACT_FP16, STAGES, num_warps)
-                write = (kb == 0) & (ke == k_steps)
-                if (kb > 0) | (ke < k_steps):
-                    # the programs that share this tile: the first and the last whose K steps fall in it
-                    first = (t * k_steps) // sk_iters
-                    last = ((t + 1) * k_steps - 1) // sk_iters
-                    acc, write = serial_sum(acc, scr_ptr + t * max_parts * (BLOCK_N * BLOCK_M), cnt_ptr + t,
-                                            sk - first, last - first + 1)
-                if write:
-                    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, M, N,
-                               stride_om, pid_n, pid_m, REPS, HAS_BIAS, 0, num_warps)
-                it = t * k_steps + ke
-    else:  # split-K over grid axis 2
-        pid_n = gl.program_id(0)
-        pid_m = gl.program_id(1)
-        k_lo = gl.program_id(2) * k_per_split
-        k_hi = gl.minimum(k_lo + k_per_split, K)
-        acc = _tile_product(x_desc, w_desc, s_ptr, z_ptr, sel, pid_n * BLOCK_N, pid_m * BLOCK_M, k_lo,
-                            gl.cdiv(k_hi - k_lo, BLOCK_K), N, BITS, GROUP, HAS_ZERO, ACT_FP16, STAGES, num_warps)
-        write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, M, N, stride_om, pid_n,
-                   pid_m, REPS, HAS_BIAS, SPLIT, num_warps)
+    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pid_n, pid_m, REPS, HAS_BIAS, SPLIT,
+               num_warps)
 
 
 @functools.cache
@@ -397,16 +467,11 @@ def shared_layouts(block_m: int, block_n: int, block_k: int, act_fp16: bool):
 
 
 
-def launch_wgmma(x2, w, bias, cfg, ws, schedule=None):
-    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 2-, 4- or 8-bit
-    ``KernelWeight``. ``cfg.split_k`` splits K over every tile while the tiles fill at most one wave, else only the
-    tiles of the last, partial wave (:func:`~auto_quant.kernels.wgmma_plan.wgmma_schedule`; ``schedule`` overrides
-    it)."""
+def launch_wgmma(x2, w, bias, cfg, ws):
+    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 4-bit ``KernelWeight``."""
     import torch
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from auto_quant.kernels.dispatch import _sms, smem_limit
 
     M, K = x2.shape
     N = w.out_features
@@ -427,32 +492,15 @@ def launch_wgmma(x2, w, bias, cfg, ws, schedule=None):
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
     w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
                               w_l)
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid_n, grid_m = triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m)
-    if schedule is None:
-        schedule = wgmma_schedule(grid_n * grid_m, cfg, K, w.bits, _sms(x2.device), smem_limit(x2.device))
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    scr = acc = cnt = out
-    sk_iters = max_parts = 1
-    if schedule.serial:
-        k_steps = triton.cdiv(K, cfg.block_k)
-        sk_total = schedule.sk_tiles * k_steps
-        if schedule.sk_tiles:
-            sk_iters = triton.cdiv(sk_total, schedule.sk_programs)
-            max_parts = triton.cdiv(k_steps - 1, sk_iters) + 1
-            cnt = ws.get(x2.device, 1, schedule.sk_tiles)[1]
-            scr = ws.scratch(x2.device, schedule.sk_tiles * max_parts * cfg.block_n * cfg.block_m)
-        grid = (schedule.full_tiles + triton.cdiv(sk_total, sk_iters),)
-    else:
-        grid = (grid_n, grid_m, triton.cdiv(K, k_per_split))
-        if grid[2] > 1:
-            acc, cnt = ws.get(x2.device, M * N, grid_n * grid_m)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_wgmma_kernel[grid](
         x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-        out, acc, cnt, scr, M, N, K, out.stride(0), k_per_split, schedule.full_tiles, sk_iters, max_parts,
+        out, acc, cnt, M, N, K, out.stride(0), k_per_split,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        BITS=w.bits, SPLIT=split_vector(N, not schedule.serial and grid[2] > 1), SERIAL=schedule.serial,
-        ACT_FP16=act_fp16, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
     )
     return out
-

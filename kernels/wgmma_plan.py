@@ -11,7 +11,6 @@ but the widest shapes at 256 rows, where 128 weight rows on two warpgroups and 6
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 
@@ -76,58 +75,8 @@ def _split(tiles: int, K: int, block_k: int, sms: int) -> int:
     return split
 
 
-def wgmma_slots(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int, bits: int, sms: int,
-                smem: int) -> int:
-    """Programs that run at once (one wave): per multiprocessor as many as its shared memory holds, at most one
-    of 8 warps or two of 4 (the registers: 8-warp tiles take about 240 a thread, 4-warp ones under 256)."""
-    per_sm = max(1, min(smem // wgmma_smem_bytes(block_m, block_n, block_k, stages, bits), 1 if num_warps > 4 else 2))
-    return sms * per_sm
-
-
-@dataclasses.dataclass(frozen=True)
-class WgmmaSchedule:
-    """How a launch covers its tiles. ``serial``: a one-axis grid, ``full_tiles`` programs taking whole tiles, then
-    ``sk_programs`` sharing the remaining ``sk_tiles`` tiles' K steps laid end to end (stream-K), a tile's parts
-    summed through scratch by its last program. Otherwise the three-axis grid with ``cfg.split_k``-way split-K over
-    every tile (atomic adds)."""
-
-    serial: bool
-    full_tiles: int
-    sk_tiles: int = 0
-    sk_programs: int = 0
-
-
-def wgmma_schedule(tiles: int, cfg, K: int, bits: int, sms: int, smem: int) -> WgmmaSchedule:
-    """``cfg.split_k`` splits K over every tile while the tiles fill at most one wave (the decode shapes, where the
-    split is what fills the machine), else only over the tiles of the last, partial wave, ``split_k`` programs each:
-    at 1024 rows a 14336x4096 layer has 448 tiles of 256x128, 3.39 waves on an H100's 132 multiprocessors."""
-    slots = wgmma_slots(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, bits, sms, smem)
-    if cfg.split_k == 1 or tiles <= slots:
-        return WgmmaSchedule(False, tiles)
-    tail = tiles % slots
-    return WgmmaSchedule(True, tiles - tail, tail, tail * cfg.split_k)
-
-
-def stream_k_schedule(tiles: int, slots: int, waves: int = 1) -> WgmmaSchedule:
-    """The last partial wave and up to ``waves`` whole waves before it shared evenly by one wave of programs."""
-    tail = tiles % slots
-    if tail == 0 or tiles <= slots:
-        return WgmmaSchedule(True, tiles)
-    sk = min(tiles, tail + waves * slots)
-    return WgmmaSchedule(True, tiles - sk, sk, slots)
-
-
-def wgmma_tail_parts(tiles: int, slots: int, K: int, block_k: int) -> int:
-    """Parts per tail tile that fit the idle slots of the last wave, at least four K tiles each (1: none)."""
-    tail = tiles % slots
-    if tiles <= slots or tail == 0:
-        return 1
-    return max(1, min(slots // tail, K // (block_k * 4)))
-
-
 def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: int, bits: int = 4):
-    """The tuner's ``wgmma`` variants for ``M`` rows: per tile the split that covers the machine and half of it,
-    and, past one wave, the tail split (:func:`wgmma_schedule`) where the last wave leaves slots idle."""
+    """The tuner's ``wgmma`` variants for ``M`` rows: per tile the split that covers the machine and half of it."""
     from auto_quant.kernels.dispatch import KernelConfig
 
     bucket = min(max(16, 1 << (M - 1).bit_length()), 256)
@@ -136,10 +85,8 @@ def wgmma_candidates(M: int, N: int, K: int, group_size: int, sms: int, smem: in
         bk = _block_k(bk, group_size)
         if wgmma_smem_bytes(bm, bn, bk, stages, bits) > smem:
             continue
-        tiles = -(-N // bn) * -(-M // bm)
-        auto = _split(tiles, K, bk, sms)
-        tail = wgmma_tail_parts(tiles, wgmma_slots(bm, bn, bk, warps, stages, bits, sms, smem), K, bk)
-        for split in dict.fromkeys((auto, max(1, auto // 2), tail)):
+        auto = _split(-(-N // bn) * -(-M // bm), K, bk, sms)
+        for split in dict.fromkeys((auto, max(1, auto // 2))):
             out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages))
     return out
 

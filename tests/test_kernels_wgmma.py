@@ -14,8 +14,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 
-def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, stages=4, split=True, bits=4,
-             serial=False):
+def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, stages=4, split=True, bits=4):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed). The kernel's layout conversions are
     ``assert_trivial``: a layout that would move data through shared memory fails here."""
     from triton.backends.compiler import GPUTarget
@@ -26,10 +25,8 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     x_l, w_l = m.shared_layouts(bm, bn, bk, act == "fp16")
     sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // (32 // bits)}, {bn}],{w_l!r}>",
            "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
-           "cnt_ptr": "*i32", "scr_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32",
-           "k_per_split": "i32", "full_tiles": "i32", "sk_iters": "i32", "max_parts": "i32"}
-    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True,
-                 SPLIT=m.split_vector(4096, split and not serial), SERIAL=serial,
+           "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
+    const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", STAGES=stages, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
@@ -183,54 +180,3 @@ def test_wgmma_config_validation():
                 (16, 64, 8, 4)):
         with pytest.raises(ValueError, match="wgmma"):
             KernelConfig("wgmma", bad[0], bad[1], bad[2], 1, bad[3], 3)
-
-
-def test_wgmma_schedule_splits_only_the_last_wave_past_one_wave():
-    """Up to one wave split_k splits every tile (the atomic three-axis grid); past it only the last, partial
-    wave's tiles, ``parts`` programs each (the serial one-axis grid); split 1 never changes the grid."""
-    from auto_quant.kernels.dispatch import KernelConfig
-    from auto_quant.kernels.wgmma_plan import WgmmaSchedule, wgmma_schedule, wgmma_slots
-
-    big = KernelConfig("wgmma", 256, 128, 128, 2, 8, 3)  # 221 KB: one program a multiprocessor
-    assert wgmma_slots(256, 128, 128, 8, 3, 4, 132, 232448) == 132
-    assert wgmma_slots(128, 64, 128, 4, 3, 4, 132, 232448) == 264  # two of 4 warps
-    assert wgmma_slots(128, 64, 128, 4, 3, 4, 132, 101376) == 132  # sm_89-sized shared memory: one
-    assert wgmma_schedule(448, big, 4096, 4, 132, 232448) == WgmmaSchedule(True, 396, 52, 104)  # 14336x4096, 1024 rows
-    assert wgmma_schedule(128, big, 4096, 4, 132, 232448) == WgmmaSchedule(False, 128)  # one wave
-    assert wgmma_schedule(264, big, 4096, 4, 132, 232448) == WgmmaSchedule(True, 264, 0, 0)  # whole waves
-    one = KernelConfig("wgmma", 256, 128, 128, 1, 8, 3)
-    assert wgmma_schedule(448, one, 4096, 4, 132, 232448) == WgmmaSchedule(False, 448)
-
-
-def test_wgmma_candidates_add_the_tail_split_where_the_last_wave_leaves_slots_idle():
-    from auto_quant.kernels.wgmma_plan import wgmma_candidates, wgmma_tail_parts
-
-    assert wgmma_tail_parts(448, 132, 4096, 128) == 2  # 52 tail tiles in 132 slots
-    assert wgmma_tail_parts(144, 132, 2048, 128) == 4  # 12 tail tiles: at least four K tiles a part
-    assert wgmma_tail_parts(264, 132, 4096, 128) == 1  # no tail
-    assert wgmma_tail_parts(100, 132, 4096, 128) == 1  # one wave: the atomic split covers it
-    assert wgmma_tail_parts(250, 132, 4096, 128) == 1  # the tail fills most of a wave
-    cands = wgmma_candidates(1024, 14336, 4096, 128, 132, 232448)
-    tails = [c for c in cands if c.split_k > 1]
-    assert {(c.block_m, c.block_n, c.block_k, c.split_k) for c in tails} == {(256, 128, 64, 2), (256, 128, 128, 2)}
-    # below one wave the split that fills the machine, as before
-    assert any(c.split_k > 1 for c in wgmma_candidates(16, 4096, 4096, 128, 132, 232448))
-
-
-def test_wgmma_serial_schedule_compiles_with_a_small_epilogue_spill():
-    """The serial schedule's epilogue stores the partial, counts arrivals with one atomic and has the last program read
-    the other parts from L2 (``ld.global.cg``); no atomics on the data. Inside the stream-K loop the 221 KB tile
-    (128 accumulator registers a thread) spills 288 bytes, after its wgmma loop (SASS); more would mean a change."""
-    ptx = _compile("bf16", True, 128, 256, 128, 128, 8, 3, True, 4, serial=True).asm["ptx"]
-    assert "ld.global.cg" in ptx
-    assert "red.relaxed.gpu.global.add" not in ptx and "atom.global.gpu.relaxed.add.f32" not in ptx
-    assert _spill_bytes(ptx) <= 320
-
-
-def test_stream_k_schedule_shares_the_tail_and_a_wave_among_one_wave_of_programs():
-    from auto_quant.kernels.wgmma_plan import WgmmaSchedule, stream_k_schedule
-
-    assert stream_k_schedule(448, 132, 1) == WgmmaSchedule(True, 264, 184, 132)
-    assert stream_k_schedule(448, 132, 0) == WgmmaSchedule(True, 396, 52, 132)
-    assert stream_k_schedule(144, 132, 1) == WgmmaSchedule(True, 0, 144, 132)  # fewer than two waves: all
-    assert stream_k_schedule(264, 132, 1) == WgmmaSchedule(True, 264)  # whole waves: no stream-K
