@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from auto_quant.errors import ExportError
+from auto_quant.models.discovery import mark_untied
 from auto_quant.models.naming import checkpoint_names, rename_quantization_config
 from auto_quant.quant import QuantSpec, QuantizedWeight
 
@@ -173,12 +174,7 @@ def save_config_and_tokenizer(ctx: ExportContext, out_dir: Path, quantization_co
     if quantization_config is not None:
         cfg.quantization_config = rename_quantization_config(quantization_config, checkpoint_names(ctx.model))
     if untie_lm_head:
-        cfg.tie_word_embeddings = False
-        if hasattr(cfg, "get_text_config"):
-            try:
-                cfg.get_text_config().tie_word_embeddings = False
-            except Exception:
-                pass
+        mark_untied(cfg)
     cfg.save_pretrained(str(out_dir))
     gen = getattr(ctx.model, "generation_config", None)
     if gen is not None:

@@ -119,12 +119,18 @@ def untie_lm_head(model: nn.Module, head: nn.Module) -> bool:
     if emb is None or head.weight.data_ptr() != emb.weight.data_ptr():
         return False
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for cfg in (getattr(model, "config", None),):
-        if cfg is not None:
-            cfg.tie_word_embeddings = False
-            if hasattr(cfg, "get_text_config"):
-                try:
-                    cfg.get_text_config().tie_word_embeddings = False
-                except Exception:
-                    pass
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        mark_untied(cfg)
     return True
+
+
+def mark_untied(cfg) -> None:
+    """Set ``tie_word_embeddings = False`` on a transformers config and on its text config (multimodal models keep
+    the flag there), so that loading does not re-tie the head to the embedding."""
+    cfg.tie_word_embeddings = False
+    if hasattr(cfg, "get_text_config"):
+        try:
+            cfg.get_text_config().tie_word_embeddings = False
+        except Exception:  # a config without a text config answers with an error on some versions
+            pass

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from auto_quant.errors import CheckpointError, ConfigError
-from auto_quant.models.discovery import Conv1D, find_block_list, find_lm_head, set_submodule
+from auto_quant.models.discovery import Conv1D, find_block_list, find_lm_head, mark_untied, set_submodule
 from auto_quant.models.moe import split_fused_experts
 from auto_quant.transformers.modules import LayerTarget, build_embedding, build_linear, make_cpu_embedding
 from auto_quant.transformers.qtypes import (
@@ -228,15 +228,9 @@ class Importance:
 
 def untie_config(model: nn.Module) -> None:
     """The head got its own quantized weight: stop transformers from re-tying it to the embedding."""
-    for cfg in (getattr(model, "config", None),):
-        if cfg is None:
-            continue
-        cfg.tie_word_embeddings = False
-        if hasattr(cfg, "get_text_config"):
-            try:
-                cfg.get_text_config().tie_word_embeddings = False
-            except Exception:
-                pass
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        mark_untied(cfg)
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
         tied.clear()
