@@ -90,22 +90,6 @@ class Sampler:
             self.proc.wait(timeout=5)
 
 
-def replay_for(g, n_calls: int, seconds: float) -> tuple[float, float, float]:
-    """Replays ``g`` for ``seconds``; (µs per call, median over timed replays, the window's start and end)."""
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    times = []
-    while time.perf_counter() - t0 < seconds:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / n_calls)
-    return statistics.median(times), t0, time.perf_counter()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="14336x4096,4096x4096,28672x4096")
@@ -147,7 +131,9 @@ def main():
             for rnd in (1, 2):
                 for name, (calls, n_tiles) in cases.items():
                     g = bk._capture(calls)
-                    us, t0, t1 = replay_for(g, len(calls), args.seconds)
+                    t0 = time.perf_counter()  # replayed for `seconds`, then timed over 20 replays
+                    us = statistics.median(bk._replay_us(g, len(calls), 20, args.seconds))
+                    t1 = time.perf_counter()
                     del g
                     row = {"N": N if name != "partial" else n_part, "K": K, "M": M, "case": name, "round": rnd,
                            "config": bk.config_name(cfg) if name != "bf16" else None, "us": round(us, 2),
