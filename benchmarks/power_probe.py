@@ -130,11 +130,9 @@ def main():
                                 -(-n_part // cfg.block_n) * tiles_m)
             for rnd in (1, 2):
                 for name, (calls, n_tiles) in cases.items():
-                    g = bk._capture(calls)
                     t0 = time.perf_counter()  # replayed for `seconds`, then timed over 20 replays
-                    us = statistics.median(bk._replay_us(g, len(calls), 20, args.seconds))
+                    us = bk.graph_time_us(calls, replays=20, warm_s=args.seconds)
                     t1 = time.perf_counter()
-                    del g
                     row = {"N": N if name != "partial" else n_part, "K": K, "M": M, "case": name, "round": rnd,
                            "config": bk.config_name(cfg) if name != "bf16" else None, "us": round(us, 2),
                            **sampler.between(t0, t1)}
