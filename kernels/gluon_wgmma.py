@@ -425,23 +425,28 @@ def _qmm_wgmma_kernel(
     # next tile's operand could then be built there (seen on the H100: wrong tiles whenever two programs
     # shared a multiprocessor). Here a1 is only redefined after the wait that retired its wgmma.
     a1 = gl.zeros([BLOCK_N, BLOCK_K], gl.float16 if ACT_FP16 else gl.bfloat16, layout=a_l)
-    # each tile's scales (and zero points) are loaded a tile ahead: read just before the dequantization, their
-    # latency from L2 stalled every tile (Nsight Compute: the only global loads of the loop)
+    # each tile's scales (and zero points) are loaded two tiles ahead, both of an iteration's at its top (the copies
+    # into the loop-carried registers at its end wait for them): read just before the dequantization, their latency
+    # from L2 stalled every tile (Nsight Compute: the only global loads of the loop); one tile ahead still left 13 %
+    # of the one-warpgroup tile's stall samples at 1024 rows on the conversion of the scale (session 18)
     sz_a = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, 0, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
+    sz_b = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, 1, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
     for t2 in range(n_tiles // 2):
         t = 2 * t2
-        sz_b = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 1, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
+        sz_c = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 2, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
+        sz_d = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 3, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
         a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,
                       BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
         _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
-        sz_a = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 2, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
         a1 = _operand(w_smem, bars, sz_b, sel, zz, t + 1, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES,
                       BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a1, x_smem.index((t + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
         _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
+        sz_a = sz_c
+        sz_b = sz_d
     if n_tiles % 2:
         t = n_tiles - 1
         a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,

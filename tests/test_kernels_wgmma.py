@@ -59,14 +59,18 @@ def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stage
 
 
 @pytest.mark.parametrize("sym", [True, False])
-def test_wgmma_loads_the_next_tiles_scales_before_waiting_for_this_tile(sym):
-    """Scales (and zero points) load a tile ahead: before the loop's first wait on a tile's TMA copies, the scales
-    of tiles 0 and 1 are in flight (2 fp16 per thread each here), not only tile 0's."""
+def test_wgmma_loads_scales_two_tiles_ahead(sym):
+    """Scales (and zero points) load two tiles ahead, both of a loop iteration's at its top: before the loop's first
+    wait on a tile's TMA copies the scales of tiles 0-3 are in flight (2 fp16 per thread each here), and between
+    that wait and the next one (the iteration's second tile) nothing is read from global memory, so the copies into
+    the loop-carried registers at the iteration's end wait on loads a whole iteration old."""
     ptx = _compile("bf16", sym, 128, 64, 64, 128, 4, 3, False, 4).asm["ptx"]
     body = ptx[ptx.index(".entry"):]
-    before = re.findall(r"ld\.global[\w.]*", body[:body.index("mbarrier.try_wait")])
-    assert before.count("ld.global.b16") == 4
-    assert before.count("ld.global.b8") == (0 if sym else 4)
+    parts = body.split("mbarrier.try_wait")
+    before = re.findall(r"ld\.global[\w.]*", parts[0])
+    assert before.count("ld.global.b16") == 8
+    assert before.count("ld.global.b8") == (0 if sym else 8)
+    assert not re.findall(r"ld\.global", parts[1])
 
 
 def _spill_bytes(ptx: str) -> int:
