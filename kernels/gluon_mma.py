@@ -271,6 +271,17 @@ def _tile_inputs(src, sz, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: g
 
 
 @gluon.jit
+def _tile_then_load(acc, w, x, s, z, k, D: gl.constexpr, src, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
+                    SCALES_AHEAD: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr,
+                    EVEN_K: gl.constexpr, num_warps: gl.constexpr):
+    """The tile at input ``k`` added into ``acc``, then its registers loaded with the tile ``D`` inputs on."""
+    acc = _tile(acc, w, x, s, z, k, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, num_warps)
+    w, x, s, z = _tile_inputs(src, sz, k + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD)
+    return acc, w, x, s, z
+
+
+@gluon.jit
 def _range_cols(c, n0, k_len, PR: gl.constexpr, SLICES: gl.constexpr):
     """Operand row ``c`` in physical order -> (its output column, its K range's offset from the program's first).
     With ``SLICES`` > 1 the warps split K: warp ``c // PR`` takes slice ``c // PR`` of the same ``PR`` columns."""
@@ -462,20 +473,35 @@ def _qmm_mma_kernel(
     xb = _tile_acts(src, k_lo + BLOCK_K, BLOCK_K, EVEN_K)
     if STAGES == 3:
         xc = _tile_acts(src, k_lo + 2 * BLOCK_K, BLOCK_K, EVEN_K)
+    # With 4 warps, a branch between the tiles (always taken; neither compiler can tell): ptxas schedules within a
+    # basic block and otherwise sinks every next-tile load below the last tile's mma (sm_90 SASS), so that each
+    # iteration starts by waiting on all of them. Split, the loads issue inside their own tile: 1.04-1.21x on the
+    # 4-warp tiles of an H100 A/B; with 2 warps the split's registers (167 against 128) cost more resident programs
+    # (0.81x), with 8 it was even (0.98-1.02x) (docs/bench/kernels.md, session 18).
+    SPLIT_LOOP: gl.constexpr = num_warps == 4
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
-        acc = _tile(acc, wa, xa, sa, za, k0, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
-                    num_warps)
-        wa, xa, sa, za = _tile_inputs(src, sz, k0 + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD)
-        acc = _tile(acc, wb, xb, sb, zb, k0 + BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
-                    SCALES_AHEAD, num_warps)
-        wb, xb, sb, zb = _tile_inputs(src, sz, k0 + BLOCK_K + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO,
-                                      SCALES_AHEAD)
+        acc, wa, xa, sa, za = _tile_then_load(acc, wa, xa, sa, za, k0, D, src, sz, word_l, a_l, b_l, BITS, GROUP,
+                                              HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
+        if SPLIT_LOOP:
+            if k0 < K:
+                acc, wb, xb, sb, zb = _tile_then_load(acc, wb, xb, sb, zb, k0 + BLOCK_K, D, src, sz, word_l, a_l, b_l,
+                                                      BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER,
+                                                      EVEN_N, EVEN_K, num_warps)
+        else:
+            acc, wb, xb, sb, zb = _tile_then_load(acc, wb, xb, sb, zb, k0 + BLOCK_K, D, src, sz, word_l, a_l, b_l,
+                                                  BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER,
+                                                  EVEN_N, EVEN_K, num_warps)
         if STAGES == 3:
-            acc = _tile(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
-                        SCALES_AHEAD, num_warps)
-            wc, xc, sc, zc = _tile_inputs(src, sz, k0 + 2 * BLOCK_K + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP,
-                                          HAS_ZERO, SCALES_AHEAD)
+            if SPLIT_LOOP:
+                if k0 < K + 1:
+                    acc, wc, xc, sc, zc = _tile_then_load(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, D, src, sz, word_l,
+                                                          a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
+                                                          BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
+            else:
+                acc, wc, xc, sc, zc = _tile_then_load(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, D, src, sz, word_l, a_l,
+                                                      b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K,
+                                                      PER, EVEN_N, EVEN_K, num_warps)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:

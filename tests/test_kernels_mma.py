@@ -171,6 +171,43 @@ def test_mma_loads_zero_points_and_16_row_scales_with_the_words(sym, bm, stages)
     assert re.findall(r"ld\.global[\w.]*", before) == tile * stages
 
 
+def _loop_sass(cubin: bytes) -> str:
+    """The loop body of a kernel's sm_90 SASS (the longest backward branch's span) as a string of ``L`` (global load)
+    and ``M`` (``mma``), in issue order; from the ``cuobjdump`` next to Triton's bundled ``ptxas``."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(getattr(get_ptxas(90), "path", get_ptxas(90))), "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), a) for a, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
+             and int(m.group(1), 16) < a]
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
+    return "".join("L" if op.startswith("LDG") else "M" for op in ops if op.startswith(("LDG", "HMMA")))
+
+
+@pytest.mark.parametrize("bm,bn,warps,slices,batched,split", [(64, 64, 4, 4, True, True), (16, 128, 4, 1, False, True),
+                                                              (64, 128, 8, 8, True, False)])
+def test_mma_loop_loads_the_next_tiles_between_its_mmas(bm, bn, warps, slices, batched, split):
+    """With 4 warps the loop body is split by a branch after each tile, so each tile's next words and activations
+    issue before the following tile's ``mma``; ptxas would otherwise sink (nearly) every load below the last ``mma``,
+    as it does in the 8-warp tiles, which stay unsplit."""
+    ck = _compile("bf16", True, 128, bm, bn, 128 if batched else 64, warps, False, 4, True, 2, slices=slices,
+                  batched=batched)
+    order = _loop_sass(ck.asm["cubin"])
+    after_last_mma = len(order) - 1 - order.rindex("M")
+    assert order.count("M") >= 16 and order.count("L") >= 8, order
+    assert (after_last_mma < order.count("L") / 2) == split, order
+
+
 def test_pdl_launch_needs_sm90_and_a_small_weight(monkeypatch):
     """PDL only where the instructions exist (sm_90+) and for weights up to the bound (where it measured faster)."""
     from auto_quant.kernels import dispatch
