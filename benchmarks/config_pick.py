@@ -2,6 +2,11 @@
 
     python benchmarks/config_pick.py TAG [--cases NxK:M:CONFIG,...] [--bits 4 --group-size 128] [--pdl on|off]
 
+With ``--ncu`` nothing is timed: every case (and, per shape and row count, cuBLAS bf16 ``F.linear``) runs once
+between ``cudaProfilerStart`` and ``cudaProfilerStop``, its name on stderr, for Nsight Compute
+(``ncu --profile-from-start off --clock-control none ... python benchmarks/config_pick.py x --ncu --cases ...``;
+docs/bench/kernels.md, session 18).
+
 ``CONFIG`` is ``benchmarks/kernels.py``'s ``config_name`` (``kind:MxNxKsSPLITwWARPSstSTAGES``, e.g.
 ``mma:16x128x128s16w4st2``). Each case is one CUDA graph over weight copies beyond L2, median of 20 replays
 (``graph_time_us``), bf16 activations, symmetric weights. For an interleaved A/B of two trees, run it alternately
@@ -55,10 +60,12 @@ def main():
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--pdl", choices=["default", "on", "off"], default="default",
                    help="programmatic dependent launch for the kinds that take it (default: the launcher's choice)")
+    p.add_argument("--ncu", action="store_true", help="run each case once inside a profiler range instead of timing")
     args = p.parse_args()
     pdl = {"default": None, "on": True, "off": False}[args.pdl]
     dev = torch.device("cuda")
     copies_of = {}
+    profiled, bf16_cases = [], set()
     for case in args.cases.split(","):
         shape, m, name = case.split(":", 2)
         N, K = (int(v) for v in shape.split("x"))
@@ -69,10 +76,35 @@ def main():
         copies = copies_of[(N, K)]
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ws = Workspace()
+        if args.ncu:
+            launch(x, copies[0], None, cfg, ws, pdl=pdl)  # compiled (and its first launch) outside the range
+            profiled.append((case, lambda x=x, w=copies[0], cfg=cfg, ws=ws: launch(x, w, None, cfg, ws, pdl=pdl)))
+            if (N, K, M) not in bf16_cases:
+                bf16_cases.add((N, K, M))
+                wf = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+                torch.nn.functional.linear(x, wf)  # cuBLAS's first-call work outside the range too
+                profiled.append((f"{shape}:{M}:bf16", lambda x=x, wf=wf: torch.nn.functional.linear(x, wf)))
+            continue
         us = _bk.graph_time_us([lambda c=c: launch(x, c, None, cfg, ws, pdl=pdl) for c in copies], replays=20,
                                warm_s=0.1)
         print(json.dumps({"tag": args.tag, "N": N, "K": K, "M": M, "cfg": name, "pdl": args.pdl, "us": round(us, 2)}),
               flush=True)
+    if args.ncu:
+        _profile(profiled)
+
+
+def _profile(cases):
+    """Each ``(name, call)`` once, in a profiler range; names on stderr in launch order."""
+    import sys
+
+    torch.cuda.synchronize()
+    for name, _ in cases:
+        print("CASE", name, file=sys.stderr)
+    torch.cuda.cudart().cudaProfilerStart()
+    for _, call in cases:
+        call()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
 
 
 if __name__ == "__main__":

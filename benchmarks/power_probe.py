@@ -1,4 +1,5 @@
-"""Does a partial wave run faster per tile than a full one, and is the clock why? Prints JSON (prepared in session 17).
+"""Does a partial wave run faster per tile than a full one, and is the clock why? Prints JSON (prepared in session 17;
+run in session 18: yes, every case at the 700 W limit, docs/bench/kernels.md).
 
 At 1024 rows the `wgmma` kernel's last, partial wave did not cost a whole tile time: splitting it (tail split,
 stream-K; docs/bench/kernels.md, session 17) gained nothing beyond the run-to-run spread. One explanation: the H100
