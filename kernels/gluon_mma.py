@@ -143,8 +143,6 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     if GROUP != 0 and not SCALES_AHEAD:
         sc = _group_scales(sz, k, GROUP)
-    if GROUP != 0 and SCALES_AHEAD:  # the fp16 bits, loaded wide (_tile_scales)
-        sc = sc.to(gl.int16).to(gl.float16, bitcast=True)
     if len(wp.shape) == 3:  # the batched mode (an else: the 2-D code would not pass for 3-D tiles)
         acc = _tile_batched(acc, wp, xs, sc, zp, zz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16)
     else:
@@ -209,23 +207,6 @@ def _group_scales(sz, k, GROUP: gl.constexpr):
     return gl.load(s_ptr + ((s_base + k) // GROUP) * N + s_cols, mask=s_ok, other=0.0)
 
 
-# a 16- or 8-bit load into a 32-bit register, zero-extended (0 where masked): inputs the address and the mask
-_WIDE_LOAD_16 = gl.constexpr("{ .reg .pred p;\nsetp.ne.b32 p, $2, 0;\nmov.b32 $0, 0;\n@p ld.global.nc.u16 $0, [$1];\n}")
-_WIDE_LOAD_8 = gl.constexpr("{ .reg .pred p;\nsetp.ne.b32 p, $2, 0;\nmov.b32 $0, 0;\n@p ld.global.nc.u8 $0, [$1];\n}")
-
-
-@gluon.jit
-def _load_wide(ptrs, mask, BITS: gl.constexpr):
-    """``ptrs``' 16- or 8-bit values, each in a 32-bit register of its own (see :func:`_tile_scales`)."""
-    if BITS == 16:
-        v = gl.inline_asm_elementwise(_WIDE_LOAD_16, "=r,l,r", [ptrs, mask.to(gl.int32)], dtype=gl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        v = gl.inline_asm_elementwise(_WIDE_LOAD_8, "=r,l,r", [ptrs, mask.to(gl.int32)], dtype=gl.int32,
-                                      is_pure=True, pack=1)
-    return v
-
-
 @gluon.jit
 def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr):
     """The zero points and (``SCALES_AHEAD``) scales of the tile at input ``k`` of the first range, loaded with its
@@ -235,20 +216,16 @@ def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCAL
     Why ahead: the zero points feed the dequantization, and loaded just before it their latency stalled every tile
     (H100, asymmetric W4: 1.10-1.17x median with them ahead). The scales only multiply the tile's sums; ahead they
     paid at 16 activation rows (1.02-1.07x) and cost at 8 (0.96-0.99x, the registers of ``STAGES`` more tiles'
-    scales), so the kernel takes them ahead for 16-row tiles only (docs/bench/kernels.md, session 12).
-
-    Both load into 32-bit registers of their own (the scale's fp16 bits, the zero point's byte): loaded as 16- or
-    8-bit values, ptxas packs a thread's pair into one register for the next iteration, at the loop's back edge,
-    which waits there for loads issued within the iteration (sm_90 SASS, session 18)."""
+    scales), so the kernel takes them ahead for 16-row tiles only (docs/bench/kernels.md, session 12)."""
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     kc = gl.minimum(k, k_end - 1)
     sc = zz
     if GROUP != 0 and SCALES_AHEAD:
-        sc = _load_wide(s_ptr + ((s_base + kc) // GROUP) * N + s_cols, s_ok, 16)
+        sc = _group_scales(sz, kc, GROUP)
     zp = sc
     if HAS_ZERO:
         gz = 0 if GROUP == 0 else (z_base + kc) // GROUP
-        zp = _load_wide(z_ptr + gz * N + z_cols, z_ok, 8)
+        zp = gl.load(z_ptr + gz * N + z_cols, mask=z_ok, other=0)
     return sc, zp
 
 

@@ -163,17 +163,17 @@ def test_mma_pdl_reads_only_the_weight_before_the_grid_wait(slices, stages):
 @pytest.mark.parametrize("sym,bm,stages", [(False, 8, 2), (True, 16, 2), (False, 16, 3), (True, 8, 3)])
 def test_mma_loads_zero_points_and_16_row_scales_with_the_words(sym, bm, stages):
     """Each of the first ``STAGES`` tiles loads its zero points (bytes) and, for 16-row tiles, its fp16 scales with
-    its words, ahead of use (here: before the PDL wait), each into a 32-bit register of its own (``u8``/``u16`` into
-    ``b32``, which ptxas does not pack into pairs at the loop's back edge); 8-row tiles read their scales at use."""
+    its words, ahead of use (here: before the PDL wait); 8-row tiles read their scales at use."""
     ck = _compile("bf16", sym, 128, bm, 64, 128, 4, True, 4, True, stages, pdl=True)
     body = ck.asm["ptx"][ck.asm["ptx"].index(".entry"):]
     before = body[:body.index("griddepcontrol.wait")]
-    tile = ["ld.global.v2.b32"] * 4 + ["ld.global.nc.u16"] * 2 * (bm == 16) + ["ld.global.nc.u8"] * 2 * (not sym)
+    tile = ["ld.global.v2.b32"] * 4 + ["ld.global.b16"] * 2 * (bm == 16) + ["ld.global.b8"] * 2 * (not sym)
     assert re.findall(r"ld\.global[\w.]*", before) == tile * stages
 
 
-def _sass(cubin: bytes) -> str:
-    """A kernel's sm_90 SASS, from the ``cuobjdump`` next to Triton's bundled ``ptxas``."""
+def _loop_sass(cubin: bytes) -> str:
+    """The loop body of a kernel's sm_90 SASS (the longest backward branch's span) as a string of ``L`` (global load)
+    and ``M`` (``mma``), in issue order; from the ``cuobjdump`` next to Triton's bundled ``ptxas``."""
     import os
     import subprocess
     import tempfile
@@ -185,21 +185,11 @@ def _sass(cubin: bytes) -> str:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
-
-
-def _longest_loop(ins: list[tuple[int, str]]) -> tuple[int, int]:
-    """The span of the longest backward branch among ``(address, instruction)``."""
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), a) for a, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
              and int(m.group(1), 16) < a]
-    return max(loops, key=lambda span: span[1] - span[0])
-
-
-def _loop_sass(cubin: bytes) -> str:
-    """The loop body of a kernel's sm_90 SASS as a string of ``L`` (global load) and ``M`` (``mma``), in issue
-    order."""
-    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _sass(cubin))]
-    lo, hi = _longest_loop(ins)
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
     return "".join("L" if op.startswith("LDG") else "M" for op in ops if op.startswith(("LDG", "HMMA")))
 
@@ -216,23 +206,6 @@ def test_mma_loop_loads_the_next_tiles_between_its_mmas(bm, bn, warps, slices, b
     after_last_mma = len(order) - 1 - order.rindex("M")
     assert order.count("M") >= 16 and order.count("L") >= 8, order
     assert (after_last_mma < order.count("L") / 2) == split, order
-
-
-@pytest.mark.parametrize("sym", [True, False])
-def test_mma_loop_back_edge_waits_on_no_scale_or_zero_point(sym):
-    """The 16-row tiles' scales and the zero points, loaded ahead, reach the next iteration in the registers they
-    were loaded into: no ``PRMT`` at the loop's back edge (between the last ``mma`` and the backward branch) reads
-    a register that a load of the same iteration wrote (which would wait for that load right there)."""
-    ck = _compile("bf16", sym, 128, 64, 64, 128, 4, False, 4, True, 2, slices=4, batched=True)
-    sass = _sass(ck.asm["cubin"])
-    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    lo, hi = _longest_loop(ins)
-    body = [t for a, t in ins if lo <= a <= hi]
-    last_mma = max(i for i, t in enumerate(body) if "HMMA" in t)
-    loaded = {m.group(1) for t in body if "LDG" in t and (m := re.search(r"LDG\S*\s+(R\d+)", t))}
-    tail_reads = {r for t in body[last_mma + 1:] if re.search(r"\bPRMT\b", t)
-                  for r in re.findall(r"R\d+", t.split(",", 1)[1])}  # the registers it reads (after its destination)
-    assert not loaded & tail_reads, (loaded & tail_reads, body[last_mma + 1:])
 
 
 def test_pdl_launch_needs_sm90_and_a_small_weight(monkeypatch):
