@@ -72,7 +72,7 @@ def main():
         M, cfg = int(m), parse_config(name)
         if (N, K) not in copies_of:
             w = _bk.random_kernel_weight(N, K, args.bits, args.group_size, True, dev)
-            copies_of[(N, K)] = _bk.copies_beyond_l2(w, w.nbytes(), _bk.clone_weight)
+            copies_of[(N, K)] = [w] if args.ncu else _bk.copies_beyond_l2(w, w.nbytes(), _bk.clone_weight)
         copies = copies_of[(N, K)]
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ws = Workspace()

@@ -271,10 +271,10 @@ def _tile_inputs(src, sz, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: g
 
 
 @gluon.jit
-def _tile_then_load(acc, w, x, s, z, k, D: gl.constexpr, src, sz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
-                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
-                    SCALES_AHEAD: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr,
-                    EVEN_K: gl.constexpr, num_warps: gl.constexpr):
+def _tile_then_load(acc, w, x, s, z, k, D: gl.constexpr, src, sz, word_l: gl.constexpr, a_l: gl.constexpr,
+                    b_l: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr,
+                    ACT_FP16: gl.constexpr, SCALES_AHEAD: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr,
+                    EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr):
     """The tile at input ``k`` added into ``acc``, then its registers loaded with the tile ``D`` inputs on."""
     acc = _tile(acc, w, x, s, z, k, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, num_warps)
     w, x, s, z = _tile_inputs(src, sz, k + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD)
@@ -477,7 +477,8 @@ def _qmm_mma_kernel(
     # basic block and otherwise sinks every next-tile load below the last tile's mma (sm_90 SASS), so that each
     # iteration starts by waiting on all of them. Split, the loads issue inside their own tile: 1.04-1.21x on the
     # 4-warp tiles of an H100 A/B; with 2 warps the split's registers (167 against 128) cost more resident programs
-    # (0.81x), with 8 it was even (0.98-1.02x) (docs/bench/kernels.md, session 18).
+    # (0.81x), with 8 it was even (0.98-1.02x) (docs/bench/kernels.md, session 18). The third tile's condition differs
+    # from the second's so that LLVM does not merge the two blocks back into one.
     SPLIT_LOOP: gl.constexpr = num_warps == 4
     for it in range(n_tiles // STAGES):
         k0 = k_lo + it * D
