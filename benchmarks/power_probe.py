@@ -64,7 +64,7 @@ def summarize(samples: list[tuple[float, float]]) -> dict:
 
 
 class Sampler:
-    """``nvidia-smi`` in the background, one sample every ``period_ms``; ``window()`` brackets what to keep."""
+    """``nvidia-smi`` in the background, one sample every ``period_ms``; ``between(t0, t1)`` summarizes a window."""
 
     def __init__(self, index: int, period_ms: int = 20):
         self.samples: list[tuple[float, tuple[float, float]]] = []

@@ -282,6 +282,24 @@ def _tile_then_load(acc, w, x, s, z, k, D: gl.constexpr, src, sz, word_l: gl.con
 
 
 @gluon.jit
+def _guarded_tile_then_load(guard, BRANCH: gl.constexpr, acc, w, x, s, z, k, D: gl.constexpr, src, sz,
+                            word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, BITS: gl.constexpr,
+                            GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr,
+                            SCALES_AHEAD: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr,
+                            EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr):
+    """:func:`_tile_then_load`, with ``BRANCH`` inside ``if guard`` (an always-true runtime condition: a basic block
+    of its own, see the kernel's loop)."""
+    if BRANCH:
+        if guard:
+            acc, w, x, s, z = _tile_then_load(acc, w, x, s, z, k, D, src, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO,
+                                              ACT_FP16, SCALES_AHEAD, BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
+    else:
+        acc, w, x, s, z = _tile_then_load(acc, w, x, s, z, k, D, src, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO,
+                                          ACT_FP16, SCALES_AHEAD, BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
+    return acc, w, x, s, z
+
+
+@gluon.jit
 def _range_cols(c, n0, k_len, PR: gl.constexpr, SLICES: gl.constexpr):
     """Operand row ``c`` in physical order -> (its output column, its K range's offset from the program's first).
     With ``SLICES`` > 1 the warps split K: warp ``c // PR`` takes slice ``c // PR`` of the same ``PR`` columns."""
@@ -484,25 +502,13 @@ def _qmm_mma_kernel(
         k0 = k_lo + it * D
         acc, wa, xa, sa, za = _tile_then_load(acc, wa, xa, sa, za, k0, D, src, sz, word_l, a_l, b_l, BITS, GROUP,
                                               HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
-        if SPLIT_LOOP:
-            if k0 < K:
-                acc, wb, xb, sb, zb = _tile_then_load(acc, wb, xb, sb, zb, k0 + BLOCK_K, D, src, sz, word_l, a_l, b_l,
-                                                      BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER,
-                                                      EVEN_N, EVEN_K, num_warps)
-        else:
-            acc, wb, xb, sb, zb = _tile_then_load(acc, wb, xb, sb, zb, k0 + BLOCK_K, D, src, sz, word_l, a_l, b_l,
-                                                  BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K, PER,
-                                                  EVEN_N, EVEN_K, num_warps)
+        acc, wb, xb, sb, zb = _guarded_tile_then_load(k0 < K, SPLIT_LOOP, acc, wb, xb, sb, zb, k0 + BLOCK_K, D, src, sz,
+                                                      word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
+                                                      BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
         if STAGES == 3:
-            if SPLIT_LOOP:
-                if k0 < K + 1:
-                    acc, wc, xc, sc, zc = _tile_then_load(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, D, src, sz, word_l,
-                                                          a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD,
-                                                          BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
-            else:
-                acc, wc, xc, sc, zc = _tile_then_load(acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K, D, src, sz, word_l, a_l,
-                                                      b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, BLOCK_K,
-                                                      PER, EVEN_N, EVEN_K, num_warps)
+            acc, wc, xc, sc, zc = _guarded_tile_then_load(k0 < K + 1, SPLIT_LOOP, acc, wc, xc, sc, zc, k0 + 2 * BLOCK_K,
+                                                          D, src, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16,
+                                                          SCALES_AHEAD, BLOCK_K, PER, EVEN_N, EVEN_K, num_warps)
     rem = n_tiles % STAGES
     k_rem = k_lo + (n_tiles - rem) * BLOCK_K
     if rem >= 1:
