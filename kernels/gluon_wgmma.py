@@ -494,26 +494,18 @@ def launch_wgmma(x2, w, bias, cfg, ws):
         x2 = x2.clone(memory_format=torch.contiguous_format)  # TMA needs 16-byte aligned rows: a fresh copy
     act_fp16 = x2.dtype == torch.float16
     x_l, w_l = shared_layouts(cfg.block_m, cfg.block_n, cfg.block_k, act_fp16)
-    # warp-specialized (gluon_wgmma_ws): two warpgroups each their own partition, a producer warp feeding them; also
-    # one warpgroup on 256-row tiles (one program a multiprocessor anyway: its shared memory)
-    consumers = 2 if cfg.num_warps == 8 else (1 if cfg.block_m == 256 else 0)
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
-    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1],
-                              [cfg.block_k // (32 // w.bits), cfg.block_n // max(consumers, 1)], w_l)
+    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
+                              w_l)
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
-    n_counters = grid[0] * grid[1] * max(consumers, 1)  # each warpgroup's rows count as a tile of their own
-    acc, cnt = ws.get(x2.device, M * N, n_counters) if grid[2] > 1 else (out, out)
-    args = (x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-            out, acc, cnt, M, N, K, out.stride(0), k_per_split)
-    consts = dict(GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
-                  HAS_BIAS=bias is not None, BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16,
-                  STAGES=cfg.num_stages)
-    if consumers:
-        from auto_quant.kernels.gluon_wgmma_ws import qmm_wgmma_ws_kernel
-
-        qmm_wgmma_ws_kernel[grid](*args, **consts, CONSUMERS=consumers, num_warps=4)
-    else:
-        _qmm_wgmma_kernel[grid](*args, **consts, num_warps=cfg.num_warps)
+    acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
+    _qmm_wgmma_kernel[grid](
+        x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        out, acc, cnt, M, N, K, out.stride(0), k_per_split,
+        GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
     return out
