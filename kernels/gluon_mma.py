@@ -44,13 +44,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
-from auto_quant.kernels.grid_dependency import (
-    grid_launch_dependents,
-    grid_wait,
-    pdl_launch,
-    pdl_max_weight_bytes,
-    prefetch_weight_l2,
-)
+from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch, pdl_max_weight_bytes
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
 
 
@@ -397,7 +391,7 @@ def _qmm_mma_kernel(
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, BATCHED: gl.constexpr, PDL: gl.constexpr,
-    PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     # SLICES == 1: the warps stack along the weight rows (BLOCK_N of them), and the program's BLOCK_M activation rows
     # are the mma's columns. SLICES == num_warps: every warp takes the same BLOCK_N / SLICES weight rows over its own
@@ -483,9 +477,6 @@ def _qmm_mma_kernel(
     # the first tiles' words (the weight, which no kernel writes) are read before waiting for the kernel before this
     # one (PDL: launched early, this program may start while that one still runs); the activations, and every
     # write, after it
-    if PREFETCH:  # the program's whole weight into L2 first (every slice's inputs: k_len of each, from k_lo on)
-        prefetch_weight_l2(qw_ptr, n0, N, k_lo // PER, gl.cdiv(gl.minimum(k_len * SLICES, K - k_lo), PER), PR,
-                           num_warps)
     wa = _tile_words(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
     sa, za = _tile_scales(sz, k_lo, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     wb = _tile_words(src, k_lo + BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
@@ -536,11 +527,6 @@ def _qmm_mma_kernel(
         _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
-# Up to this packed weight size each program first asks L2 for its whole weight (prefetch_weight_l2); the weights
-# above it do not fit beside what else a decode step keeps in L2 (50 MB on an H100)
-PREFETCH_MAX_WEIGHT_BYTES = 32 << 20
-
-
 def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
     weight rows, 8 or 16 activation rows per program), ``mma_kw`` (warps split K, ``8 / warps`` rows per program) or
@@ -583,7 +569,6 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
         HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
         BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices,
-        BATCHED=cfg.kind == "mma_kb", PDL=pdl, PREFETCH=N * K * w.bits // 8 <= PREFETCH_MAX_WEIGHT_BYTES,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
+        BATCHED=cfg.kind == "mma_kb", PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return out

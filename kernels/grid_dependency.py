@@ -51,24 +51,3 @@ def pdl_launch(device, weight_bytes: int, max_bytes: int = PDL_MAX_WEIGHT_BYTES)
     up to ``max_bytes`` (:data:`PDL_MAX_WEIGHT_BYTES`; the kernel kind may measure a larger bound)."""
     return (device.type == "cuda" and weight_bytes <= max_bytes
             and dispatch.capability_major(device.index) >= 9)
-
-
-# a prefetch of one 128-byte line into L2 where $1 (an int32) is non-zero: $0 a dummy output; mask, address
-_L2_PREFETCH = gl.constexpr("{ .reg .pred p;\nsetp.ne.b32 p, $1, 0;\n@p prefetch.global.L2 [$2];\nmov.b32 $0, 0;\n}")
-
-
-@gluon.jit
-def prefetch_weight_l2(qw_ptr, n0, N, row_lo, n_rows, PR: gl.constexpr, num_warps: gl.constexpr):
-    """Ask L2 for a program's whole packed weight, word rows ``row_lo .. row_lo + n_rows`` of columns ``n0 .. n0 +
-    PR`` (``[K / PER, N]`` int32, ``n0`` a multiple of 16): one prefetch per 128-byte line, the program's threads
-    taking the rows in turn. Issued before :func:`grid_wait`, it puts every byte the program will read in flight at
-    once instead of the few tiles its registers hold."""
-    LINES: gl.constexpr = (PR * 4 + 127) // 128
-    CH: gl.constexpr = 32 * num_warps
-    r = gl.arange(0, CH, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
-    for r0 in range(0, n_rows, CH):
-        rows = r0 + r
-        for j in gl.static_range(LINES):
-            ok = ((rows < n_rows) & (n0 + 32 * j < N)).to(gl.int32)
-            gl.inline_asm_elementwise(_L2_PREFETCH, "=r,r,l", [ok, qw_ptr + (row_lo + rows) * N + (n0 + 32 * j)],
-                                      dtype=gl.int32, is_pure=False, pack=1)

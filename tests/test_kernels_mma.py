@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
 def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
-             stages=2, slices=1, pdl=False, batched=False, prefetch=False):
+             stages=2, slices=1, pdl=False, batched=False):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -27,7 +27,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
            "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages,
-                 SLICES=slices, BATCHED=batched, PDL=pdl, PREFETCH=prefetch, num_warps=warps)
+                 SLICES=slices, BATCHED=batched, PDL=pdl, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
     div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
