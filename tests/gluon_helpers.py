@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+
 import pytest
 import torch
 
@@ -54,3 +58,18 @@ def fake_sm90(monkeypatch):
     monkeypatch.setattr(wgmma_plan, "gluon_arch", lambda arch: True)
     monkeypatch.setattr(mma_plan, "gluon_arch", lambda arch: True)
     return d
+
+
+def run_triton_nvidia_tool(tool: str, data: bytes | str, suffix: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``tool`` (``ptxas``, ``cuobjdump``, ...) from the NVIDIA bin folder of Triton's wheel on ``data`` written to a
+    temporary ``k<suffix>`` file (its path is the last argument; ``{out}`` in ``args`` names a file beside it)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    path = os.path.join(os.path.dirname(getattr(ptxas, "path", ptxas)), tool)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k" + suffix)
+        with open(src, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        argv = [a.replace("{out}", os.path.join(d, "k.out")) for a in args]
+        return subprocess.run([path, *argv, src], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from gluon_helpers import fake_sm90, thread_coords
+from gluon_helpers import fake_sm90, run_triton_nvidia_tool, thread_coords
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
@@ -174,18 +174,7 @@ def test_mma_loads_zero_points_and_16_row_scales_with_the_words(sym, bm, stages)
 def _loop_sass(cubin: bytes) -> str:
     """The loop body of a kernel's sm_90 SASS (the longest backward branch's span) as a string of ``L`` (global load)
     and ``M`` (``mma``), in issue order; from the ``cuobjdump`` next to Triton's bundled ``ptxas``."""
-    import os
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tool = os.path.join(os.path.dirname(getattr(get_ptxas(90), "path", get_ptxas(90))), "cuobjdump")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    sass = run_triton_nvidia_tool("cuobjdump", cubin, ".cubin", "--dump-sass").stdout
     ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), a) for a, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
              and int(m.group(1), 16) < a]

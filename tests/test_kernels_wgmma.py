@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from gluon_helpers import bases_value, fake_sm90
+from gluon_helpers import bases_value, fake_sm90, run_triton_nvidia_tool
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
@@ -75,19 +75,7 @@ def test_wgmma_loads_scales_two_tiles_ahead(sym):
 
 def _spill_bytes(ptx: str) -> int:
     """Spill stores of an sm_90 PTX, as Triton's bundled ptxas reports them."""
-    import os
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(90)
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([getattr(ptxas, "path", ptxas), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+    out = run_triton_nvidia_tool("ptxas", ptx, ".ptx", "-arch=sm_90a", "-v", "-o", "{out}").stderr
     return int(re.search(r"(\d+) bytes spill stores", out).group(1))
 
 
