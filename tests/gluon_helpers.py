@@ -61,8 +61,8 @@ def fake_sm90(monkeypatch):
 
 
 def run_triton_nvidia_tool(tool: str, data: bytes | str, suffix: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``tool`` (``ptxas``, ``cuobjdump``, ...) from the NVIDIA bin folder of Triton's wheel on ``data`` written to a
-    temporary ``k<suffix>`` file (its path is the last argument; ``{out}`` in ``args`` names a file beside it)."""
+    """Run ``tool`` (``ptxas``, ``cuobjdump``, ...) from the NVIDIA bin folder of Triton's wheel on ``data``, written
+    to a temporary ``k<suffix>`` file (its path is the last argument; ``{out}`` in ``args`` names a file beside it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(90)
