@@ -6,8 +6,8 @@
   bit stream of :mod:`auto_quant.export.packing` (value ``k`` of column ``n`` sits in word
   ``k // (32 // bits)`` at bit ``(k % (32 // bits)) * bits``). For 2/4/8 bits this is exactly
   the GPTQ ``qweight`` of a checkpoint, which is then used as is (no copy). For 3 bits it holds
-  the low 2 bits of every code, and ``qweight_hi`` ``[ceil(K / 32), N]`` the high bit, so no
-  code straddles two words.
+  the low 2 bits of every code, and ``qweight_hi`` int32 ``[ceil(K / 16), ceil(N / 2)]`` the high
+  bits (:func:`pack_high_bits`), so no code straddles two words.
 * ``scales`` ``[n_groups, N]`` in the checkpoint's dtype (the checkpoint tensor itself).
 * ``zeros`` uint8 ``[n_groups, N]`` true zero points, or None when every zero is
   ``2 ** (bits - 1)`` (symmetric weights), which the kernels then fold into a constant.
@@ -52,6 +52,39 @@ class KernelWeight:
                    if t is not None)
 
 
+def high_bit_position(j, column):
+    """Where the high bit of code ``j`` (of 16) of a 2-bit word sits in its 3-bit ``qweight_hi`` word: bit
+    ``(2 j + 2 + column % 2) % 32``, so the two columns of a word interleave (even bits: even column).
+
+    Why this order: the :mod:`~auto_quant.kernels.gluon_mma` kernel decodes codes ``j`` and ``j + 8`` of a word
+    as one pair, with the low bits shifted ``sh`` bits right to sit at bits ``s, s + 1`` and ``s + 16, s + 17``.
+    The same right rotation by ``sh`` puts their high bits at ``s + 2`` and ``s + 18``, so one shifted copy of the
+    high word serves the pairs that share a shifted copy of the low word, and one more ``lop3`` completes each
+    3-bit pair. A right shift by one gives the odd column the even column's order."""
+    return (2 * j + 2 + column % 2) % 32
+
+
+def pack_high_bits(hi: torch.Tensor) -> torch.Tensor:
+    """The 3-bit high-bit plane: bits ``hi [K, N]`` (0/1, input-major) -> int32 ``[ceil(K / 16), ceil(N / 2)]``,
+    word ``[r, c]`` holding the high bits of inputs ``16 r .. 16 r + 15`` of columns ``2 c`` and ``2 c + 1`` at
+    :func:`high_bit_position`."""
+    K, N = hi.shape
+    h = torch.nn.functional.pad(hi.to(torch.int64) & 1, (0, N % 2, 0, -K % 16))
+    h = h.reshape(h.shape[0] // 16, 16, h.shape[1] // 2, 2)  # [r, j, c, column % 2]
+    j = torch.arange(16, device=h.device).view(1, 16, 1, 1)
+    col = torch.arange(2, device=h.device).view(1, 1, 1, 2)
+    words = (h << high_bit_position(j, col)).sum(dim=(1, 3))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_high_bits(qhi: torch.Tensor, K: int, N: int) -> torch.Tensor:
+    """:func:`pack_high_bits` undone: int64 bits ``[K, N]``."""
+    j = torch.arange(16, device=qhi.device).view(1, 16, 1, 1)
+    col = torch.arange(2, device=qhi.device).view(1, 1, 1, 2)
+    bits = (qhi.to(torch.int64).view(qhi.shape[0], 1, qhi.shape[1], 1) >> high_bit_position(j, col)) & 1
+    return bits.reshape(qhi.shape[0] * 16, qhi.shape[1] * 2)[:K, :N]
+
+
 def _check(bits: int, group_size: int, in_features: int) -> None:
     if bits not in KERNEL_BITS:
         raise ValueError(f"the Triton kernels serve {KERNEL_BITS} bits, not {bits}")
@@ -74,7 +107,7 @@ def pack_codes(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bit
     ct = codes.t().to(torch.int64)
     if bits == 3:
         qweight = packing.pack_bitstream(ct & 3, 2, dim=0)
-        qhi = packing.pack_bitstream(ct >> 2, 1, dim=0)
+        qhi = pack_high_bits(ct >> 2)
     else:
         qweight = packing.pack_bitstream(ct, bits, dim=0)
         qhi = None
@@ -107,8 +140,7 @@ def dequantize(w: KernelWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     K = w.in_features
     if w.bits == 3:
         lo = packing.unpack_bitstream(w.qweight, 2, K, dim=0)
-        hi = packing.unpack_bitstream(w.qweight_hi, 1, K, dim=0)
-        codes = lo | (hi << 2)
+        codes = lo | (unpack_high_bits(w.qweight_hi, K, w.out_features) << 2)
     else:
         codes = packing.unpack_bitstream(w.qweight, w.bits, K, dim=0)  # [K, N]
     gs = K if w.group_size == -1 else w.group_size

@@ -2,7 +2,7 @@
 
 ``y[M, N] = x[M, K] @ W[K, N]`` with ``W`` in the :class:`~auto_quant.kernels.pack.KernelWeight`
 layout (codes packed along K; ``PER`` codes per int32 word row: 16 for 2 bits, 8 for 4 bits, 4 for
-8 bits, 16 for 3 bits whose high bit lives in a separate 1-bit plane).
+8 bits, 16 for 3 bits whose high bits live in a separate plane, :func:`~auto_quant.kernels.pack.pack_high_bits`).
 
 Each program loads a tile of packed words ``[BLOCK_K / PER, BLOCK_N]`` once (coalesced along N);
 code ``j`` of word row ``r`` is input ``k = r * PER + j``, so the matching activations are the
@@ -37,9 +37,9 @@ import triton.language as tl
 def _words(qw_ptr, qh_ptr, rows, offs_n, N, mask, BITS: tl.constexpr):
     """Word tiles ``[R, BLOCK_N]`` for word rows ``rows``; for 3 bits also the matching high bits."""
     lo = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    if BITS == 3:
-        hi = tl.load(qh_ptr + (rows // 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        hi = hi >> ((rows % 2) * 16)[:, None]
+    if BITS == 3:  # the column pair's high word, shifted so code j's high bit is at (2j + 2) % 32
+        hi = tl.load(qh_ptr + rows[:, None] * ((N + 1) // 2) + (offs_n // 2)[None, :], mask=mask, other=0)
+        hi = hi >> (offs_n % 2)[None, :]
     else:
         hi = lo
     return lo, hi
@@ -49,7 +49,7 @@ def _words(qw_ptr, qh_ptr, rows, offs_n, N, mask, BITS: tl.constexpr):
 def _code(lo, hi, j: tl.constexpr, BITS: tl.constexpr):
     """``2**23 + code`` (float32) of code ``j`` of every word."""
     if BITS == 3:
-        q = ((lo >> (2 * j)) & 3) | (((hi >> j) & 1) << 2)
+        q = ((lo >> (2 * j)) & 3) | (((hi >> ((2 * j + 2) % 32)) & 1) << 2)
     else:
         q = (lo >> (j * BITS)) & ((1 << BITS) - 1)
     return (q | 0x4B000000).to(tl.float32, bitcast=True)
@@ -186,7 +186,8 @@ def _qmm_kernel(
                 xm = m_mask[:, None] & (xk < K)[None, :]
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=xm, other=0.0)
             if BITS == 3:
-                q3 = ((lo[None, :, :] >> (2 * jj)[:, None, None]) & 3) | (((hi[None, :, :] >> jj[:, None, None]) & 1) << 2)
+                q3 = (((lo[None, :, :] >> (2 * jj)[:, None, None]) & 3)
+                      | (((hi[None, :, :] >> ((2 * jj + 2) % 32)[:, None, None]) & 1) << 2))
             else:
                 q3 = (lo[None, :, :] >> (jj * BITS)[:, None, None]) & ((1 << BITS) - 1)
             wq3 = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - zz[None, :, :]

@@ -50,6 +50,23 @@ def test_pack_round_trip(bits, group_size, sym):
     assert (kw.zeros is None) == sym
     if bits == 3:
         assert kw.qweight_hi is not None and kw.qweight.shape[0] == -(-200 // 16)
+        assert tuple(kw.qweight_hi.shape) == (-(-200 // 16), 12)  # a word per column pair and 16 inputs
+
+
+@pytest.mark.parametrize("K,N", [(32, 2), (200, 25), (17, 1)])
+def test_high_bit_plane_round_trip_and_order(K, N):
+    """The 3-bit high-bit plane: bits come back from any shape (odd columns, inputs past the last whole word), and
+    code j of column n sits at bit (2j + 2 + n % 2) % 32 of its pair's word: the even column on even bits, code 15
+    wrapped to the bottom."""
+    from auto_quant.kernels.pack import pack_high_bits, unpack_high_bits
+
+    hi = torch.randint(0, 2, (K, N), generator=torch.Generator().manual_seed(K + N))
+    q = pack_high_bits(hi)
+    assert q.dtype == torch.int32 and tuple(q.shape) == (-(-K // 16), -(-N // 2))
+    assert torch.equal(unpack_high_bits(q, K, N), hi)
+    one = torch.zeros(32, 2, dtype=torch.int64)
+    one[15, 0] = one[0, 1] = one[30, 1] = 1  # word 0: code 15 (col 0) -> bit 0, code 0 (col 1) -> bit 3
+    assert pack_high_bits(one).tolist() == [[1 | 1 << 3], [-(1 << 31)]]  # word 1: code 14 (col 1) -> bit 31
 
 
 def test_from_quant_linear_reuses_gptq_qweight():
