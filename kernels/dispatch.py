@@ -2,7 +2,8 @@
 
 * ``KernelConfig`` is one variant (``gemv`` / ``fma`` / ``tdot`` / ``dot`` / ``dequant``) with its tile
   sizes, split-K factor, warps and pipeline stages. ``gemv`` (:mod:`auto_quant.kernels.triton_gemv`) serves
-  one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits; ``tdot``
+  one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits where the ``mma``
+  kernels cannot serve (groups under 64 inputs, GPUs other than sm_90); ``tdot``
   (:mod:`auto_quant.kernels.triton_qmm_wt`) is the tensor-core kernel with the weight as the tall
   operand (2/4/8 bits, a few to a few hundred rows); ``dot`` the older one with the activations as
   the tall operand (every bit width).

@@ -1,4 +1,4 @@
-"""Gluon kernel for 1-16 activation rows at 2, 4 and 8 bits: ``mma.sync`` with the weight as the tall operand,
+"""Gluon kernel for 1-16 activation rows at 2, 3, 4 and 8 bits: ``mma.sync`` with the weight as the tall operand,
 each lane dequantizing whole packed words straight into its operand registers.
 
 Why: at decode sizes the single-row CUDA-core kernel (:mod:`~auto_quant.kernels.triton_gemv`) is bound by its
@@ -16,6 +16,11 @@ the unpacking, and this kernel arranges for that to be the cheapest one:
   ``wgmma`` kernel's order); 2.3 per weight for the whole loop (sm_90 SASS), against 3.7 in the CUDA-core kernel.
 * **Activations** are read in the same order: lane ``(g, t)`` loads the ``PER`` inputs of its word row for
   activation row ``g`` (one 16-byte load at 4 bits) and one ``prmt`` per pair puts them in the words' pairs.
+* **3 bits** read the 2-bit plane's words as 2-bit weights do and, with each, the high word of its column pair
+  (:func:`~auto_quant.kernels.pack.pack_high_bits`: one word per 16 inputs of two columns, loaded with the
+  words). Rotated by the shift that places a pair's low bits, the high word puts both codes' third bits just above
+  them, and one more ``lop3`` per pair completes the 3-bit codes (:func:`~auto_quant.kernels.gluon_mma_operands.
+  mma_pair_asm`).
 * **Exact codes, float32 sums.** The operand holds the exact integers ``code - zero``; the products are summed
   in float32 by the tensor core and the group's scale multiplies the tile's sums (one group per tile, or
   per-channel scales at the end). Zero points (and, for 16-row tiles, scales) load with the words, ahead of use
@@ -42,86 +47,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves
+from auto_quant.kernels.gluon_mma_layouts import kernel_layouts, logical_words, logical_words_batched
+from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves, plane_bits
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch, pdl_max_weight_bytes
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
-
-
-@gluon.constexpr_function
-def mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
-    """(accumulator, left operand, right operand, the ``[word rows, BLOCK_N]`` load layout of the packed words in
-    physical row order, the ``[BLOCK_N, groups, 4]`` layout of the words in logical row order, the
-    ``[BLOCK_M, BLOCK_K / 2]`` load layout of the activations as b32 pairs)."""
-    per = 32 // BITS
-    reps = BLOCK_N // (16 * num_warps)
-    groups = BLOCK_K // (4 * per)  # groups of four word rows: one word per lane t
-    acc = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
-    b = gl.DotOperandLayout(operand_index=1, parent=acc, k_width=2)
-    # physical row p = h + 2 rep + 2 reps g + 16 reps w (a thread's rows adjacent); lane bits 0-1: word row t
-    load = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)]
-        + [[4 << i, 0] for i in range(groups.bit_length() - 1)],
-        lane_bases=[[1, 0], [2, 0]] + [[0, (2 * reps) << i] for i in range(3)],
-        warp_bases=[[0, (16 * reps) << i] for i in range(num_warps.bit_length() - 1)], block_bases=[],
-        shape=[4 * groups, BLOCK_N])
-    # logical row l = ((rep * W + w) * 2 + h) * 8 + g
-    word = gl.DistributedLinearLayout(
-        reg_bases=[[8, 0, 0]] + [[(16 * num_warps) << i, 0, 0] for i in range(reps.bit_length() - 1)]
-        + [[0, 1 << i, 0] for i in range(groups.bit_length() - 1)],
-        lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)], block_bases=[],
-        shape=[BLOCK_N, groups, 4])
-    # lane (g, t): the PER inputs (PER/2 b32 pairs) of word row t of every group, for activation rows g (and g + 8)
-    xload = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1 << i] for i in range((per // 2).bit_length() - 1)]
-        + [[0, (2 * per) << i] for i in range(groups.bit_length() - 1)]
-        + [[8 << i, 0] for i in range((BLOCK_M // 8).bit_length() - 1)],
-        lane_bases=[[0, per // 2], [0, per], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[0, 0]] * (num_warps.bit_length() - 1), block_bases=[], shape=[BLOCK_M, BLOCK_K // 2])
-    return acc, a, b, load, word, xload
-
-
-@gluon.constexpr_function
-def mma_kb_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
-    """:func:`mma_layouts` for the batched mode (``mma_kb``): every warp its own K slice, the slice the leading axis
-    of each tile (accumulator ``[W, PR, MR]``, loads ``[W, word rows, PR]``, words ``[W, PR, groups, 4]``,
-    activations ``[W, MR, BLOCK_K / 2]``; ``PR = BLOCK_N / W``, ``MR = BLOCK_M / W``). Inside a warp the rows are
-    those of a one-warp :func:`mma_layouts` tile."""
-    W = num_warps
-    per = 32 // BITS
-    pr, mr = BLOCK_N // W, BLOCK_M // W
-    reps = pr // 16
-    groups = BLOCK_K // (4 * per)
-    acc = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-    a = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
-    b = gl.DotOperandLayout(operand_index=1, parent=acc, k_width=2)
-    warp3 = [[1 << i, 0, 0] for i in range(W.bit_length() - 1)]
-    load = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1]] + [[0, 0, 2 << i] for i in range(reps.bit_length() - 1)]
-        + [[0, 4 << i, 0] for i in range(groups.bit_length() - 1)],
-        lane_bases=[[0, 1, 0], [0, 2, 0]] + [[0, 0, (2 * reps) << i] for i in range(3)],
-        warp_bases=warp3, block_bases=[], shape=[W, 4 * groups, pr])
-    word = gl.DistributedLinearLayout(
-        reg_bases=[[0, 8, 0, 0]] + [[0, 16 << i, 0, 0] for i in range(reps.bit_length() - 1)]
-        + [[0, 0, 1 << i, 0] for i in range(groups.bit_length() - 1)],
-        lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
-        warp_bases=[[1 << i, 0, 0, 0] for i in range(W.bit_length() - 1)], block_bases=[], shape=[W, pr, groups, 4])
-    xload = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1 << i] for i in range((per // 2).bit_length() - 1)]
-        + [[0, 0, (2 * per) << i] for i in range(groups.bit_length() - 1)]
-        + [[0, 8 << i, 0] for i in range((mr // 8).bit_length() - 1)],
-        lane_bases=[[0, 0, per // 2], [0, 0, per], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
-        warp_bases=warp3, block_bases=[], shape=[W, mr, BLOCK_K // 2])
-    return acc, a, b, load, word, xload
-
-
-@gluon.constexpr_function
-def kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED):
-    """The kernel's layouts: :func:`mma_kb_layouts` in the batched mode, else :func:`mma_layouts`."""
-    f = mma_kb_layouts if BATCHED else mma_layouts
-    return getattr(f, "__wrapped__", f)(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)
 
 
 @gluon.jit
@@ -137,27 +67,31 @@ def _tile(acc, wp, xs, sc, zp, k, sz, word_l: gl.constexpr, a_l: gl.constexpr, b
           GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, SCALES_AHEAD: gl.constexpr,
           num_warps: gl.constexpr):
     """``acc`` plus the tile at input ``k`` (of the program's first range): packed words ``wp`` ``[word rows,
-    BLOCK_N]`` (physical rows), activation pairs ``xs``, the tile's zero points ``zp`` and (``SCALES_AHEAD``) scales
-    ``sc`` as loaded ahead (:func:`_tile_scales`; else the scales load here). ``sz``: the scales' and zeros' pointers,
-    offsets, columns and masks, ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
+    BLOCK_N]`` (physical rows; at 3 bits ``[word rows, BLOCK_N, 2]``, each word joined with its high word),
+    activation pairs ``xs``, the tile's zero points ``zp`` and (``SCALES_AHEAD``) scales ``sc`` as loaded ahead
+    (:func:`_tile_scales`; else the scales load here). ``sz``: the scales' and zeros' pointers, offsets, columns and
+    masks, ``(s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz)``."""
     s_ptr, z_ptr, N, s_base, s_cols, s_ok, z_base, z_cols, z_ok, zz = sz
     if GROUP != 0 and not SCALES_AHEAD:
         sc = _group_scales(sz, k, GROUP)
-    if len(wp.shape) == 3:  # the batched mode (an else: the 2-D code would not pass for 3-D tiles)
-        acc = _tile_batched(acc, wp, xs, sc, zp, zz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16)
+    if BITS == 3:
+        wlo, whi = gl.split(wp)
     else:
-        BKW: gl.constexpr = wp.shape[0]
-        BLOCK_N: gl.constexpr = wp.shape[1]
+        wlo = wp
+        whi = wp
+    if len(wlo.shape) == 3:  # the batched mode (an else: the 2-D code would not pass for 3-D tiles)
+        acc = _tile_batched(acc, wlo, whi, xs, sc, zp, zz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16)
+    else:
+        BLOCK_N: gl.constexpr = wlo.shape[1]
         REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
         if HAS_ZERO:
             zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 1), 2)
-        # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
-        wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
-        wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
-        words = gl.convert_layout(gl.reshape(gl.permute(wl, (1, 0)), [BLOCK_N, BKW // 4, 4]), word_l,
-                                  assert_trivial=True)
-        a = gl.convert_layout(a_halves(words, zz, BITS, ACT_FP16, HAS_ZERO), a_l)
-        b = gl.convert_layout(gl.permute(act_halves(xs, BITS, ACT_FP16), (1, 0)), b_l)
+        words = logical_words(wlo, word_l, REPS, num_warps)
+        hwords = words
+        if BITS == 3:
+            hwords = logical_words(whi, word_l, REPS, num_warps)
+        a = gl.convert_layout(a_halves(words, zz, BITS, ACT_FP16, HAS_ZERO, hwords), a_l)
+        b = gl.convert_layout(gl.permute(act_halves(xs, plane_bits(BITS), ACT_FP16), (1, 0)), b_l)
         acc = _mma_scaled(a, b, acc, sc, GROUP)
     return acc
 
@@ -174,28 +108,28 @@ def _mma_scaled(a, b, acc, sc, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _tile_batched(acc, wp, xs, sc, zp, zz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+def _tile_batched(acc, wp, whi, xs, sc, zp, zz, word_l: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                   BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr):
-    """:func:`_tile` in the batched mode: words ``[W, word rows, PR]``, activation pairs ``[W, MR, BLOCK_K / 2]``,
-    scales and zero points ``[W, PR]``, accumulator ``[W, PR, MR]``: one ``mma`` batch per warp, each over its own
-    slice. The operands are built as for ``W x PR`` rows and ``W x MR`` activation rows, then split by warp."""
+    """:func:`_tile` in the batched mode: words ``[W, word rows, PR]`` (and at 3 bits their high words ``whi``),
+    activation pairs ``[W, MR, BLOCK_K / 2]``, scales and zero points ``[W, PR]``, accumulator ``[W, PR, MR]``: one
+    ``mma`` batch per warp, each over its own slice. The operands are built as for ``W x PR`` rows and ``W x MR``
+    activation rows, then split by warp."""
     W: gl.constexpr = wp.shape[0]
     BKW: gl.constexpr = wp.shape[1]
     PR: gl.constexpr = wp.shape[2]
     MR: gl.constexpr = xs.shape[1]
     BK: gl.constexpr = xs.shape[2] * 2
-    REPS: gl.constexpr = PR // 16
     if HAS_ZERO:
         zz = gl.expand_dims(gl.expand_dims(_zero_pair(zp.to(gl.float32), ACT_FP16, BITS), 2), 3)
-    # in a warp: physical p = (g * REPS + rep) * 2 + h  ->  logical l = (rep * 2 + h) * 8 + g
-    wl = gl.reshape(gl.permute(gl.reshape(wp, [W, BKW, 8, REPS, 2]), (0, 1, 3, 4, 2)), [W, BKW, PR])
-    words = gl.convert_layout(gl.reshape(gl.permute(wl, (0, 2, 1)), [W, PR, BKW // 4, 4]), word_l,
-                              assert_trivial=True)
+    words = logical_words_batched(wp, word_l)
+    hwords = words
+    if BITS == 3:
+        hwords = logical_words_batched(whi, word_l)
     zzb, _ = gl.broadcast(zz, words)
     halves = a_halves(gl.reshape(words, [W * PR, BKW // 4, 4]), gl.reshape(zzb, [W * PR, BKW // 4, 4]), BITS,
-                      ACT_FP16, HAS_ZERO)
+                      ACT_FP16, HAS_ZERO, gl.reshape(hwords, [W * PR, BKW // 4, 4]))
     a = gl.convert_layout(gl.reshape(halves, [W, PR, BK]), a_l)
-    xh = gl.reshape(act_halves(gl.reshape(xs, [W * MR, BK // 2]), BITS, ACT_FP16), [W, MR, BK])
+    xh = gl.reshape(act_halves(gl.reshape(xs, [W * MR, BK // 2]), plane_bits(BITS), ACT_FP16), [W, MR, BK])
     b = gl.convert_layout(gl.permute(xh, (0, 2, 1)), b_l)
     return _mma_scaled(a, b, acc, sc, GROUP)
 
@@ -230,30 +164,56 @@ def _tile_scales(sz, k, k_end, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCAL
 
 
 @gluon.jit
-def _tile_words(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+def _words_at(ptrs, k, k_end, kw_end, n_cols, rows, col_ok, BLOCK_K: gl.constexpr, PER: gl.constexpr,
+              EVEN_N: gl.constexpr, EVEN_K: gl.constexpr):
+    """The word rows of the tile at input ``k`` from a plane of ``n_cols`` columns (see :func:`_tile_words`)."""
+    if EVEN_K:  # (an else: the batched mode's tiles, 3-D, are always whole and would not pass the 2-D masks)
+        kk = gl.minimum(k, k_end - BLOCK_K)
+        if EVEN_N:
+            w = gl.load(ptrs + (kk // PER) * n_cols)
+        else:
+            w = gl.load(ptrs + (kk // PER) * n_cols, mask=col_ok, other=0)
+    else:
+        w = _load(ptrs, (k // PER) * n_cols, rows, kw_end - k // PER, col_ok, not EVEN_N)
+    return w
+
+
+@gluon.jit
+def _high_words(h):
+    """3 bits: high words ``[..., BLOCK_N / 2]`` (a column pair's each) -> ``[..., BLOCK_N]``, the odd column's
+    shifted right by one (:func:`~auto_quant.kernels.pack.high_bit_position`): the words' layout, no data moved."""
+    hx = gl.join(h, h >> 1)
+    if len(h.shape) == 3:
+        hx = gl.reshape(hx, [h.shape[0], h.shape[1], h.shape[2] * 2])
+    else:
+        hx = gl.reshape(hx, [h.shape[0], h.shape[1] * 2])
+    return hx
+
+
+@gluon.jit
+def _tile_words(src, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr,
+                BITS: gl.constexpr):
     """The packed words of the tile at input ``k`` of the first range (the pointers add the other slices' offsets):
-    nothing read past the range's end ``k_end`` (``kw_end`` in word rows). ``src``: what every tile's loads share,
-    ``(w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)``.
+    nothing read past the range's end ``k_end`` (``kw_end`` in word rows); at 3 bits each joined with its high word
+    (``[..., BLOCK_N, 2]``). ``src``: what every tile's loads share, ``(w_ptrs, x_ptrs, k_end, kw_end, N, rows,
+    col_ok, m_sub, m_n, kq, (h_ptrs, NH, hrows, hcol_ok))``, the last the 3-bit high words' plane.
 
     EVEN_K (every tile whole): a tile past the end, loaded ahead and never used, re-reads the range's last tile
     instead (from L1), and rows past M read row M - 1 (the pointers are clamped): no masks, so no registers zeroed
     before the loads; only whole tiles of real rows reach an output that is written."""
-    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
-    if EVEN_K:  # (an else: the batched mode's tiles, 3-D, are always whole and would not pass the 2-D masks)
-        kk = gl.minimum(k, k_end - BLOCK_K)
-        if EVEN_N:
-            w = gl.load(w_ptrs + (kk // PER) * N)
-        else:
-            w = gl.load(w_ptrs + (kk // PER) * N, mask=col_ok, other=0)
-    else:
-        w = _load(w_ptrs, (k // PER) * N, rows, kw_end - k // PER, col_ok, not EVEN_N)
+    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, hsrc = src
+    w = _words_at(w_ptrs, k, k_end, kw_end, N, rows, col_ok, BLOCK_K, PER, EVEN_N, EVEN_K)
+    if BITS == 3:
+        h_ptrs, NH, hrows, hcol_ok = hsrc
+        h = _words_at(h_ptrs, k, k_end, kw_end, NH, hrows, hcol_ok, BLOCK_K, PER, EVEN_N, EVEN_K)
+        w = gl.join(w, gl.convert_layout(_high_words(h), w.type.layout, assert_trivial=True))
     return w
 
 
 @gluon.jit
 def _tile_acts(src, k, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
     """The activation pairs of the tile at input ``k`` (as :func:`_tile_words`)."""
-    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
+    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, hsrc = src
     if EVEN_K:
         x = gl.load(x_ptrs + gl.minimum(k, k_end - BLOCK_K) // 2)
     else:
@@ -263,11 +223,11 @@ def _tile_acts(src, k, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
 
 @gluon.jit
 def _tile_inputs(src, sz, k, BLOCK_K: gl.constexpr, PER: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr,
-                 GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr):
+                 GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, SCALES_AHEAD: gl.constexpr, BITS: gl.constexpr):
     """The packed words, activation pairs, scales and zero points of the tile at input ``k``."""
-    w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq = src
+    k_end = src[2]
     sc, zp = _tile_scales(sz, k, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
-    return _tile_words(src, k, BLOCK_K, PER, EVEN_N, EVEN_K), _tile_acts(src, k, BLOCK_K, EVEN_K), sc, zp
+    return _tile_words(src, k, BLOCK_K, PER, EVEN_N, EVEN_K, BITS), _tile_acts(src, k, BLOCK_K, EVEN_K), sc, zp
 
 
 @gluon.jit
@@ -277,7 +237,7 @@ def _tile_then_load(acc, w, x, s, z, k, D: gl.constexpr, src, sz, word_l: gl.con
                     EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, num_warps: gl.constexpr):
     """The tile at input ``k`` added into ``acc``, then its registers loaded with the tile ``D`` inputs on."""
     acc = _tile(acc, w, x, s, z, k, sz, word_l, a_l, b_l, BITS, GROUP, HAS_ZERO, ACT_FP16, SCALES_AHEAD, num_warps)
-    w, x, s, z = _tile_inputs(src, sz, k + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD)
+    w, x, s, z = _tile_inputs(src, sz, k + D, BLOCK_K, PER, EVEN_N, EVEN_K, GROUP, HAS_ZERO, SCALES_AHEAD, BITS)
     return acc, w, x, s, z
 
 
@@ -349,9 +309,10 @@ def _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS: gl.constex
 
 
 @gluon.jit
-def _batched_inputs(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l: gl.constexpr,
-                    load_l: gl.constexpr, word_l: gl.constexpr, x_l: gl.constexpr, W: gl.constexpr,
-                    PR: gl.constexpr, MR: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr):
+def _batched_inputs(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l: gl.constexpr,
+                    load_l: gl.constexpr, word_l: gl.constexpr, x_l: gl.constexpr, hload_l: gl.constexpr,
+                    W: gl.constexpr, PR: gl.constexpr, MR: gl.constexpr, BLOCK_K: gl.constexpr, PER: gl.constexpr,
+                    BITS: gl.constexpr):
     """The batched mode's ``src`` and ``sz`` (as :func:`_tile_inputs` takes them): warp ``w`` reads slice ``w``
     (inputs ``w * k_len`` on) of the program's ``PR`` weight rows and ``MR`` activation rows; scales and zero points
     ``[W, PR]`` in logical row order. Every tile is whole (the launcher's condition): rows past M read row M - 1."""
@@ -379,14 +340,24 @@ def _batched_inputs(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, str
                                  gl.expand_dims(n0 + _phys_row(gl.arange(0, PR, layout=gl.SliceLayout(0, z2)),
                                                                PR // 16, 1), 0))
     zz = gl.zeros([W, PR, 1, 1], gl.int32, layout=word_l)
-    src = (w_ptrs, x_ptrs, k_end, k_end // PER, N, rows, col_ok, m_sub, M - m0, kq)
+    hsrc = (w_ptrs, N, rows, col_ok)
+    if BITS == 3:  # the high words of column pairs, as the words
+        NH = (N + 1) // 2
+        h3: gl.constexpr = gl.SliceLayout(2, hload_l)
+        hrows = gl.arange(0, BKW, layout=gl.SliceLayout(0, h3))
+        hcols = n0 // 2 + gl.arange(0, PR // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, hload_l)))
+        h_ptrs = (qh_ptr + gl.expand_dims(gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, h3))
+                                                         * ((k_len // PER) * NH), 1) + gl.expand_dims(hrows, 0) * NH, 2)
+                  + gl.expand_dims(gl.expand_dims(hcols, 0), 1))
+        hsrc = (h_ptrs, NH, hrows, gl.expand_dims(gl.expand_dims(hcols < NH, 0), 1))
+    src = (w_ptrs, x_ptrs, k_end, k_end // PER, N, rows, col_ok, m_sub, M - m0, kq, hsrc)
     sz = (s_ptr, z_ptr, N, s_off, s_cols, s_cols < N, z_off, z_cols, z_cols < N, zz)
     return src, sz
 
 
 @gluon.jit
 def _qmm_mma_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, k_range,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -402,17 +373,20 @@ def _qmm_mma_kernel(
     # (the launcher's condition). BATCHED (with SLICES == num_warps): every warp its own batch of the mma, over its own
     # slice of K, with all BLOCK_M / SLICES activation rows as the mma's columns (no column holds another slice's
     # products, so 8 or 16 rows fit); the slices are summed over the batch axis at the end.
-    PER: gl.constexpr = 32 // BITS
+    # 3 bits (BITS == 3): the words are the 2-bit plane's (PB = 2), each with the high word of its column pair
+    PB: gl.constexpr = plane_bits(BITS)
+    PER: gl.constexpr = 32 // PB
     BKW: gl.constexpr = BLOCK_K // PER
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     PR: gl.constexpr = BLOCK_N // SLICES  # weight rows (output columns) of the program
     MR: gl.constexpr = BLOCK_M // SLICES  # activation rows of the program
-    acc_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[0]
-    a_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[1]
-    b_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[2]
-    load_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[3]
-    word_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[4]
-    x_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED)[5]
+    acc_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[0]
+    a_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[1]
+    b_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[2]
+    load_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[3]
+    word_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[4]
+    x_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[5]
+    hload_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[6]
     zrow_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_l))
     srow_l: gl.constexpr = gl.SliceLayout(1, acc_l)
 
@@ -433,8 +407,8 @@ def _qmm_mma_kernel(
     n_tiles = gl.cdiv(k_len, BLOCK_K)
 
     if BATCHED:
-        src, sz = _batched_inputs(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l, load_l,
-                                  word_l, x_l, SLICES, PR, MR, BLOCK_K, PER)
+        src, sz = _batched_inputs(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_end, stride_xm, acc_l,
+                                  load_l, word_l, x_l, hload_l, SLICES, PR, MR, BLOCK_K, PER, BITS)
         acc = gl.zeros([SLICES, PR, MR], gl.float32, layout=acc_l)
     else:
         rows = gl.arange(0, BKW, layout=gl.SliceLayout(1, load_l))
@@ -466,8 +440,16 @@ def _qmm_mma_kernel(
         z_ok = z_cols < N
         zz = gl.zeros([BLOCK_N, 1, 1], gl.int32, layout=word_l)
         m_n = M - m0
+        hsrc = (w_ptrs, N, rows, col_ok)
+        if BITS == 3:  # the high words of column pairs, as the words
+            NH = (N + 1) // 2
+            hrows = gl.arange(0, BKW, layout=gl.SliceLayout(1, hload_l))
+            hcols, h_off = _range_cols(gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, hload_l)), n0 // 2, k_len,
+                                       PR // 2, SLICES)
+            h_ptrs = qh_ptr + gl.expand_dims(hrows, 1) * NH + gl.expand_dims(hcols + (h_off // PER) * NH, 0)
+            hsrc = (h_ptrs, NH, hrows, gl.expand_dims(hcols < NH, 0))
 
-        src = (w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq)
+        src = (w_ptrs, x_ptrs, k_end, kw_end, N, rows, col_ok, m_sub, m_n, kq, hsrc)
         sz = (s_ptr, z_ptr, N, s_off, s_cols, s_ok, z_off, z_cols, z_ok, zz)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
     # STAGES tiles in flight (2 or 3): the loop body uses each tile's registers and then reloads them with the tile
@@ -477,12 +459,12 @@ def _qmm_mma_kernel(
     # the first tiles' words (the weight, which no kernel writes) are read before waiting for the kernel before this
     # one (PDL: launched early, this program may start while that one still runs); the activations, and every
     # write, after it
-    wa = _tile_words(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K)
+    wa = _tile_words(src, k_lo, BLOCK_K, PER, EVEN_N, EVEN_K, BITS)
     sa, za = _tile_scales(sz, k_lo, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
-    wb = _tile_words(src, k_lo + BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
+    wb = _tile_words(src, k_lo + BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K, BITS)
     sb, zb = _tile_scales(sz, k_lo + BLOCK_K, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     if STAGES == 3:
-        wc = _tile_words(src, k_lo + 2 * BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K)
+        wc = _tile_words(src, k_lo + 2 * BLOCK_K, BLOCK_K, PER, EVEN_N, EVEN_K, BITS)
         sc, zc = _tile_scales(sz, k_lo + 2 * BLOCK_K, k_end, GROUP, HAS_ZERO, SCALES_AHEAD)
     if PDL:
         grid_wait()
@@ -537,7 +519,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
 
     M, K = x2.shape
     N = w.out_features
-    per = 32 // w.bits
+    per = 16 if w.bits == 3 else 32 // w.bits
     slices = cfg.num_warps if cfg.kind in ("mma_kw", "mma_kb") else 1
     block_ok = {"mma": mma_block_ok, "mma_kw": mma_kw_block_ok, "mma_kb": mma_kb_block_ok}[cfg.kind]
     if w.bits not in MMA_BITS:
@@ -563,7 +545,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_mma_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        x2, w.qweight, w.qweight_hi if w.bits == 3 else w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
         out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,

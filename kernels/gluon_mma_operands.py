@@ -14,17 +14,44 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 
+def pair_layout_3bit(act, zero):
+    """3 bits, per pair ``i`` (codes ``i`` and ``i + 8`` of the 2-bit plane's word): (right shift of the low and high
+    words, code offset left in place). As :func:`~auto_quant.kernels.triton_gemv.pair_layout` for the 2-bit plane,
+    with room for the third bit: a code may stay ``s`` bits up while ``7 * 2**s`` fits the mantissa."""
+    from auto_quant.kernels.triton_gemv import _HALF
+
+    s_max = 2 * ((_HALF[act]["mant"] - 3) // 2) if zero is not None else 0
+    granule = s_max + 2
+    return [((2 * i // granule) * granule, 2 * i % granule) for i in range(8)]
+
+
+def _pair_3bit_lines(act, zero, I, zz):
+    """PTX for pair ``I`` of a 3-bit word: the 2-bit plane's pair (``$1``) as for 2 bits, then its high bits from the
+    high word (``$3``, :func:`~auto_quant.kernels.pack.high_bit_position`) rotated by the same shift, one ``lop3``."""
+    from auto_quant.kernels.triton_gemv import pair_lines
+
+    sh, s = pair_layout_3bit(act, zero)[I]
+    lines = pair_lines(2, act, zero, s, zz)
+    at = next(i for i, line in enumerate(lines) if line.startswith("lop3")) + 1
+    high = ["mov.b32 hs, $3;" if sh == 0 else f"shf.r.wrap.b32 hs, $3, $3, {sh};",
+            f"lop3.b32 v, v, hs, {(4 << s) * 0x10001:#010x}, 0xF8;"]  # v | (hs & mask)
+    return ["mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};", *lines[:at], *high, *lines[at:]]
+
+
 @gluon.constexpr_function
 def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
     """PTX for pair ``I`` of a packed word (codes ``I`` and ``I + PER/2``): ``$0`` = the exact ``code - zero`` of
     both as one b32 of halves (:func:`~auto_quant.kernels.triton_gemv.pair_layout`'s shifts and offsets). The
-    asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, and with
-    ``ZERO`` None the per-row pair :func:`_zero_pair` ``$3``/``$4``. The pairs' shifted copies of a word repeat
-    across calls; ptxas keeps one."""
+    asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, at 3 bits the
+    high word ``$3``/``$4``, and with ``ZERO`` None the per-row pair :func:`_zero_pair` after them. The pairs'
+    shifted copies of a word repeat across calls; ptxas keeps one."""
+    # (a plain function, under another name: the jit's dependency scan refuses module globals that are not jit code)
+    from auto_quant.kernels.gluon_mma_operands import _pair_3bit_lines as lines_3bit
     from auto_quant.kernels.triton_gemv import _REGS, _byte_pair_groups, pair_layout, pair_lines
 
     act = "fp16" if ACT_FP16 else "bf16"
     zero = None if ZERO is None else int(ZERO)
+    zz_in = "$5" if BITS == 3 else "$3"
     lines = ["{", *_REGS]
     if BITS == 8 and not ACT_FP16:  # each byte under the float32 exponent of 2**23, less 2**23 + zero, both rounded
         zz = "$3" if zero is None else f"0f{0x4B000000 + zero:08X}"  # once into the pair (exact: |code - zero| <= 255)
@@ -32,11 +59,19 @@ def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
                   f"sub.f32 v, v, {zz};", f"sub.f32 d, d, {zz};", "cvt.rn.bf16x2.f32 d, d, v;"]
     elif BITS == 8:
         lines += _byte_pair_groups(act, zero, "$1", "$3")[I]
+    elif BITS == 3:
+        lines += [".reg .b32 hs;", *lines_3bit(act, zero, I, zz_in)]
     else:
         sh, s = pair_layout(BITS, act, zero)[I]
         lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")
-        lines += pair_lines(BITS, act, zero, s, "$3")
+        lines += pair_lines(BITS, act, zero, s, zz_in)
     return "\n".join(lines + ["mov.b32 $0, d;", "}"])
+
+
+@gluon.constexpr_function
+def plane_bits(BITS):
+    """Bits per code of the packed words the kernels load and permute: 2 for 3-bit weights (their 2-bit plane)."""
+    return 2 if BITS == 3 else BITS
 
 
 @gluon.jit
@@ -53,10 +88,17 @@ def _zero_pair(z, ACT_FP16: gl.constexpr, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _pair(w2, zz2, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, I: gl.constexpr):
-    """Pair ``I`` of every word, ``[BLOCK_N, groups, 4, 2]`` halves from the words broadcast over the last axis."""
+def _pair(w2, h2, zz2, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, I: gl.constexpr):
+    """Pair ``I`` of every word, ``[BLOCK_N, groups, 4, 2]`` halves from the words (and at 3 bits the high words
+    ``h2``) broadcast over the last axis."""
     ASM: gl.constexpr = mma_pair_asm(BITS, ACT_FP16, None if HAS_ZERO else 1 << (BITS - 1), I)
-    if HAS_ZERO:  # int16 halves (one return type for both activation dtypes); the tile is bitcast once built
+    # int16 halves (one return type for both activation dtypes); the tile is bitcast once built
+    if BITS == 3:
+        if HAS_ZERO:
+            p = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r,r,r", [w2, h2, zz2], dtype=gl.int16, is_pure=True, pack=2)
+        else:
+            p = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w2, h2], dtype=gl.int16, is_pure=True, pack=2)
+    elif HAS_ZERO:
         p = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w2, zz2], dtype=gl.int16, is_pure=True, pack=2)
     else:
         p = gl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=gl.int16, is_pure=True, pack=2)
@@ -64,29 +106,31 @@ def _pair(w2, zz2, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.cons
 
 
 @gluon.jit
-def a_halves(words, zz, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr):
+def a_halves(words, zz, BITS: gl.constexpr, ACT_FP16: gl.constexpr, HAS_ZERO: gl.constexpr, hwords):
     """``[BLOCK_N, groups, 4]`` words -> the ``[BLOCK_N, BLOCK_K]`` left operand's halves, inputs in the tile's order:
     ``k = group * 4 PER + s * 16 + h * 8 + t * 2 + e`` for code ``e * PER/2 + 2 s + h`` of word ``t``. Each pair is
-    one b32 out of its asm and stays one operand register (no repacking of halves)."""
+    one b32 out of its asm and stays one operand register (no repacking of halves). At 3 bits ``words`` is the 2-bit
+    plane and ``hwords`` (the same shape) each word's high word; other widths ignore ``hwords``."""
     BN: gl.constexpr = words.shape[0]
     G: gl.constexpr = words.shape[1]
-    BK: gl.constexpr = G * 4 * (32 // BITS)
+    BK: gl.constexpr = G * 4 * (32 // plane_bits(BITS))
     w2 = gl.join(words, words)  # a last axis of two for pack=2 (the same registers)
+    h2 = gl.join(hwords, hwords)
     zzb, _ = gl.broadcast(zz, words)
     zz2 = gl.join(zzb, zzb)
     if BITS == 8:
-        t = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        t = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
         tile = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3)), [BN, BK])  # [BN, G, T, E, H] -> [BN, G, H, T, E]
     elif BITS == 4:
-        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
-        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
+        q0 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        q1 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
         t = gl.join(q0, q1)  # [BN, G, T, E, H, S]
         tile = gl.reshape(gl.permute(t, (0, 1, 5, 4, 2, 3)), [BN, BK])  # -> [BN, G, S, H, T, E]
     else:
-        q0 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
-        q1 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
-        q2 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 4), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 5))
-        q3 = gl.join(_pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 6), _pair(w2, zz2, BITS, ACT_FP16, HAS_ZERO, 7))
+        q0 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 0), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 1))
+        q1 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 2), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 3))
+        q2 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 4), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 5))
+        q3 = gl.join(_pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 6), _pair(w2, h2, zz2, BITS, ACT_FP16, HAS_ZERO, 7))
         t = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [BN, G, T, E, H, S_lo, S_hi]
         tile = gl.reshape(gl.permute(t, (0, 1, 6, 5, 4, 2, 3)), [BN, BK])
     if ACT_FP16:

@@ -21,7 +21,7 @@ import torch
 
 from auto_quant.kernels.wgmma_plan import gluon_arch
 
-MMA_BITS = (2, 4, 8)
+MMA_BITS = (2, 3, 4, 8)
 MMA_MAX_M = 16
 # (block_n, block_k, warps, tiles in flight in registers)
 MMA_TILES = ((64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2), (256, 128, 8, 2),
@@ -39,6 +39,12 @@ MMA_KB_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 
                 (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3))
 
 
+def _per(bits: int) -> int:
+    """Codes per packed word the kernel reads: 3-bit weights load their 2-bit plane's words (16 codes), each with its
+    high bits (:func:`~auto_quant.kernels.pack.pack_high_bits`)."""
+    return 16 if bits == 3 else 32 // bits
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -50,7 +56,7 @@ def _pow2(v: int) -> bool:
 def _warp_tile_ok(block_m: int, rows: int, block_k: int, bits: int, stages: int) -> bool:
     """One warp's tile: 16 weight rows a power-of-two number of times, 8 or 16 activation rows, a power-of-two number
     of groups of four packed words, 2 or 3 tiles in flight."""
-    per = 32 // bits if bits in MMA_BITS else 0
+    per = _per(bits) if bits in MMA_BITS else 0
     return (per > 0 and rows % 16 == 0 and _pow2(rows // 16) and block_m in (8, 16) and block_k % (4 * per) == 0
             and _pow2(block_k // (4 * per)) and stages in (2, 3))
 
@@ -87,14 +93,14 @@ def mma_k_per_split(K: int, block_k: int, split: int, slices: int = 1) -> int | 
 def mma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
                act_dtype: torch.dtype | None) -> bool:
     """Whether the kernel can serve a layer: an sm_90 GPU (the only one it was run on; ``mma.sync`` itself is
-    sm_80+), Gluon, 2, 4 or 8 bits, groups that hold whole tiles (``group_size % (4 * 32 / bits) == 0``) or
-    per-channel scales, whole words per row (``K % (32 / bits) == 0``) and fp16/bf16 activations (``None``: not
-    known yet)."""
+    sm_80+), Gluon, 2, 3, 4 or 8 bits, groups that hold whole tiles (``group_size % (4 * PER) == 0``, ``PER`` codes
+    per word: 32 / bits, 16 at 3 bits) or per-channel scales, whole words per row (``K % PER == 0``) and fp16/bf16
+    activations (``None``: not known yet)."""
     from auto_quant.kernels.dispatch import wgmma_device
 
     if bits not in MMA_BITS:
         return False
-    per = 32 // bits
+    per = _per(bits)
     return ((group_size == -1 or group_size % (4 * per) == 0) and K % per == 0
             and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and gluon_arch("ampere"))
 
@@ -104,7 +110,7 @@ def _block_k(block_k: int, group_size: int, bits: int) -> int:
     if group_size != -1:
         while group_size % block_k:
             block_k //= 2
-    return max(block_k, 4 * 32 // bits)
+    return max(block_k, 4 * _per(bits))
 
 
 def _split(tiles: int, K: int, block_k: int, target: int) -> int:

@@ -32,9 +32,10 @@ def quantized_weight(N, K, group_size, sym, seed, bits=4):
     return pack_codes(qw.codes, qw.zero, qw.scale, bits, group_size, torch.float16)
 
 
-def bases_value(bases, index):
-    """The coordinates a linear layout gives the bits of ``index`` (XOR of the bases of its set bits)."""
-    v = [0] * len(bases[0]) if bases else []
+def bases_value(bases, index, rank=None):
+    """The coordinates a linear layout gives the bits of ``index`` (XOR of the bases of its set bits); ``rank``: the
+    number of coordinates where ``bases`` may be empty."""
+    v = [0] * (len(bases[0]) if bases else rank or 0)
     for bit, b in enumerate(bases):
         if index >> bit & 1:
             v = [x ^ y for x, y in zip(v, b)]
@@ -43,8 +44,10 @@ def bases_value(bases, index):
 
 def thread_coords(layout, warp, lane):
     """Every coordinate one thread holds in a ``DistributedLinearLayout``."""
-    hw = [a ^ b for a, b in zip(bases_value(layout.lane_bases, lane), bases_value(layout.warp_bases, warp))]
-    return [[a ^ b for a, b in zip(bases_value(layout.reg_bases, r), hw)] for r in range(1 << len(layout.reg_bases))]
+    rank = len(layout.shape)
+    hw = [a ^ b for a, b in zip(bases_value(layout.lane_bases, lane, rank), bases_value(layout.warp_bases, warp, rank))]
+    return [[a ^ b for a, b in zip(bases_value(layout.reg_bases, r, rank), hw)]
+            for r in range(1 << len(layout.reg_bases))]
 
 
 def fake_sm90(monkeypatch):
@@ -73,3 +76,52 @@ def run_triton_nvidia_tool(tool: str, data: bytes | str, suffix: str, *args: str
             f.write(data)
         argv = [a.replace("{out}", os.path.join(d, "k.out")) for a in args]
         return subprocess.run([path, *argv, src], capture_output=True, text=True, check=True)
+
+
+def _halves(v: int, act: str) -> list[float]:
+    """The two fp16/bf16 halves of a b32 as floats (low half first)."""
+    h = torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16)
+    return h.view(torch.float16 if act == "fp16" else torch.bfloat16).float().tolist()
+
+
+def _pack_halves(lo: float, hi: float, act: str) -> int:
+    h = torch.tensor([lo, hi]).to(torch.float16 if act == "fp16" else torch.bfloat16).view(torch.int16)
+    return (int(h[0]) & 0xFFFF) | (int(h[1]) & 0xFFFF) << 16
+
+
+def run_ptx_pairs(asm: str, operands: dict[str, int]) -> int:
+    """Run the handful of b32 PTX instructions the pair-decoding asm uses (``mov``, ``shr.u32``, ``shf.r.wrap``,
+    ``lop3``, packed half ``fma``) on ``operands`` (``"$1"``: value); the value it leaves in ``$0``. Halves are
+    rounded once per instruction (exact for the integers the asm makes)."""
+    regs = dict(operands)
+
+    def val(t: str) -> int:
+        t = t.strip()
+        return regs[t] if t in regs else int(t, 0) & 0xFFFFFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a = [val(s) for s in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "shf.r.wrap.b32":  # the funnel of (b:a) shifted right, low word kept
+            r = (((a[1] << 32) | a[0]) >> (a[2] % 32)) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            r = 0
+            for bit in range(32):
+                idx = (a[0] >> bit & 1) << 2 | (a[1] >> bit & 1) << 1 | (a[2] >> bit & 1)
+                r |= (a[3] >> idx & 1) << bit
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            act = "bf16" if "bf16" in op else "fp16"
+            x, y, z = (_halves(v, act) for v in a)
+            r = _pack_halves(x[0] * y[0] + z[0], x[1] * y[1] + z[1], act)
+        else:
+            raise NotImplementedError(f"the emulator does not run {op!r}")
+        regs[dst] = r & 0xFFFFFFFF
+    return regs["$0"]

@@ -22,7 +22,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
 
     from auto_quant.kernels import gluon_mma as m
 
-    sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}",
+    sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}",
            "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
@@ -41,6 +41,7 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
     (4, "bf16", False, 32, 8, 32, 32, 2, True, True), (2, "bf16", True, 64, 16, 256, 64, 8, False, True),
     (2, "fp16", False, 128, 8, 64, 128, 4, True, False), (8, "bf16", True, 128, 8, 128, 128, 4, True, True),
     (8, "bf16", False, 0, 16, 64, 16, 2, False, False), (8, "fp16", True, 32, 8, 128, 32, 8, True, True),
+    (3, "bf16", True, 128, 8, 128, 128, 4, True, True), (3, "fp16", False, 64, 16, 64, 64, 4, False, False),
 ])
 def test_mma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, split, even):
     """mma.sync with float32 accumulation, the operands built in registers (no shared memory before the split-K
@@ -62,12 +63,14 @@ def test_mma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, split, 
         assert "add.rn.f16x2" in ptx
     else:
         assert "lop3.b32" in ptx and f"fma.rn.{h}x2" in ptx
+    # 3 bits: the high words rotated into place (a right shift would lose the last code's bit)
+    assert ("shf.r.wrap.b32" in ptx) == (bits == 3)
 
 
 @pytest.mark.parametrize("bits,act,sym,group,rows,bk,warps,stages", [
     (4, "bf16", True, 128, 16, 128, 8, 2), (4, "bf16", False, 128, 32, 128, 8, 3),
     (4, "fp16", True, 0, 32, 128, 4, 2), (2, "bf16", True, 64, 16, 64, 8, 2),
-    (8, "bf16", False, 32, 16, 32, 2, 2), (8, "fp16", True, 128, 32, 128, 4, 3),
+    (8, "bf16", False, 32, 16, 32, 2, 2), (8, "fp16", True, 128, 32, 128, 4, 3), (3, "bf16", False, 128, 16, 128, 8, 2),
 ])
 def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages):
     """Warps splitting K (``mma_kw``): the same register operands and mma.sync, vector loads of the words and of the
@@ -91,6 +94,7 @@ def test_mma_kw_compiles_for_sm90(bits, act, sym, group, rows, bk, warps, stages
     (4, "fp16", True, 0, 32, 16, 128, 4, 2), (2, "bf16", True, 64, 32, 16, 64, 8, 2),
     (8, "bf16", False, 32, 16, 16, 32, 2, 2), (8, "fp16", True, 128, 32, 8, 128, 4, 3),
     (4, "bf16", False, 128, 16, 8, 128, 16, 2), (2, "fp16", True, 64, 16, 16, 64, 16, 3),
+    (3, "bf16", True, 128, 16, 8, 128, 8, 2), (3, "fp16", False, 64, 32, 16, 64, 4, 3),
 ])
 def test_mma_kb_compiles_for_sm90(bits, act, sym, group, rows, bm, bk, warps, stages):
     """A batch of the mma per warp (``mma_kb``): per tile and warp exactly its own ``rows x bm`` products (no column
@@ -118,13 +122,14 @@ def test_mma_kb_layouts_keep_each_warp_on_its_slice(rows, bk, warps, bits):
     through ``_phys_row(l, reps, 1)``, and its activations are the PER inputs of its word rows (as one warp of
     :func:`mma_layouts`)."""
     from auto_quant.kernels import gluon_mma as m
+    from auto_quant.kernels import gluon_mma_layouts as ml
 
     if bk % (4 * 32 // bits):
         pytest.skip("the tile holds no whole group of four words")
-    fn = getattr(m.mma_kb_layouts, "__wrapped__", m.mma_kb_layouts)
+    fn = getattr(ml.mma_kb_layouts, "__wrapped__", ml.mma_kb_layouts)
     per = 32 // bits
     for bm in (8, 16):
-        _, _, _, load, word, xload = fn(rows * warps, bm * warps, bk, warps, bits)
+        _, _, _, load, word, xload, hload = fn(rows * warps, bm * warps, bk, warps, bits)
         seen = set()
         for warp in range(warps):
             for lane in range(32):
@@ -133,6 +138,10 @@ def test_mma_kb_layouts_keep_each_warp_on_its_slice(rows, bk, warps, bits):
                 assert {s for s, _, _ in logical | physical} == {warp}
                 assert {(s, m._phys_row.fn(l, rows // 16, 1), kw) for s, l, kw in logical} == physical, (warp, lane)
                 assert {kw % 4 for _, _, kw in physical} == {lane % 4}
+                # 3 bits (2-bit plane): the high word of a column pair sits with the pair's words
+                assert {tuple(c) for c in thread_coords(hload, warp, lane)} == {(s, kw, p // 2) for s, kw, p in
+                                                                               {(c[0], c[1], c[2]) for c in
+                                                                                thread_coords(load, warp, lane)}}
                 seen |= physical
                 xs = {tuple(c) for c in thread_coords(xload, warp, lane)}
                 kws = {kw for _, _, kw in physical}
@@ -224,13 +233,14 @@ def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
     16-byte load), word row t of each group of four on lane t % 4, and the activations it loads (the x layout)
     exactly the PER inputs of those word rows for activation rows g = lane // 4."""
     from auto_quant.kernels import gluon_mma as m
+    from auto_quant.kernels import gluon_mma_layouts as ml
 
     if bk % (4 * 32 // bits):
         pytest.skip("the tile holds no whole group of four words")
-    fn = getattr(m.mma_layouts, "__wrapped__", m.mma_layouts)
+    fn = getattr(ml.mma_layouts, "__wrapped__", ml.mma_layouts)
     per = 32 // bits
     for bm in (8, 16):
-        _, _, _, load, word, xload = fn(bn, bm, bk, warps, bits)
+        _, _, _, load, word, xload, hload = fn(bn, bm, bk, warps, bits)
         reps = bn // (16 * warps)
         seen = set()
         for warp in range(warps):
@@ -241,6 +251,8 @@ def test_mma_layouts_rows_and_inputs_agree(bn, bk, warps, bits):
                 assert {kw % 4 for _, kw in physical} == {lane % 4}
                 rows = {p for p, _ in physical}
                 assert max(rows) - min(rows) == len(rows) - 1
+                # 3 bits (2-bit plane): the high word of a column pair sits with the pair's words
+                assert {tuple(c) for c in thread_coords(hload, warp, lane)} == {(kw, p // 2) for p, kw in physical}
                 seen |= physical
                 xs = {(c[0], c[1]) for c in thread_coords(xload, warp, lane)}  # (row, b32 pair)
                 kws = {kw for _, kw in physical}
@@ -255,11 +267,11 @@ def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
 
     d = fake_sm90(monkeypatch)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for bits, gs in ((4, 128), (4, 32), (2, 64), (8, -1), (8, 32)):
+    for bits, gs in ((4, 128), (4, 32), (2, 64), (8, -1), (8, 32), (3, 128), (3, 64)):
         for M in (1, 2, 8, 9, 16):
             mm = [c for c in d.candidates(M, 4096, 4096, cuda, bits, gs, torch.bfloat16) if c.kind == "mma"]
             assert mm, (bits, gs, M)
-            per = 32 // bits
+            per = 16 if bits == 3 else 32 // bits
             for c in mm:
                 assert mma_block_ok(c.block_m, c.block_n, c.block_k, c.num_warps, bits)
                 assert c.block_m == (8 if M <= 8 else 16)
@@ -273,7 +285,7 @@ def test_dispatch_offers_mma_only_where_it_serves(monkeypatch):
     assert d.default_config(2, 4096, 4096, cuda, 2, 64, torch.float16).block_k == 64
     assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind == "mma_kw"
     assert d.default_config(9, 4096, 4096, cuda, 4, 128, torch.bfloat16).kind != "mma"
-    for bits, gs, dt, K, dev in ((3, 128, torch.float16, 4096, cuda), (2, 32, torch.float16, 4096, cuda),
+    for bits, gs, dt, K, dev in ((3, 32, torch.float16, 4096, cuda), (2, 32, torch.float16, 4096, cuda),
                                  (4, 16, torch.float16, 4096, cuda), (4, 128, torch.float32, 4096, cuda),
                                  (4, -1, torch.float16, 4100, cuda), (4, 128, torch.float16, 4096, cpu)):
         assert all(c.kind != "mma" for c in d.candidates(4, 4096, K, dev, bits, gs, dt)), (bits, gs, dt, K, dev)
@@ -353,3 +365,43 @@ def test_mma_config_validation():
                 (32, 16, 128, 1, 4), (16, 16, 128, 1, 32)):
         with pytest.raises(ValueError, match="mma_kb"):
             KernelConfig("mma_kb", bad[0], bad[1], bad[2], bad[3], bad[4], 2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_pair_asm_decodes_every_pair(bits, act, sym):
+    """Each pair's PTX, run instruction by instruction (:func:`gluon_helpers.run_ptx_pairs`), leaves the exact
+    ``code - zero`` of codes ``I`` and ``I + PER/2`` of a packed word in its two halves, for both columns of a pair
+    and codes at both ends of the range; at 3 bits from the 2-bit plane's word and the column pair's high word
+    (:func:`~auto_quant.kernels.pack.pack_high_bits`), shifted one bit for the odd column as the kernel does."""
+    from gluon_helpers import _halves, _pack_halves, run_ptx_pairs
+
+    from auto_quant.export import packing
+    from auto_quant.kernels.gluon_mma_operands import mma_pair_asm
+    from auto_quant.kernels.pack import pack_high_bits
+
+    asm = getattr(mma_pair_asm, "__wrapped__", mma_pair_asm)
+    per = 16 if bits == 3 else 32 // bits
+    g = torch.Generator().manual_seed(bits)
+    for trial in range(6):
+        codes = torch.randint(0, 2**bits, (per, 2), generator=g)
+        if trial < 2:
+            codes[:, trial] = (2**bits - 1) * trial  # every code 0, then every code the largest
+        if bits == 3:
+            lo = packing.pack_bitstream(codes & 3, 2, dim=0)
+            high = int(pack_high_bits(codes >> 2)[0, 0])
+        else:
+            lo = packing.pack_bitstream(codes, bits, dim=0)
+        for col in (0, 1):
+            zero = 1 << (bits - 1) if sym else int(torch.randint(0, 2**bits, (1,), generator=g))
+            ops = {"$1": int(lo[0, col]) & 0xFFFFFFFF}
+            if bits == 3:
+                ops["$3"] = (high >> col) & 0xFFFFFFFF  # int32's arithmetic shift, as in the kernel
+            if not sym:  # the per-row pair -(base + zero) of _zero_pair
+                base = 1024.0 if act == "fp16" else 128.0
+                ops["$5" if bits == 3 else "$3"] = _pack_halves(-(base + zero), -(base + zero), act)
+            for i in range(per // 2):
+                out = run_ptx_pairs(asm(bits, act == "fp16", zero if sym else None, i), ops)
+                want = [float(codes[i, col] - zero), float(codes[i + per // 2, col] - zero)]
+                assert _halves(out, act) == want, (trial, col, i)

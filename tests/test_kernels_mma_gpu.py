@@ -1,4 +1,4 @@
-"""The Gluon ``mma`` kernel (1-16 activation rows; 2, 4 and 8 bits) against the float64 reference product, on the GPU
+"""The Gluon ``mma`` kernel (1-16 activation rows; 2, 3, 4 and 8 bits) against the float64 reference product, on the GPU
 (``pytest -m gpu``).
 
 Skipped without CUDA (``conftest``) and on GPUs other than sm_90, where the kernel is never chosen.
@@ -16,7 +16,7 @@ TOL = 8e-3
 
 
 FORMATS = [(4, 128, True), (4, 128, False), (4, 32, True), (4, -1, False), (8, 128, True), (8, -1, False),
-           (8, 32, False), (2, 64, True), (2, 128, False), (2, -1, True)]
+           (8, 32, False), (2, 64, True), (2, 128, False), (2, -1, True), (3, 128, True), (3, 64, False), (3, -1, True)]
 
 
 @needs_sm90
@@ -107,14 +107,14 @@ def test_mma_kb_strided_rows_and_every_slice_count():
 
 
 @needs_sm90
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_mma_partial_tiles_and_odd_rows(bits):
     """A split that ends inside a tile (K not a multiple of split x block_k), x rows with a stride (a slice of a wider
     tensor) and every row of a 16-row block checked on its own: a row-order or input-order slip shows up here."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch
 
-    per = 32 // bits
+    per = 16 if bits == 3 else 32 // bits
     N, K = 256, 4 * per * 21  # 5.25 tiles of four word groups: the last tile of every split count is partial
     kw = quantized_weight(N, K, -1, False, seed=bits, bits=bits)
     W = dequantize(kw).double()
@@ -221,3 +221,27 @@ def test_mma_split_k_vector_widths(N):
     torch.cuda.synchronize()
     for acc, cnt in ws._bufs.values():
         assert not acc.any() and not cnt.any()
+
+
+@needs_sm90
+@pytest.mark.parametrize("N", [1001, 1003, 40])
+def test_mma_3bit_odd_column_counts(N):
+    """3 bits: the high words come a column pair per word, so an odd last column shares its word with a column that
+    does not exist; every kind's first tiles at 1 and 16 rows (the last column checked on its own)."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, launch
+    from auto_quant.kernels.mma_plan import mma_candidates, mma_kb_candidates, mma_kw_candidates
+
+    K = 2048
+    kw = quantized_weight(N, K, 128, N % 2 == 0, seed=N, bits=3)
+    W = dequantize(kw).double()
+    ws = Workspace()
+    for M, plans in ((1, (mma_candidates, mma_kw_candidates, mma_kb_candidates)), (16, (mma_candidates,
+                                                                                        mma_kb_candidates))):
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        ref = x.double() @ W.t()
+        for plan in plans:
+            for cfg in plan(M, N, K, 128, 132, 3)[:3]:
+                y = launch(x, kw, None, cfg, ws)
+                assert rel_err(y, ref) < TOL, (M, cfg)
+                assert rel_err(y[:, -1], ref[:, -1]) < TOL, (M, cfg)
