@@ -64,7 +64,7 @@ def test_every_tuning_candidate(N, K, M):
         W = dequantize(kw).double()
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ W.t()
-        for cfg in candidates(M, N, K, x.device, bits):
+        for cfg in candidates(M, N, K, x.device, bits, gs):
             try:
                 y = launch(x, kw, None, cfg, ws)
             except Exception as e:  # out of shared memory / registers is a legal skip for the tuner, nothing else
