@@ -315,6 +315,14 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
     return out
 
 
+def parse_format(name: str) -> dict:
+    """``w3g128`` (symmetric), ``w4g128a`` (asymmetric), ``w8g-1`` (per channel) -> a format of :func:`gpu_main`."""
+    m = re.fullmatch(r"w([2348])g(-1|\d+)(a?)", name.strip())
+    if not m:
+        raise SystemExit(f"kernels.py: a format is like w4g128 or w4g128a (asymmetric), not {name!r}")
+    return dict(bits=int(m.group(1)), group_size=int(m.group(2)), sym=not m.group(3))
+
+
 def gpu_main(args):
     import triton
 
@@ -336,11 +344,17 @@ def gpu_main(args):
                     dict(bits=3, group_size=128, sym=True, ms=[1, 16]), dict(bits=4, group_size=128, sym=False, ms=[1, 16])]
     if args.quick:
         formats = formats[:1]
+    if args.formats:
+        formats = [parse_format(f) for f in args.formats.split(",")]
     t = time.time()
     result["matmul"] = bench_matmuls(formats, shapes, ms, dict(rep_ms=15.0), args.compare_previous)
     result["matmul_seconds"] = round(time.time() - t, 1)
     if not args.no_e2e:
-        result["e2e"] = e2e_decode(args.layers, batches=tuple(int(b) for b in args.e2e_batches.split(",")))
+        e2e_fmt = parse_format(args.e2e_format)
+        if not e2e_fmt["sym"]:
+            raise SystemExit("kernels.py: the end-to-end decode quantizes symmetric weights (--e2e-format w4g128)")
+        result["e2e"] = e2e_decode(args.layers, bits=e2e_fmt["bits"], group_size=e2e_fmt["group_size"],
+                                   batches=tuple(int(b) for b in args.e2e_batches.split(",")))
     print(json.dumps(result, indent=1))
 
 
@@ -376,8 +390,10 @@ def main():
     g.add_argument("--no-e2e", action="store_true")
     g.add_argument("--layers", type=int, default=32)
     g.add_argument("--all-formats", action="store_true", help="also W2/W8 at M=16/256, W3 and asymmetric W4")
+    g.add_argument("--formats", default="", help="only these formats at every --ms, e.g. w3g128,w4g128a")
     g.add_argument("--ms", default="", help="comma-separated batch sizes (default 1,4,16,64,256,1024)")
     g.add_argument("--e2e-batches", default="1", help="end-to-end decode batch sizes, e.g. 1,4,16")
+    g.add_argument("--e2e-format", default="w4g128", help="the end-to-end decode's weight format, e.g. w3g128")
     g.add_argument("--shapes", default="", help="comma-separated NxK (out x in; default: the five Llama-3-8B shapes)")
     g.add_argument("--compare-previous", action="store_true",
                    help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")
