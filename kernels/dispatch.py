@@ -429,7 +429,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
 
 def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
     """Whether the gemv kernel takes its PTX path (CUDA only, fp16/bf16): paired half precision at 2/4 bits,
-    one ``prmt`` per code at 8 bits (:func:`auto_quant.kernels.triton_gemv.byte_asm`)."""
+    one ``prmt`` per code at 8 bits (:func:`auto_quant.kernels.dequant_ptx.byte_asm`)."""
     per = codes_per_row(w.bits)
     return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
             and w.bits in (2, 4, 8) and w.in_features % per == 0 and x2.stride(0) % 2 == 0

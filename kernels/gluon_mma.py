@@ -11,7 +11,7 @@ the unpacking, and this kernel arranges for that to be the cheapest one:
   ``g + 8`` and, per 16 inputs, the pairs at ``2t`` and ``2t + 8``. Any order of the inputs inside a tile gives
   the same dot product as long as the activations follow it, so lane ``t`` is given whole words: word ``t`` of
   every group of four word rows, whose code pairs ``(i, i + PER/2)`` (one ``lop3`` under a float exponent and
-  one packed ``fma`` each, :func:`~auto_quant.kernels.triton_gemv.pair_layout`) are exactly the operand's
+  one packed ``fma`` each, :func:`~auto_quant.kernels.dequant_ptx.pair_layout`) are exactly the operand's
   pairs: about 1.4 unpacking instructions per 4-bit weight, against 2.5 when four lanes share each word (the
   ``wgmma`` kernel's order); 2.3 per weight for the whole loop (sm_90 SASS), against 3.7 in the CUDA-core kernel.
 * **Activations** are read in the same order: lane ``(g, t)`` loads the ``PER`` inputs of its word row for

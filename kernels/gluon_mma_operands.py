@@ -3,7 +3,7 @@
 
 A lane is given whole packed words: word ``t`` of every group of four word rows, whose code pairs
 ``(i, i + PER/2)`` (one ``lop3`` under a float exponent and one packed ``fma`` each,
-:func:`~auto_quant.kernels.triton_gemv.pair_layout`) are exactly the left operand's pairs once the tile's inputs
+:func:`~auto_quant.kernels.dequant_ptx.pair_layout`) are exactly the left operand's pairs once the tile's inputs
 are permuted (:func:`a_halves`); the activations are permuted to match (:func:`act_halves`). The functions work
 on any number of leading rows, so the kernel's batched mode (a batch per warp) flattens its batch into them.
 """
@@ -14,40 +14,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 
-def pair_layout_3bit(act, zero):
-    """3 bits, per pair ``i`` (codes ``i`` and ``i + 8`` of the 2-bit plane's word): (right shift of the low and high
-    words, code offset left in place). As :func:`~auto_quant.kernels.triton_gemv.pair_layout` for the 2-bit plane,
-    with room for the third bit: a code may stay ``s`` bits up while ``7 * 2**s`` fits the mantissa."""
-    from auto_quant.kernels.triton_gemv import _HALF
-
-    s_max = 2 * ((_HALF[act]["mant"] - 3) // 2) if zero is not None else 0
-    granule = s_max + 2
-    return [((2 * i // granule) * granule, 2 * i % granule) for i in range(8)]
-
-
-def _pair_3bit_lines(act, zero, I, zz):
-    """PTX for pair ``I`` of a 3-bit word: the 2-bit plane's pair (``$1``) as for 2 bits, then its high bits from the
-    high word (``$3``, :func:`~auto_quant.kernels.pack.high_bit_position`) rotated by the same shift, one ``lop3``."""
-    from auto_quant.kernels.triton_gemv import pair_lines
-
-    sh, s = pair_layout_3bit(act, zero)[I]
-    lines = pair_lines(2, act, zero, s, zz)
-    at = next(i for i, line in enumerate(lines) if line.startswith("lop3")) + 1
-    high = ["mov.b32 hs, $3;" if sh == 0 else f"shf.r.wrap.b32 hs, $3, $3, {sh};",
-            f"lop3.b32 v, v, hs, {(4 << s) * 0x10001:#010x}, 0xF8;"]  # v | (hs & mask)
-    return ["mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};", *lines[:at], *high, *lines[at:]]
-
-
 @gluon.constexpr_function
 def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
     """PTX for pair ``I`` of a packed word (codes ``I`` and ``I + PER/2``): ``$0`` = the exact ``code - zero`` of
-    both as one b32 of halves (:func:`~auto_quant.kernels.triton_gemv.pair_layout`'s shifts and offsets). The
+    both as one b32 of halves (:func:`~auto_quant.kernels.dequant_ptx.pair_layout`'s shifts and offsets). The
     asm runs with ``pack=2`` (two halves out), so every input comes twice: the word ``$1``/``$2``, at 3 bits the
     high word ``$3``/``$4``, and with ``ZERO`` None the per-row pair :func:`_zero_pair` after them. The pairs'
     shifted copies of a word repeat across calls; ptxas keeps one."""
-    # (a plain function, under another name: the jit's dependency scan refuses module globals that are not jit code)
-    from auto_quant.kernels.gluon_mma_operands import _pair_3bit_lines as lines_3bit
-    from auto_quant.kernels.triton_gemv import _REGS, _byte_pair_groups, pair_layout, pair_lines
+    from auto_quant.kernels.dequant_ptx import _REGS, _byte_pair_groups, pair_3bit_lines, pair_layout, pair_lines
 
     act = "fp16" if ACT_FP16 else "bf16"
     zero = None if ZERO is None else int(ZERO)
@@ -60,7 +34,7 @@ def mma_pair_asm(BITS, ACT_FP16, ZERO, I):
     elif BITS == 8:
         lines += _byte_pair_groups(act, zero, "$1", "$3")[I]
     elif BITS == 3:
-        lines += [".reg .b32 hs;", *lines_3bit(act, zero, I, zz_in)]
+        lines += [".reg .b32 hs;", *pair_3bit_lines(act, zero, I, "$1", "$3", zz_in)]
     else:
         sh, s = pair_layout(BITS, act, zero)[I]
         lines.append("mov.b32 src, $1;" if sh == 0 else f"shr.u32 src, $1, {sh};")

@@ -10,7 +10,7 @@ Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
 :mod:`~auto_quant.kernels.pack` layout, every word read once) and expands it to ``[BLOCK_N, BLOCK_K]``:
 
 * ``PAIRS`` (CUDA, fp16/bf16, 2/4/8 bits, one group per tile or per-channel scales): the PTX of
-  :func:`~auto_quant.kernels.triton_gemv.dequant_asm` makes the exact ``code - zero`` as packed half
+  :func:`~auto_quant.kernels.dequant_ptx.dequant_asm` makes the exact ``code - zero`` as packed half
   pairs, about one instruction per weight at 2/4 bits, one (fp16) to three (bf16, nibble by nibble)
   per pair at 8 bits; :func:`_paired_tile` puts them in input order.
 * otherwise (tiles wider than a group, Triton's CPU interpreter): the exponent trick in
