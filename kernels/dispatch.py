@@ -293,7 +293,7 @@ def tdot_smem_bytes(cfg: KernelConfig, bits: int) -> int:
     """An upper bound of the tdot kernel's shared memory: per pipeline stage the activation tile, the packed words
     and the scales, plus the dequantized tile on its way to the tensor cores (Triton 3.6 on sm_90 used 4-24 %
     less on every tile of TDOT_TILES at 2, 4 and 8 bits)."""
-    words = cfg.block_n * (cfg.block_k // codes_per_row(bits)) * 4
+    words = cfg.block_n * (cfg.block_k // codes_per_row(bits)) * 4 * (2 if bits == 3 else 1)  # 3 bits: + high words
     return cfg.num_stages * (cfg.block_k * cfg.block_m * 2 + words + cfg.block_n * 2) + cfg.block_n * cfg.block_k * 2
 
 
@@ -436,23 +436,23 @@ def paired(x2: torch.Tensor, w: KernelWeight) -> bool:
             and x2.data_ptr() % 4 == 0)
 
 
-TDOT_BITS = (2, 4, 8)
+TDOT_BITS = (2, 3, 4, 8)
 # above this many rows dequantize + cuBLAS is the floor the tuner chooses from (H100: the tuner's timing misjudged
 # dequantize + cuBLAS against tdot at 1024 rows on 4096x4096, a 0.78x -> 0.60x regression in the graph timing)
 TDOT_MAX_M = 256
 
 
 def tdot_pairs(x2: torch.Tensor, w: KernelWeight, block_k: int) -> bool:
-    """Whether the ``tdot`` kernel builds its tile with the paired PTX (CUDA, fp16/bf16, 2/4/8 bits, one group
-    per tile or per-channel scales); otherwise it takes the portable float32 path."""
+    """Whether the ``tdot`` kernel builds its tile with the paired PTX (CUDA, fp16/bf16, one group per tile or
+    per-channel scales); otherwise it takes the portable float32 path."""
     return (x2.is_cuda and not _interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
-            and w.bits in (2, 4, 8) and (w.group_size == -1 or w.group_size % block_k == 0))
+            and (w.group_size == -1 or w.group_size % block_k == 0))
 
 
 def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
                  ws: Workspace) -> torch.Tensor:
     """The tensor-core kernel with the weight as the tall operand (``y^T = W x^T``)."""
-    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import dequant_ptx as g
     from auto_quant.kernels import triton_qmm_wt as t
 
     M, K = x2.shape
@@ -468,13 +468,19 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
     pairs = tdot_pairs(x2, w, cfg.block_k)
     act = "fp16" if x2.dtype == torch.float16 else "bf16"
     zero = None if w.zeros is not None else 1 << (w.bits - 1)
+    if not pairs:
+        deq, cons = "", ""
+    elif w.bits == 3:
+        deq, cons = g.dequant3_asm(act, zero), g.dequant3_constraints(zero)
+    else:
+        deq, cons = g.dequant_asm(w.bits, act, zero), g.dequant_constraints(w.bits, zero)
     t._qmm_wt_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-        out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
+        x2, w.qweight, w.qweight_hi if w.bits == 3 else w.qweight, w.scales, w.zeros if w.zeros is not None
+        else w.scales, bias if bias is not None else out, out, acc, cnt, M, N, K, x2.stride(0), out.stride(0),
+        k_per_split,
         BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=grid[2] > 1,
-        EVEN_K=K % cfg.block_k == 0, PAIRS=pairs, DEQ=g.dequant_asm(w.bits, act, zero) if pairs else "",
-        DEQ_CONS=g.dequant_constraints(w.bits, zero) if pairs else "", ACT_FP16=x2.dtype == torch.float16,
+        EVEN_K=K % cfg.block_k == 0, PAIRS=pairs, DEQ=deq, DEQ_CONS=cons, ACT_FP16=x2.dtype == torch.float16,
         STAGES=cfg.num_stages, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         WAIT_MMA=wgmma_device(x2.device), num_warps=cfg.num_warps,
     )

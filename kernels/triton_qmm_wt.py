@@ -9,10 +9,12 @@ in registers, so it is the left operand, its output features the tall side; the 
 Each program loads a ``[BLOCK_N, BLOCK_K / PER]`` tile of packed words (the
 :mod:`~auto_quant.kernels.pack` layout, every word read once) and expands it to ``[BLOCK_N, BLOCK_K]``:
 
-* ``PAIRS`` (CUDA, fp16/bf16, 2/4/8 bits, one group per tile or per-channel scales): the PTX of
+* ``PAIRS`` (CUDA, fp16/bf16, one group per tile or per-channel scales): the PTX of
   :func:`~auto_quant.kernels.dequant_ptx.dequant_asm` makes the exact ``code - zero`` as packed half
   pairs, about one instruction per weight at 2/4 bits, one (fp16) to three (bf16, nibble by nibble)
-  per pair at 8 bits; :func:`_paired_tile` puts them in input order.
+  per pair at 8 bits; at 3 bits :func:`~auto_quant.kernels.dequant_ptx.dequant3_asm` adds each pair's third
+  bits from the column's high word (:func:`~auto_quant.kernels.pack.pack_high_bits`) with one more ``lop3``;
+  :func:`_paired_tile` puts them in input order.
 * otherwise (tiles wider than a group, Triton's CPU interpreter): the exponent trick in
   float32, ``bitcast(code | 0x4B000000) - (2**23 + zero)``, exact.
 
@@ -63,7 +65,20 @@ def _after_tensor_cores(v):
 
 
 @triton.jit
-def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.constexpr, ZERO_IN: tl.constexpr,
+def _dequant3(w, h, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
+    """3 bits: the eight packed ``code - zero`` pairs of every word ``w`` of the 2-bit plane, ``h`` its column's high
+    word (:func:`~auto_quant.kernels.dequant_ptx.dequant3_asm`)."""
+    if ZERO_IN:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            DEQ, DEQ_CONS, [w, h, tl.broadcast_to(zz, w.shape)], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            DEQ, DEQ_CONS, [w, h], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return d0, d1, d2, d3, d4, d5, d6, d7
+
+
+@triton.jit
+def _paired_tile(wq, hq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.constexpr, ZERO_IN: tl.constexpr,
                  ACT_FP16: tl.constexpr):
     """``[BN, BKW * PER]`` exact ``code - zero`` in the activation dtype, inputs in order.
 
@@ -81,16 +96,19 @@ def _paired_tile(wq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl.con
         lo, hi = _halves(tl.join(tl.join(d0, d1), tl.join(d2, d3)), ACT_FP16)
         t = tl.permute(tl.join(lo, hi), (0, 1, 4, 3, 2))
     else:
-        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant2(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
+        if BITS == 3:  # the 2-bit plane's pairs, each completed by its high bits
+            d0, d1, d2, d3, d4, d5, d6, d7 = _dequant3(wq, hq, zz, DEQ, DEQ_CONS, ZERO_IN)
+        else:
+            d0, d1, d2, d3, d4, d5, d6, d7 = _dequant2(wq, zz, DEQ, DEQ_CONS, ZERO_IN)
         lo, hi = _halves(tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7))),
                          ACT_FP16)
         t = tl.permute(tl.join(lo, hi), (0, 1, 5, 4, 3, 2))
-    return tl.reshape(t, (wq.shape[0], wq.shape[1] * (32 // BITS)))
+    return tl.reshape(t, (wq.shape[0], wq.shape[1] * (16 if BITS == 3 else 32 // BITS)))
 
 
 @triton.jit
 def _qmm_wt_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
@@ -98,13 +116,14 @@ def _qmm_wt_kernel(
     ACT_FP16: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, WAIT_MMA: tl.constexpr,
 ):
     # GROUP == 0: per output feature (scale row 0, read per tile like a group's). k_per_split is a multiple of
-    # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16, 2/4/8 bits): dequant_asm makes the tile; it needs one group per
-    # tile (GROUP % BLOCK_K == 0) or per-channel.
+    # BLOCK_K, BLOCK_K of PER. PAIRS (CUDA, fp16/bf16): dequant_asm (dequant3_asm) makes the tile; it needs one group
+    # per tile (GROUP % BLOCK_K == 0) or per-channel. 3 bits: the words are the 2-bit plane's (PER 16), each with its
+    # column's high word (qh_ptr, a word per column pair, the odd column's shifted down one bit).
     # DOT_F32: float32 dot operands (only for Triton's CPU interpreter, whose bf16 dot is wrong).
     # WAIT_MMA (CUDA sm_90, where tl.dot lowers to wgmma): see _after_tensor_cores.
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
-    MASK: tl.constexpr = (1 << BITS) - 1
+    MASK: tl.constexpr = 3 if BITS == 3 else (1 << BITS) - 1
     MAGIC: tl.constexpr = 8388608.0
     ZC: tl.constexpr = 1 << (BITS - 1)
     ONE_GROUP: tl.constexpr = GROUP == 0 or GROUP % BLOCK_K == 0  # one scale row per tile (per-channel: row 0)
@@ -121,20 +140,25 @@ def _qmm_wt_kernel(
     act = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     if not PAIRS:
-        shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+        shifts = (tl.arange(0, PER) * (32 // PER))[None, None, :]
+        hshifts = ((tl.arange(0, PER) * 2 + 2) % 32)[None, None, :]  # 3 bits: the high bits' places
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         rows = k0 // PER + offs_r
         k = k0 + offs_k
         if EVEN_K:
-            wq = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+            w_mask = n_mask[:, None]
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_mask[None, :], other=0.0)
         else:
-            wq = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
-                         mask=n_mask[:, None] & (rows < tl.cdiv(K, PER))[None, :], other=0)
+            w_mask = n_mask[:, None] & (rows < tl.cdiv(K, PER))[None, :]
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_mask[None, :] & (k < K)[:, None],
                          other=0.0)
+        wq = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=w_mask, other=0)
+        hq = wq
+        if BITS == 3:
+            hq = tl.load(qh_ptr + rows[None, :] * ((N + 1) // 2) + (offs_n // 2)[:, None], mask=w_mask, other=0)
+            hq = hq >> (offs_n % 2)[:, None]
         # zero point and scale of the tile: per output feature, per tile, or per input (tiles wider than a group)
         if ONE_GROUP:
             g = 0 if GROUP == 0 else k0 // GROUP
@@ -149,10 +173,12 @@ def _qmm_wt_kernel(
             s = _after_tensor_cores(s)
         if PAIRS:
             zz = _zero_pair(z, ACT_FP16, BITS)[:, None] if HAS_ZERO else 0
-            w = _paired_tile(wq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16) * s.to(act)[:, None]
+            w = _paired_tile(wq, hq, zz, DEQ, DEQ_CONS, BITS, HAS_ZERO, ACT_FP16) * s.to(act)[:, None]
         else:
             # code j of word row r is input r * PER + j: [BN, BKW, PER] flattens to [BN, BLOCK_K] in input order
             q3 = ((wq[:, :, None] >> shifts) & MASK) | 0x4B000000
+            if BITS == 3:
+                q3 = q3 | (((hq[:, :, None] >> hshifts) & 1) << 2)
             code = tl.reshape(q3, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # 2**23 + code
             if ONE_GROUP:
                 w = (code - (z + MAGIC)[:, None] if HAS_ZERO else code - (MAGIC + ZC)) * s[:, None]

@@ -127,7 +127,7 @@ def run_interpreter_checks() -> dict:
             dt = torch.float16 if (i + c) % 2 == 0 else torch.bfloat16
             x = torch.randn(M, K, generator=g).to(dt)
             bias = torch.randn(N, generator=g).to(dt)
-            kind = "fma" if kind == "gemv" and bits == 3 else "dot" if kind == "tdot" and bits == 3 else kind
+            kind = "fma" if kind == "gemv" and bits == 3 else kind
             y = quant_matmul(x, kw, bias, config=_cfg(kind, bm, bn, bkw, bits, split, stages=stages), workspace=ws)
             ref = x.double() @ W.t() + bias.double()
             ok = y.dtype == dt and tuple(y.shape) == (M, N) and bool(torch.isfinite(y).all())
@@ -226,7 +226,7 @@ def test_default_config_choice_and_bad_input():
     assert default_config(1, 4096, 4096, cpu, bits=3).kind == "fma"
     assert default_config(16, 4096, 4096, cpu).kind == "tdot"
     assert default_config(256, 4096, 4096, cpu, bits=8).kind == "tdot"
-    assert default_config(16, 4096, 4096, cpu, bits=3).kind == "dot"  # tdot serves 2/4/8 bits
+    assert default_config(16, 4096, 4096, cpu, bits=3).kind == "tdot"
     assert default_config(512, 4096, 4096, cpu).kind == "dequant"
     qw = quantized(32, 256, 4, 64, False)
     kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64)
@@ -240,9 +240,9 @@ def test_default_config_choice_and_bad_input():
         KernelConfig("gemv", 3, 512, 16)
     with pytest.raises(ValueError, match="8 warps for 128- and 256-row blocks"):
         KernelConfig("tdot", 128, 128, 64, 4, 4, 4)
-    with pytest.raises(ValueError, match="whole words"):  # 3-bit codes straddle words
+    with pytest.raises(ValueError, match="whole words"):  # 24 inputs: a word and a half of the 3-bit 2-bit plane
         quant_matmul(torch.randn(3, 256, dtype=torch.float16), pack_codes(*_q3(), 3, 64),
-                     config=KernelConfig("tdot", 16, 32, 64, 1, 4, 2))
+                     config=KernelConfig("tdot", 16, 32, 24, 1, 4, 2))
 
 
 def _q3():
@@ -258,13 +258,15 @@ def _q3():
 _KERNEL_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr"]
 
 
-def _compile_sm90(fn, act, int_args, const):
-    """Compile a kernel for sm_90 (PTX and cubin through Triton's bundled ptxas) without a GPU."""
+def _compile_sm90(fn, act, int_args, const, high_words=False):
+    """Compile a kernel for sm_90 (PTX and cubin through Triton's bundled ptxas) without a GPU; ``high_words``: the
+    kernel takes the 3-bit high words' pointer after the packed words'."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    types = [f"*{act}", "*i32", "*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"] + ["i32"] * len(int_args)
-    sig = dict(zip(_KERNEL_ARGS + int_args, types)) | {k: "constexpr" for k in const}
+    names = _KERNEL_ARGS[:2] + ["qh_ptr"] * high_words + _KERNEL_ARGS[2:]
+    types = [f"*{act}", "*i32"] + ["*i32"] * high_words + ["*fp16", "*u8", f"*{act}", f"*{act}", "*fp32", "*i32"]
+    sig = dict(zip(names + int_args, types + ["i32"] * len(int_args))) | {k: "constexpr" for k in const}
     keys = list(sig)
     src = ASTSource(fn, sig, constexprs={(keys.index(k),): v for k, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -318,22 +320,28 @@ def test_gemv_pdl_reads_activations_after_the_grid_wait(stages):
 
 
 def _compile_tdot_sm90(bits, act, sym, group, block_k, pairs):
-    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import dequant_ptx as g
     from auto_quant.kernels import triton_qmm_wt as t
 
     zero = 1 << (bits - 1) if sym else None
+    if not pairs:
+        deq, cons = "", ""
+    elif bits == 3:
+        deq, cons = g.dequant3_asm(act, zero), g.dequant3_constraints(zero)
+    else:
+        deq, cons = g.dequant_asm(bits, act, zero), g.dequant_constraints(bits, zero)
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k,
-                 SPLIT=True, EVEN_K=True, PAIRS=pairs, DEQ=g.dequant_asm(bits, act, zero) if pairs else "",
-                 DEQ_CONS=g.dequant_constraints(bits, zero) if pairs else "", ACT_FP16=act == "fp16", STAGES=3,
+                 SPLIT=True, EVEN_K=True, PAIRS=pairs, DEQ=deq, DEQ_CONS=cons, ACT_FP16=act == "fp16", STAGES=3,
                  DOT_F32=False, WAIT_MMA=True)
     ints = ["M", "N", "K", "stride_xm", "stride_om", "k_per_split"]
-    return _compile_sm90(t._qmm_wt_kernel, act, ints, const)
+    return _compile_sm90(t._qmm_wt_kernel, act, ints, const, high_words=True)
 
 
 @pytest.mark.parametrize("bits,act,sym,group,block_k", [
     (4, "bf16", True, 128, 128), (4, "fp16", False, 64, 64), (2, "bf16", False, 0, 128), (2, "fp16", True, 128, 128),
     (8, "bf16", False, 128, 64), (8, "bf16", True, 0, 128), (8, "fp16", False, 64, 64), (8, "fp16", True, 128, 128),
     (4, "bf16", True, 32, 64),  # a tile wider than the group: float32 path
+    (3, "bf16", True, 128, 128), (3, "fp16", False, 64, 64), (3, "bf16", False, 32, 64),
 ])
 def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
     """The weight-side tile compiles to Hopper's wgmma with the paired PTX where it applies, and pipelines its copies."""
@@ -346,6 +354,7 @@ def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
         assert "prmt.b32" in ptx and "add.rn.f16x2" in ptx
     elif pairs:
         assert ("fma.rn.bf16x2" if act == "bf16" else "fma.rn.f16x2") in ptx
+    assert ("shf.r.wrap.b32" in ptx) == (pairs and bits == 3)  # the high words rotated into place
 
 
 def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):

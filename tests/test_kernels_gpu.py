@@ -102,10 +102,11 @@ def test_gemv_every_candidate(bits, group_size, sym):
         assert not acc.any() and not cnt.any()
 
 
-@pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] != 3])
+@pytest.mark.parametrize("bits,group_size,sym", [c for c in COMBOS if c[0] != 3]
+                         + [(3, 128, True), (3, 64, False), (3, -1, True), (3, 32, True)])
 def test_tdot_every_candidate(bits, group_size, sym):
     """The weight-side tensor-core kernel: every candidate for a few row counts, fp16 and bf16; the paired PTX tile
-    (2/4/8 bits) wherever a tile lies in one group."""
+    wherever a tile lies in one group (3 bits: with the high words)."""
     from auto_quant.kernels import dequantize
     from auto_quant.kernels.dispatch import Workspace, launch, tdot_candidates, tdot_pairs
 

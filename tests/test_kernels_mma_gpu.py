@@ -225,19 +225,24 @@ def test_mma_split_k_vector_widths(N):
 
 @needs_sm90
 @pytest.mark.parametrize("N", [1001, 1003, 40])
-def test_mma_3bit_odd_column_counts(N):
+def test_3bit_odd_column_counts(N):
     """3 bits: the high words come a column pair per word, so an odd last column shares its word with a column that
-    does not exist; every kind's first tiles at 1 and 16 rows (the last column checked on its own)."""
+    does not exist; every mma kind's first tiles at 1 and 16 rows and the tdot kernel's at 16 (the last column
+    checked on its own)."""
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import Workspace, launch
+    from auto_quant.kernels.dispatch import Workspace, launch, tdot_candidates
     from auto_quant.kernels.mma_plan import mma_candidates, mma_kb_candidates, mma_kw_candidates
 
     K = 2048
     kw = quantized_weight(N, K, 128, N % 2 == 0, seed=N, bits=3)
     W = dequantize(kw).double()
     ws = Workspace()
-    for M, plans in ((1, (mma_candidates, mma_kw_candidates, mma_kb_candidates)), (16, (mma_candidates,
-                                                                                        mma_kb_candidates))):
+
+    def tdot(M, N, K, gs, sms, bits):  # the mma plans' argument order
+        return tdot_candidates(M, N, K, bits, gs, sms)
+
+    for M, plans in ((1, (mma_candidates, mma_kw_candidates, mma_kb_candidates)),
+                     (16, (mma_candidates, mma_kb_candidates, tdot))):
         x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
         ref = x.double() @ W.t()
         for plan in plans:
