@@ -5,7 +5,7 @@
   one activation row at 2/4/8 bits; ``fma`` is the older single-row kernel, kept for 3 bits where the ``mma``
   kernels cannot serve (groups under 64 inputs, GPUs other than sm_90); ``tdot``
   (:mod:`auto_quant.kernels.triton_qmm_wt`) is the tensor-core kernel with the weight as the tall
-  operand (2/4/8 bits, a few to a few hundred rows); ``dot`` the older one with the activations as
+  operand (2/3/4/8 bits, a few to a few hundred rows); ``dot`` the older one with the activations as
   the tall operand (every bit width).
 * ``default_config`` is a shape heuristic, used when no tuner is given (tests, first calls
   under CUDA-graph capture).

@@ -19,8 +19,8 @@ the unpacking, and this kernel arranges for that to be the cheapest one:
 * **3 bits** read the 2-bit plane's words as 2-bit weights do and, with each, the high word of its column pair
   (:func:`~auto_quant.kernels.pack.pack_high_bits`: one word per 16 inputs of two columns, loaded with the
   words). Rotated by the shift that places a pair's low bits, the high word puts both codes' third bits just above
-  them, and one more ``lop3`` per pair completes the 3-bit codes (:func:`~auto_quant.kernels.gluon_mma_operands.
-  mma_pair_asm`).
+  them, and one more ``lop3`` per pair completes the 3-bit codes
+  (:func:`~auto_quant.kernels.gluon_mma_operands.mma_pair_asm`).
 * **Exact codes, float32 sums.** The operand holds the exact integers ``code - zero``; the products are summed
   in float32 by the tensor core and the group's scale multiplies the tile's sums (one group per tile, or
   per-channel scales at the end). Zero points (and, for 16-row tiles, scales) load with the words, ahead of use

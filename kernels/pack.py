@@ -56,7 +56,7 @@ def high_bit_position(j, column):
     """Where the high bit of code ``j`` (of 16) of a 2-bit word sits in its 3-bit ``qweight_hi`` word: bit
     ``(2 j + 2 + column % 2) % 32``, so the two columns of a word interleave (even bits: even column).
 
-    Why this order: the :mod:`~auto_quant.kernels.gluon_mma` kernel decodes codes ``j`` and ``j + 8`` of a word
+    Why this order: the paired kernels (``mma``, ``tdot``) decode codes ``j`` and ``j + 8`` of a word
     as one pair, with the low bits shifted ``sh`` bits right to sit at bits ``s, s + 1`` and ``s + 16, s + 17``.
     The same right rotation by ``sh`` puts their high bits at ``s + 2`` and ``s + 18``, so one shifted copy of the
     high word serves the pairs that share a shifted copy of the low word, and one more ``lop3`` completes each
