@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from auto_quant.kernels.pack import KernelWeight
+from auto_quant.kernels.pack import KernelWeight, codes_per_row
 
 if TYPE_CHECKING:
     from auto_quant.kernels.tuner import Tuner
@@ -83,11 +83,6 @@ class KernelConfig:
         if self.kind == "wgmma" and not wgmma_block_ok(self.block_m, self.block_n, self.block_k, self.num_warps):
             raise ValueError("the wgmma kernel takes 4 or 8 warps, block_n = 16 x warps x a power of two, block_m a "
                              "multiple of 8 up to 256 and block_k a power-of-two number of 8-input words")
-
-
-def codes_per_row(bits: int) -> int:
-    """Codes per packed word row in the kernel layout (3 bits: the 2-bit plane's 16)."""
-    return 16 if bits == 3 else 32 // bits
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -384,7 +379,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         wt = torch.empty((K, N), dtype=x2.dtype, device=x2.device)
         grid = (triton.cdiv(K, cfg.block_k), triton.cdiv(N, cfg.block_n))
         k._dequant_kernel[grid](
-            w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
+            w.qweight, w.high_words, w.scales,
             w.zeros if w.zeros is not None else w.scales, wt, N, K,
             BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
@@ -416,7 +411,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
     else:
         acc, cnt = out, out
     k._qmm_kernel[(grid_n, grid_m, split)](
-        x2, w.qweight, w.qweight_hi if w.qweight_hi is not None else w.qweight, w.scales,
+        x2, w.qweight, w.high_words, w.scales,
         w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out, out, acc, cnt,
         M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split,
         BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
@@ -475,9 +470,8 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
     else:
         deq, cons = g.dequant_asm(w.bits, act, zero), g.dequant_constraints(w.bits, zero)
     t._qmm_wt_kernel[grid](
-        x2, w.qweight, w.qweight_hi if w.bits == 3 else w.qweight, w.scales, w.zeros if w.zeros is not None
-        else w.scales, bias if bias is not None else out, out, acc, cnt, M, N, K, x2.stride(0), out.stride(0),
-        k_per_split,
+        x2, w.qweight, w.high_words, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else out, out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
         BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=grid[2] > 1,
         EVEN_K=K % cfg.block_k == 0, PAIRS=pairs, DEQ=deq, DEQ_CONS=cons, ACT_FP16=x2.dtype == torch.float16,
@@ -500,6 +494,7 @@ def capability_major(index: int | None) -> int:
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
                  ws: Workspace, pdl: bool | None = None) -> torch.Tensor:
     """The one-row kernel (``block_m == 1``, a program per row) or the multi-row one (paired path only)."""
+    from auto_quant.kernels import dequant_ptx as p
     from auto_quant.kernels import triton_gemv as g
     from auto_quant.kernels import triton_gemv_rows as gr
 
@@ -533,13 +528,13 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
         pdl = pdl_launch(x2.device, N * K * w.bits // 8) and cfg.num_stages > 1 if pdl is None else pdl
         g._gemv_kernel[grid](
             *tensors, N, K, x2.stride(0), out.stride(0), rows, EVEN_K=K % per == 0, PAIRS=pairs,
-            ASM=g.pair_asm(w.bits, act, zero) if pairs else "", CONS=g.pair_constraints(w.bits, act, zero) if pairs else "",
+            ASM=p.pair_asm(w.bits, act, zero) if pairs else "", CONS=p.pair_constraints(w.bits, act, zero) if pairs else "",
             PDL=pdl, **({"launch_pdl": True} if pdl else {}), **consts)  # no such launch option in the interpreter
     else:
         gr._gemv_rows_kernel[grid](
             *tensors, M, N, K, x2.stride(0), out.stride(0), rows, BLOCK_M=cfg.block_m,
-            DEQ=g.dequant_asm(w.bits, act, zero), DEQ_CONS=g.dequant_constraints(w.bits, zero),
-            DOT=g.dot_asm(w.bits, act), DOT_CONS=g.dot_constraints(w.bits), **consts)
+            DEQ=p.dequant_asm(w.bits, act, zero), DEQ_CONS=p.dequant_constraints(w.bits, zero),
+            DOT=p.dot_asm(w.bits, act), DOT_CONS=p.dot_constraints(w.bits), **consts)
     return out
 
 

@@ -52,6 +52,7 @@ from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halv
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
 from auto_quant.kernels.grid_dependency import grid_launch_dependents, grid_wait, pdl_launch, pdl_max_weight_bytes
 from auto_quant.kernels.mma_plan import MMA_BITS, mma_block_ok, mma_k_per_split, mma_kb_block_ok, mma_kw_block_ok
+from auto_quant.kernels.pack import codes_per_row
 
 
 @gluon.jit
@@ -519,7 +520,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
 
     M, K = x2.shape
     N = w.out_features
-    per = 16 if w.bits == 3 else 32 // w.bits
+    per = codes_per_row(w.bits)
     slices = cfg.num_warps if cfg.kind in ("mma_kw", "mma_kb") else 1
     block_ok = {"mma": mma_block_ok, "mma_kw": mma_kw_block_ok, "mma_kb": mma_kb_block_ok}[cfg.kind]
     if w.bits not in MMA_BITS:
@@ -545,7 +546,8 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_mma_kernel[grid](
-        x2, w.qweight, w.qweight_hi if w.bits == 3 else w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
+        x2, w.qweight, w.high_words, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else out,
         out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,
         BITS=w.bits, GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None,
         HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from auto_quant.kernels.pack import codes_per_row
 from auto_quant.kernels.wgmma_plan import gluon_arch
 
 MMA_BITS = (2, 3, 4, 8)
@@ -39,12 +40,6 @@ MMA_KB_TILES = ((16, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 2), (32, 128, 4, 
                 (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3))
 
 
-def _per(bits: int) -> int:
-    """Codes per packed word the kernel reads: 3-bit weights load their 2-bit plane's words (16 codes), each with its
-    high bits (:func:`~auto_quant.kernels.pack.pack_high_bits`)."""
-    return 16 if bits == 3 else 32 // bits
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -56,7 +51,7 @@ def _pow2(v: int) -> bool:
 def _warp_tile_ok(block_m: int, rows: int, block_k: int, bits: int, stages: int) -> bool:
     """One warp's tile: 16 weight rows a power-of-two number of times, 8 or 16 activation rows, a power-of-two number
     of groups of four packed words, 2 or 3 tiles in flight."""
-    per = _per(bits) if bits in MMA_BITS else 0
+    per = codes_per_row(bits) if bits in MMA_BITS else 0
     return (per > 0 and rows % 16 == 0 and _pow2(rows // 16) and block_m in (8, 16) and block_k % (4 * per) == 0
             and _pow2(block_k // (4 * per)) and stages in (2, 3))
 
@@ -100,7 +95,7 @@ def mma_serves(device: torch.device, bits: int, group_size: int, N: int, K: int,
 
     if bits not in MMA_BITS:
         return False
-    per = _per(bits)
+    per = codes_per_row(bits)
     return ((group_size == -1 or group_size % (4 * per) == 0) and K % per == 0
             and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and gluon_arch("ampere"))
 
@@ -110,7 +105,7 @@ def _block_k(block_k: int, group_size: int, bits: int) -> int:
     if group_size != -1:
         while group_size % block_k:
             block_k //= 2
-    return max(block_k, 4 * _per(bits))
+    return max(block_k, 4 * codes_per_row(bits))
 
 
 def _split(tiles: int, K: int, block_k: int, target: int) -> int:

@@ -27,6 +27,11 @@ from auto_quant.export import packing
 KERNEL_BITS = (2, 3, 4, 8)
 
 
+def codes_per_row(bits: int) -> int:
+    """Codes per packed word row in the kernel layout (3 bits: the 2-bit plane's 16)."""
+    return 16 if bits == 3 else 32 // bits
+
+
 @dataclass(frozen=True)
 class KernelWeight:
     qweight: torch.Tensor
@@ -45,6 +50,11 @@ class KernelWeight:
     @property
     def device(self) -> torch.device:
         return self.qweight.device
+
+    @property
+    def high_words(self) -> torch.Tensor:
+        """The kernels' high-word pointer argument: the 3-bit high-bit plane, else ``qweight`` (never read)."""
+        return self.qweight_hi if self.qweight_hi is not None else self.qweight
 
     def nbytes(self) -> int:
         """Bytes a matmul must read for the weight (codes, scales, zeros)."""

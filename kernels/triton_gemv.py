@@ -9,7 +9,7 @@ variant spends five or six instructions per weight and reads its weights at a th
 bandwidth whatever the bit width. Two ways to spend fewer:
 
 * ``PAIRS`` (fp16/bf16 activations, 2 and 4 bits, CUDA only): a few lines of PTX per word
-  (:func:`pair_asm`) take codes ``i`` and ``i + PER/2`` (16 bits apart) into the two lanes of a
+  (:func:`~auto_quant.kernels.dequant_ptx.pair_asm`) take codes ``i`` and ``i + PER/2`` (16 bits apart) into the two lanes of a
   half2 with one ``lop3`` and the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16:
   ``128 + code``); one packed ``fma`` turns them into the exact integers ``code - zero``, one more
   multiplies them with the matching activation pair and adds. The word's products are summed in half
@@ -34,9 +34,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_quant.kernels.dequant_ptx import (  # noqa: F401  (the PTX builders, re-exported for the launchers)
-    _HALF, _REGS, W8_MAGIC, _half_bits, pair_layout, pair_lines, byte_asm, pair_asm, dequant_asm, dot_asm, dequant_constraints, dot_constraints, pair_constraints, _sum_lanes, _dequant_groups, _byte_pair_groups,
-)
 from auto_quant.kernels.triton_qmm import _write_output
 
 @triton.jit
@@ -87,7 +84,7 @@ def _load_pairs(x32_ptr, rows, live, BITS: tl.constexpr, EVEN_R: tl.constexpr, P
     bits the four activations as float32 (row indices, never loaded or used, where the paired path is off)."""
     if not PAIRS:
         return rows, rows, rows, rows, rows, rows, rows, rows
-    if BITS == 8:  # the word's four activations as float32 bits (:func:`byte_asm`)
+    if BITS == 8:  # the word's four activations as float32 bits (:func:`~auto_quant.kernels.dequant_ptx.byte_asm`)
         if ACT_FP16:
             xh = x32_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + rows * 4
             a0 = _masked_load(xh + 0, live, EVEN_R).to(tl.float32).to(tl.int32, bitcast=True)
@@ -198,7 +195,7 @@ def _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS: tl.constexpr, EVEN_K:
 
 @triton.jit
 def _dequant4(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
-    """4 bits: the four packed ``code - zero`` pairs of every word of ``w`` (:func:`dequant_asm`); ``zz`` the
+    """4 bits: the four packed ``code - zero`` pairs of every word of ``w`` (:func:`~auto_quant.kernels.dequant_ptx.dequant_asm`); ``zz`` the
     per-column ``-(base + zero)`` pairs when ``ZERO_IN``."""
     if ZERO_IN:
         d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)],

@@ -273,12 +273,13 @@ def _compile_sm90(fn, act, int_args, const, high_words=False):
 
 
 def _compile_gemv_sm90(bits, act, sym, group, block_r, stages, pairs, pdl=False):
+    from auto_quant.kernels import dequant_ptx as p
     from auto_quant.kernels import triton_gemv as g
 
     zero = 1 << (bits - 1) if sym else None
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, BLOCK_N=256, BLOCK_R=block_r, SPLIT=True,
                  EVEN_K=True, EVEN_R=False, EVEN_N=False, PAIRS=pairs,
-                 ASM=g.pair_asm(bits, act, zero) if pairs else "", CONS=g.pair_constraints(bits, act, zero) if pairs else "",
+                 ASM=p.pair_asm(bits, act, zero) if pairs else "", CONS=p.pair_constraints(bits, act, zero) if pairs else "",
                  ACT_FP16=act == "fp16", STAGES=stages, PDL=pdl)
     ints = ["N", "K", "stride_xm", "stride_om", "rows_per_split"]
     return _compile_sm90(g._gemv_kernel, act, ints, const)
@@ -358,7 +359,7 @@ def test_tdot_compiles_for_sm90_with_wgmma(bits, act, sym, group, block_k):
 
 
 def _compile_rows_sm90(bits, act, sym, group, block_m, block_r, stages):
-    from auto_quant.kernels import triton_gemv as g
+    from auto_quant.kernels import dequant_ptx as g
     from auto_quant.kernels import triton_gemv_rows as gr
 
     zero = 1 << (bits - 1) if sym else None
