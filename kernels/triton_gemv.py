@@ -9,8 +9,8 @@ variant spends five or six instructions per weight and reads its weights at a th
 bandwidth whatever the bit width. Two ways to spend fewer:
 
 * ``PAIRS`` (fp16/bf16 activations, 2 and 4 bits, CUDA only): a few lines of PTX per word
-  (:func:`~auto_quant.kernels.dequant_ptx.pair_asm`) take codes ``i`` and ``i + PER/2`` (16 bits apart) into the two lanes of a
-  half2 with one ``lop3`` and the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16:
+  (:func:`~auto_quant.kernels.dequant_ptx.pair_asm`) take codes ``i`` and ``i + PER/2`` (16 bits apart) into the
+  two lanes of a half2 with one ``lop3`` and the exponent ``0x6400`` (fp16: ``1024 + code``) or ``0x4300`` (bf16:
   ``128 + code``); one packed ``fma`` turns them into the exact integers ``code - zero``, one more
   multiplies them with the matching activation pair and adds. The word's products are summed in half
   precision, the word's total goes to an fp32 accumulator and the scale multiplies it once per tile:
@@ -195,8 +195,9 @@ def _portable_term(w, x_ptr, xrow, rows, live, z, K, BITS: tl.constexpr, EVEN_K:
 
 @triton.jit
 def _dequant4(w, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, ZERO_IN: tl.constexpr):
-    """4 bits: the four packed ``code - zero`` pairs of every word of ``w`` (:func:`~auto_quant.kernels.dequant_ptx.dequant_asm`); ``zz`` the
-    per-column ``-(base + zero)`` pairs when ``ZERO_IN``."""
+    """4 bits: the four packed ``code - zero`` pairs of every word of ``w``
+    (:func:`~auto_quant.kernels.dequant_ptx.dequant_asm`); ``zz`` the per-column ``-(base + zero)`` pairs when
+    ``ZERO_IN``."""
     if ZERO_IN:
         d0, d1, d2, d3 = tl.inline_asm_elementwise(DEQ, DEQ_CONS, [w, tl.broadcast_to(zz, w.shape)],
                                                    dtype=(tl.int32,) * 4, is_pure=True, pack=1)
