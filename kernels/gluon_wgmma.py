@@ -52,7 +52,8 @@ from auto_quant.kernels.wgmma_plan import WGMMA_BITS
 @gluon.constexpr_function
 def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
     """(accumulator layout, left-operand layout, the ``[BLOCK_N, words, lanes]`` layout of the dequantization,
-    the ``[words, BLOCK_N]`` load layout of the packed words in physical row order).
+    the ``[words, BLOCK_N]`` load layout of the packed words in physical row order, the ``[words, BLOCK_N / 2]``
+    load layout of 3-bit weights' high words). ``BITS``: of the packed words (2 for 3-bit weights).
 
     Per 16 inputs lane ``4g + t`` needs inputs ``2t, 2t+1, 2t+8, 2t+9`` of its rows. At 4 bits (8 inputs a word)
     that is byte ``t`` of every word; at 2 bits (16 a word) the ``t``-th nibble of each half-word; at 8 bits (4 a
@@ -70,6 +71,12 @@ def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
     lrows = [[0, 1]] + [[0, 2 << i] for i in range(reps.bit_length() - 1)]
     lg = [[0, (2 * reps) << i] for i in range(3)]
     lwarp = [[0, (16 * reps) << i] for i in range(num_warps.bit_length() - 1)]
+    # 3-bit high words (a word per column pair): the words' load without the thread's column-pair bit
+    hload = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1 << i] for i in range(reps.bit_length() - 1)] + [[1 << i, 0] for i in range(nb)],
+        lane_bases=[[0, 0], [0, 0]] + [[0, reps << i] for i in range(3)],
+        warp_bases=[[0, (8 * reps) << i] for i in range(num_warps.bit_length() - 1)], block_bases=[],
+        shape=[bkw, BLOCK_N // 2])
     if BITS == 8:  # lane bit 1 picks the word of a pair, lane bit 0 the half-word
         deq = gl.DistributedLinearLayout(
             reg_bases=[[8, 0, 0]] + [[0, 2 << i, 0] for i in range(nb - 1)] + rows,
@@ -84,7 +91,7 @@ def operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
         load = gl.DistributedLinearLayout(
             reg_bases=lrows + [[1 << i, 0] for i in range(nb)], lane_bases=[[0, 0], [0, 0]] + lg,
             warp_bases=lwarp, block_bases=[], shape=[bkw, BLOCK_N])
-    return acc, a, deq, load
+    return acc, a, deq, load, hload
 
 
 @gluon.constexpr_function
@@ -120,8 +127,9 @@ def _pair(v, ACT_FP16: gl.constexpr):
 def dequant_asm(BITS, ACT_FP16):
     """PTX for one packed word and this lane's part of it: ``(code - zero) * scale`` as b32 pairs of the
     activation dtype, every intermediate exact until the one rounding of the scale multiply. Inputs after the
-    outputs: the word, the lane's selector (a ``prmt`` selector, or a shift at 2 bits), ``-(magic + zero)`` and the
-    scale, each as a pair."""
+    outputs: the word, the lane's selector (a ``prmt`` selector, or a shift at 2 and 3 bits), ``-(magic + zero)`` and
+    the scale, each as a pair; at 3 bits then the word's high word (:func:`~auto_quant.kernels.pack.pack_high_bits`,
+    the odd column's shifted down one bit)."""
     h = "f16x2" if ACT_FP16 else "bf16x2"
     magic = "0x64006400" if ACT_FP16 else "0x43004300"
     if BITS == 4:  # byte t: prmt it down, copy it 12 bits up, keep one code per half under the exponent
@@ -142,6 +150,30 @@ def dequant_asm(BITS, ACT_FP16):
                 "and.b32 b, b, 15;\n"
                 "mul.lo.u32 b, b, 16385;\n"
                 f"lop3.b32 b, b, 0x00030003, {magic}, 0xEA;\n"
+                f"add.rn.{h} a, a, $6;\n"
+                f"mul.rn.{h} a, a, $7;\n"
+                f"add.rn.{h} b, b, $6;\n"
+                f"mul.rn.{h} b, b, $7;\n"
+                "mov.b32 {$0, $1}, a;\n"
+                "mov.b32 {$2, $3}, b; }")
+    if BITS == 3:  # the 2-bit nibbles as above, each code's third bit from the high word rotated by the same shift
+        return ("{ .reg .b32 t, a, b, h, g;\n"
+                "shr.b32 t, $4, $5;\n"
+                "shf.r.wrap.b32 h, $8, $8, $5;\n"  # codes 2t, 2t+1, 2t+8, 2t+9: third bits at 2, 4, 18, 20
+                "and.b32 a, t, 15;\n"
+                "mul.lo.u32 a, a, 16385;\n"
+                f"lop3.b32 a, a, 0x00030003, {magic}, 0xEA;\n"
+                "and.b32 g, h, 0x14;\n"
+                "mul.lo.u32 g, g, 16385;\n"
+                "lop3.b32 a, a, g, 0x00040004, 0xF8;\n"
+                "shr.b32 b, t, 16;\n"
+                "and.b32 b, b, 15;\n"
+                "mul.lo.u32 b, b, 16385;\n"
+                f"lop3.b32 b, b, 0x00030003, {magic}, 0xEA;\n"
+                "shr.b32 g, h, 16;\n"
+                "and.b32 g, g, 0x14;\n"
+                "mul.lo.u32 g, g, 16385;\n"
+                "lop3.b32 b, b, g, 0x00040004, 0xF8;\n"
                 f"add.rn.{h} a, a, $6;\n"
                 f"mul.rn.{h} a, a, $7;\n"
                 f"add.rn.{h} b, b, $6;\n"
@@ -175,22 +207,27 @@ def dequant_asm(BITS, ACT_FP16):
 def lane_selector(BITS):
     """Per lane part ``i`` of a word, the selector the PTX takes: a ``prmt`` selector (byte ``i`` down, zeros
     elsewhere; at 8 bits half-word ``i`` into both halves' low bytes) or, at 2 bits, a shift."""
-    return {4: (1, 0x4440), 2: (4, 0), 8: (0x0202, 0x4140)}[BITS]
+    return {4: (1, 0x4440), 2: (4, 0), 3: (4, 0), 8: (0x0202, 0x4140)}[BITS]
 
 
 @gluon.jit
-def _dequant(words, sel, zz, ss, BITS: gl.constexpr, ACT_FP16: gl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` dequantized tile, inputs in order, from the ``[BLOCK_N, words, 1]`` packed words."""
+def _dequant(words, sel, zz, ss, BITS: gl.constexpr, ACT_FP16: gl.constexpr, hwords):
+    """The ``[BLOCK_N, BLOCK_K]`` dequantized tile, inputs in order, from the ``[BLOCK_N, words, 1]`` packed words
+    (at 3 bits the 2-bit plane's, with their high words ``hwords``; other widths ignore them)."""
     BN: gl.constexpr = words.shape[0]
     BKW: gl.constexpr = words.shape[1]
     ASM: gl.constexpr = dequant_asm(BITS, ACT_FP16)
-    if BITS == 2:
-        if ACT_FP16:
-            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r,r,r,r", [words, sel, zz, ss],
-                                                       dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+    if BITS == 2 or BITS == 3:
+        CONS: gl.constexpr = "=h,=h,=h,=h,r,r,r,r,r" if BITS == 3 else "=h,=h,=h,=h,r,r,r,r"
+        if BITS == 3:
+            args = [words, sel, zz, ss, hwords]
         else:
-            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r,r,r,r", [words, sel, zz, ss],
-                                                       dtype=(gl.bfloat16,) * 4, is_pure=True, pack=1)
+            args = [words, sel, zz, ss]
+        if ACT_FP16:
+            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, CONS, args, dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+        else:
+            a0, a1, b0, b1 = gl.inline_asm_elementwise(ASM, CONS, args, dtype=(gl.bfloat16,) * 4, is_pure=True,
+                                                       pack=1)
         t = gl.join(gl.join(a0, a1), gl.join(b0, b1))  # [BN, BKW, 4 (lane), 2 (input), 2 (half-word)]
         tile = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3)), [BN, BKW * 16])
     else:
@@ -219,12 +256,23 @@ def _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t, n_tiles, GROUP: gl.cons
 
 
 @gluon.jit
-def _operand(w_smem, bars, scz, sel, zz, t, a_l: gl.constexpr, load_l: gl.constexpr, word_l: gl.constexpr,
-             HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, MAGIC: gl.constexpr, STAGES: gl.constexpr,
-             BLOCK_K: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
+def _logical(wp, word_l: gl.constexpr, REPS: gl.constexpr, num_warps: gl.constexpr):
+    """``[words, BLOCK_N]`` in physical row order -> ``[BLOCK_N, words]`` in logical order (registers only):
+    physical ``p = ((w * 8 + g) * REPS + rep) * 2 + h`` is logical ``l = ((rep * W + w) * 2 + h) * 8 + g``."""
+    BKW: gl.constexpr = wp.shape[0]
+    BLOCK_N: gl.constexpr = wp.shape[1]
+    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
+    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
+    return gl.convert_layout(gl.permute(wl, (1, 0)), word_l, assert_trivial=True)
+
+
+@gluon.jit
+def _operand(w_smem, h_smem, bars, scz, sel, zz, t, a_l: gl.constexpr, load_l: gl.constexpr, word_l: gl.constexpr,
+             hload_l: gl.constexpr, HAS_ZERO: gl.constexpr, ACT_FP16: gl.constexpr, MAGIC: gl.constexpr,
+             STAGES: gl.constexpr, BLOCK_K: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
     """Tile ``t``'s dequantized weight in the left-operand layout (waits for the tile's TMA copies); ``scz``: its
-    scales and zero points (:func:`_tile_scales`)."""
-    BKW: gl.constexpr = BLOCK_K // (32 // BITS)
+    scales and zero points (:func:`_tile_scales`). 3 bits: ``h_smem`` holds the tiles' high words, one per column
+    pair, expanded here to one per column (the odd column's shifted down one bit)."""
     BLOCK_N: gl.constexpr = w_smem.shape[2]
     REPS: gl.constexpr = BLOCK_N // (16 * num_warps)
     s = t % STAGES
@@ -234,27 +282,42 @@ def _operand(w_smem, bars, scz, sel, zz, t, a_l: gl.constexpr, load_l: gl.conste
         zz = gl.expand_dims(gl.expand_dims(_pair(-(zp.to(gl.float32) + MAGIC), ACT_FP16), 1), 2)
     mbarrier.wait(bars.index(s), (t // STAGES) & 1)
     wp = w_smem.index(s).load(load_l)  # [BKW, BLOCK_N], physical rows
-    # physical p = ((w * 8 + g) * REPS + rep) * 2 + h  ->  logical l = ((rep * W + w) * 2 + h) * 8 + g
-    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
-    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
-    words = gl.convert_layout(gl.permute(wl, (1, 0)), word_l, assert_trivial=True)
-    a = _dequant(gl.expand_dims(words, 2), sel, zz, ss, BITS, ACT_FP16)
+    words = _logical(wp, word_l, REPS, num_warps)
+    hwords = words
+    if BITS == 3:
+        hp = h_smem.index(s).load(hload_l)  # [BKW, BLOCK_N / 2]
+        hx = gl.reshape(gl.join(hp, hp >> 1), [hp.shape[0], BLOCK_N])
+        hwords = _logical(gl.convert_layout(hx, load_l, assert_trivial=True), word_l, REPS, num_warps)
+    a = _dequant(gl.expand_dims(words, 2), sel, zz, ss, BITS, ACT_FP16, gl.expand_dims(hwords, 2))
     return gl.convert_layout(a, a_l, assert_trivial=True)
 
 
 @gluon.jit
-def _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES: gl.constexpr,
+def _copy_tile(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars, n0, m0, k_lo, i, BLOCK_K: gl.constexpr,
+               BITS: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA copies of tile ``i`` into its slot: the packed words, the activations and at 3 bits the high
+    words."""
+    PER: gl.constexpr = 16 if BITS == 3 else 32 // BITS
+    ns = i % STAGES
+    if BITS == 3:
+        mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes + x_desc.block_type.nbytes + h_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(h_desc, [(k_lo + i * BLOCK_K) // PER, n0 // 2], bars.index(ns),
+                                        h_smem.index(ns))
+    else:
+        mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(w_desc, [(k_lo + i * BLOCK_K) // PER, n0], bars.index(ns), w_smem.index(ns))
+    tma.async_copy_global_to_shared(x_desc, [m0, k_lo + i * BLOCK_K], bars.index(ns), x_smem.index(ns))
+
+
+@gluon.jit
+def _refill(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES: gl.constexpr,
             BLOCK_K: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
     """After tile ``t - 1``'s wgmma retired: copy tile ``t + STAGES - 1`` into its slot."""
     if num_warps > 4:  # both warpgroups are past their wait
         gl.thread_barrier()
     nxt = t + STAGES - 1
     if nxt < n_tiles:
-        ns = nxt % STAGES
-        mbarrier.expect(bars.index(ns), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [(k_lo + nxt * BLOCK_K) // (32 // BITS), n0], bars.index(ns),
-                                        w_smem.index(ns))
-        tma.async_copy_global_to_shared(x_desc, [m0, k_lo + nxt * BLOCK_K], bars.index(ns), x_smem.index(ns))
+        _copy_tile(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars, n0, m0, k_lo, nxt, BLOCK_K, BITS, STAGES)
 
 
 def split_vector(N: int, split: bool) -> int:
@@ -362,7 +425,7 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
 
 @gluon.jit
 def _qmm_wgmma_kernel(
-    x_desc, w_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_desc, w_desc, h_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_om, k_per_split,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
@@ -374,11 +437,13 @@ def _qmm_wgmma_kernel(
     # the zero pair is -(MAGIC + zero): the exponent trick's base plus the zero point, exact in the activation dtype
     # (bf16 8-bit codes are rebuilt from nibbles without a base, and 128 + zero would not be exact there)
     MAGIC: gl.constexpr = 1024.0 if ACT_FP16 else (0.0 if BITS == 8 else 128.0)
-    PER: gl.constexpr = 32 // BITS
-    acc_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[0]
-    a_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[1]
-    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[2]
-    load_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS)[3]
+    # 3 bits: the packed words are the 2-bit plane's (PB = 2), h_desc the high words of column pairs
+    PB: gl.constexpr = 2 if BITS == 3 else BITS
+    acc_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB)[0]
+    a_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB)[1]
+    deq_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB)[2]
+    load_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB)[3]
+    hload_l: gl.constexpr = operand_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB)[4]
     word_l: gl.constexpr = gl.SliceLayout(2, deq_l)
     row_l: gl.constexpr = gl.SliceLayout(1, word_l)
 
@@ -407,17 +472,16 @@ def _qmm_wgmma_kernel(
 
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    h_smem = w_smem
+    if BITS == 3:
+        h_smem = gl.allocate_shared_memory(h_desc.dtype, [STAGES] + h_desc.block_type.shape, h_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
     for i in gl.static_range(STAGES - 1):
         if i < n_tiles:
-            mbarrier.expect(bars.index(i), nbytes)
-            tma.async_copy_global_to_shared(w_desc, [(k_lo + i * BLOCK_K) // PER, n0], bars.index(i),
-                                            w_smem.index(i))
-            tma.async_copy_global_to_shared(x_desc, [m0, k_lo + i * BLOCK_K], bars.index(i), x_smem.index(i))
+            _copy_tile(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars, n0, m0, k_lo, i, BLOCK_K, BITS, STAGES)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_l)
     # Two tiles per iteration, each with its own operand value: an operand carried round the loop would be
@@ -435,22 +499,24 @@ def _qmm_wgmma_kernel(
         t = 2 * t2
         sz_c = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 2, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
         sz_d = _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t + 3, n_tiles, GROUP, HAS_ZERO, BLOCK_K)
-        a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,
-                      BITS, num_warps)
+        a0 = _operand(w_smem, h_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, hload_l,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
-        a1 = _operand(w_smem, bars, sz_b, sel, zz, t + 1, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES,
-                      BLOCK_K, BITS, num_warps)
+        _refill(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars,
+                n0, m0, k_lo, t, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
+        a1 = _operand(w_smem, h_smem, bars, sz_b, sel, zz, t + 1, a_l, load_l, word_l, hload_l,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a1, x_smem.index((t + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-        _refill(w_desc, x_desc, w_smem, x_smem, bars, n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
+        _refill(w_desc, x_desc, h_desc, w_smem, x_smem, h_smem, bars,
+                n0, m0, k_lo, t + 1, n_tiles, STAGES, BLOCK_K, BITS, num_warps)
         sz_a = sz_c
         sz_b = sz_d
     if n_tiles % 2:
         t = n_tiles - 1
-        a0 = _operand(w_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K,
-                      BITS, num_warps)
+        a0 = _operand(w_smem, h_smem, bars, sz_a, sel, zz, t, a_l, load_l, word_l, hload_l,
+                      HAS_ZERO, ACT_FP16, MAGIC, STAGES, BLOCK_K, BITS, num_warps)
         acc = warpgroup_mma(a0, x_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
         acc, a0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0))
@@ -487,23 +553,27 @@ def launch_wgmma(x2, w, bias, cfg, ws):
                          f"block_k {cfg.block_k}")
     if x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the wgmma kernel takes fp16/bf16 activations, not {x2.dtype}")
-    if K % 8 or N % 4:
-        raise ValueError("the wgmma kernel's TMA copies need in_features % 8 == 0 and out_features % 4 == 0, "
-                         f"not {K} and {N}")
+    if K % 8 or N % (8 if w.bits == 3 else 4):
+        raise ValueError("the wgmma kernel's TMA copies need in_features % 8 == 0 and out_features % 4 == 0 (3 bits: "
+                         f"% 8, the high words' rows of N / 2 words), not {K} and {N}")
     if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # TMA needs 16-byte aligned rows: a fresh copy
     act_fp16 = x2.dtype == torch.float16
     x_l, w_l = shared_layouts(cfg.block_m, cfg.block_n, cfg.block_k, act_fp16)
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
-    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // (32 // w.bits), cfg.block_n],
-                              w_l)
+    per = 16 if w.bits == 3 else 32 // w.bits
+    w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // per, cfg.block_n], w_l)
+    h_desc = w_desc
+    if w.bits == 3:  # the high words, a word per 16 inputs and column pair
+        hq = w.qweight_hi
+        h_desc = TensorDescriptor(hq, list(hq.shape), [hq.shape[1], 1], [cfg.block_k // per, cfg.block_n // 2], w_l)
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     _qmm_wgmma_kernel[grid](
-        x_desc, w_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out,
-        out, acc, cnt, M, N, K, out.stride(0), k_per_split,
+        x_desc, w_desc, h_desc, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else out, out, acc, cnt, M, N, K, out.stride(0), k_per_split,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
         BITS=w.bits, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=act_fp16, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,

@@ -16,7 +16,7 @@ import importlib.util
 
 import torch
 
-WGMMA_BITS = (2, 4, 8)
+WGMMA_BITS = (2, 3, 4, 8)
 # per row bucket (the smallest power of two >= M, at most 256): (block_m, block_n, block_k, warps, stages)
 WGMMA_TILES = {16: ((16, 64, 128, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 8, 4)),
                32: ((32, 64, 128, 4, 4), (32, 128, 128, 8, 4)),
@@ -38,8 +38,10 @@ def wgmma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int) -> 
 
 
 def wgmma_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, bits: int = 4) -> int:
-    """The kernel's shared memory: per stage the activation tile and the packed words, plus the barriers."""
-    return stages * (block_m * block_k * 2 + block_k // (32 // bits) * block_n * 4) + 8 * stages + 64
+    """The kernel's shared memory: per stage the activation tile and the packed words (3 bits: the 2-bit plane's
+    and the high words, half as many), plus the barriers."""
+    words = block_k // 16 * block_n * 6 if bits == 3 else block_k // (32 // bits) * block_n * 4
+    return stages * (block_m * block_k * 2 + words) + 8 * stages + 64
 
 
 @functools.cache
@@ -59,7 +61,8 @@ def wgmma_serves(device: torch.device, bits: int, group_size: int, N: int, K: in
     activations (``None``: not known yet)."""
     from auto_quant.kernels.dispatch import wgmma_device
 
-    return (bits in WGMMA_BITS and (group_size == -1 or group_size % 64 == 0) and K % 8 == 0 and N % 4 == 0
+    return (bits in WGMMA_BITS and (group_size == -1 or group_size % 64 == 0) and K % (16 if bits == 3 else 8) == 0
+            and N % (8 if bits == 3 else 4) == 0
             and act_dtype in (None, torch.float16, torch.bfloat16) and wgmma_device(device) and gluon_arch("hopper"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -90,26 +91,40 @@ def _pack_halves(lo: float, hi: float, act: str) -> int:
 
 
 def run_ptx_pairs(asm: str, operands: dict[str, int]) -> int:
-    """Run the handful of b32 PTX instructions the pair-decoding asm uses (``mov``, ``shr.u32``, ``shf.r.wrap``,
-    ``lop3``, packed half ``fma``) on ``operands`` (``"$1"``: value); the value it leaves in ``$0``. Halves are
-    rounded once per instruction (exact for the integers the asm makes)."""
+    """Run the handful of b32 PTX instructions the pair-decoding asm uses (``mov``, ``shr``, ``and``, ``mul.lo``,
+    ``shf.r.wrap``, ``lop3``, packed half ``fma``/``add``/``mul``) on ``operands`` (``"$1"``: value); the value it
+    leaves in ``$0``. Halves are rounded once per instruction (exact for the integers the asm makes)."""
+    return run_ptx(asm, operands)["$0"]
+
+
+def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """:func:`run_ptx_pairs`, every register afterwards; ``mov.b32 {$i, $j}, r`` splits ``r`` into its halves."""
     regs = dict(operands)
 
     def val(t: str) -> int:
         t = t.strip()
         return regs[t] if t in regs else int(t, 0) & 0xFFFFFFFF
 
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
+    statements = [st.strip() for line in asm.splitlines() for st in line.split(";")]
+    for line in statements:
+        line = line.removeprefix("{").strip() if line.startswith("{ ") or line == "{" else line
+        if not line or line == "}" or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
+        if op == "mov.b32" and args.startswith("{"):  # unpack a b32 into two 16-bit outputs
+            lo, hi, src = re.fullmatch(r"\{\s*(\S+),\s*(\S+)\s*\},\s*(\S+)", args).groups()
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
         dst, *src = [a.strip() for a in args.split(",")]
         a = [val(s) for s in src]
         if op == "mov.b32":
             r = a[0]
-        elif op == "shr.u32":
+        elif op in ("shr.u32", "shr.b32"):
             r = a[0] >> a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "mul.lo.u32":
+            r = a[0] * a[1]
         elif op == "shf.r.wrap.b32":  # the funnel of (b:a) shifted right, low word kept
             r = (((a[1] << 32) | a[0]) >> (a[2] % 32)) & 0xFFFFFFFF
         elif op == "lop3.b32":
@@ -121,7 +136,12 @@ def run_ptx_pairs(asm: str, operands: dict[str, int]) -> int:
             act = "bf16" if "bf16" in op else "fp16"
             x, y, z = (_halves(v, act) for v in a)
             r = _pack_halves(x[0] * y[0] + z[0], x[1] * y[1] + z[1], act)
+        elif op in ("add.rn.bf16x2", "add.rn.f16x2", "mul.rn.bf16x2", "mul.rn.f16x2"):
+            act = "bf16" if "bf16" in op else "fp16"
+            x, y = (_halves(v, act) for v in a)
+            f = (lambda p, q: p + q) if op.startswith("add") else (lambda p, q: p * q)
+            r = _pack_halves(f(x[0], y[0]), f(x[1], y[1]), act)
         else:
             raise NotImplementedError(f"the emulator does not run {op!r}")
         regs[dst] = r & 0xFFFFFFFF
-    return regs["$0"]
+    return regs

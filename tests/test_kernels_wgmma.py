@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from gluon_helpers import bases_value, fake_sm90, run_triton_nvidia_tool
+from gluon_helpers import bases_value, fake_sm90, run_triton_nvidia_tool, thread_coords
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
@@ -23,8 +23,9 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     from auto_quant.kernels import gluon_wgmma as m
 
     x_l, w_l = m.shared_layouts(bm, bn, bk, act == "fp16")
-    sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bk // (32 // bits)}, {bn}],{w_l!r}>",
-           "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
+    bkw = bk // (16 if bits == 3 else 32 // bits)
+    sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bkw}, {bn}],{w_l!r}>",
+           "h_desc": f"tensordesc<i32[{bkw}, {bn // 2 if bits == 3 else bn}],{w_l!r}>", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", STAGES=stages, num_warps=warps)
@@ -40,6 +41,7 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     (4, "bf16", True, 128, 128, 64, 128, 4, 3, False),
     (8, "bf16", True, 128, 16, 64, 128, 4, 4, True), (8, "fp16", False, 0, 128, 128, 64, 8, 3, False),
     (2, "bf16", False, 64, 16, 64, 64, 4, 4, True), (2, "fp16", True, 128, 256, 128, 128, 8, 3, False),
+    (3, "bf16", True, 128, 16, 64, 128, 4, 4, True), (3, "fp16", False, 0, 128, 128, 64, 8, 4, False),
 ])
 def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stages, split):
     """The weight tile is built in the wgmma register-operand layout (no shared-memory staging), the tensor cores
@@ -53,7 +55,10 @@ def test_wgmma_compiles_for_sm90(bits, act, sym, group, bm, bn, bk, warps, stage
         assert "ldmatrix" not in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
     assert f"add.rn.{h}x2" in ptx and f"mul.rn.{h}x2" in ptx
-    assert ("mul.lo.u32" in ptx) == (bits != 8)  # the 4097 / 0x4001 spreads of 4 and 2 bits
+    assert ("mul.lo.u32" in ptx) == (bits != 8)  # the 4097 / 0x4001 spreads of 4, 3 and 2 bits
+    # 3 bits: the high words come by TMA too (a third copy per tile) and are rotated into place
+    assert ("shf.r.wrap.b32" in ptx) == (bits == 3)
+    assert ptx.count("cp.async.bulk.tensor.2d") == (3 if bits == 3 else 2) * ptx.count("mbarrier.arrive.expect_tx")
     if bits == 8 and act == "bf16":  # 16 * high nibble + (low nibble - zero), exact in bf16
         assert "fma.rn.bf16x2" in ptx
 
@@ -102,7 +107,7 @@ def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
     from auto_quant.kernels import gluon_wgmma as m
 
     fn = getattr(m.operand_layouts, "__wrapped__", m.operand_layouts)
-    _, _, deq, load = fn(bn, 16, 128, warps, bits)
+    _, _, deq, load, hload = fn(bn, 16, 128, warps, bits)
     reps = bn // (16 * warps)
 
     def phys(l):  # the kernel's own formula, run on Python ints
@@ -120,6 +125,9 @@ def test_wgmma_rows_physical_and_logical_agree(bn, warps, bits):
             assert {phys(l) for l in logical} == physical, (warp, lane)
             # a thread's physical rows are adjacent: one 8- or 16-byte shared load per word row
             assert max(physical) - min(physical) == len(physical) - 1
+            if bits == 2:  # 3 bits (the 2-bit plane's words): the high word of a column pair with the pair's words
+                assert ({tuple(c) for c in thread_coords(hload, warp, lane)}
+                        == {(c[0], c[1] // 2) for c in thread_coords(load, warp, lane)}), (warp, lane)
             seen |= physical
     assert seen == set(range(bn))
 
@@ -140,10 +148,11 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
         want = "mma_kw" if M <= 2 else ("mma" if M <= 8 else "wgmma")
         assert d.default_config(M, 4096, 4096, cuda, 4, 128, torch.float16).kind == want
     assert d.default_config(1, 4096, 4096, cuda, 4, 128, torch.float16).kind == "mma_kw"
-    for bits in (2, 8):  # the other widths the kernel builds
+    for bits in (2, 3, 8):  # the other widths the kernel builds
         assert d.default_config(16, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == "wgmma"
-    # not for 3 bits, 32-input groups, fp32 activations, unaligned rows, or off sm_90
-    for bits, gs, dt, N, K, dev in ((3, 128, torch.float16, 4096, 4096, cuda), (2, 32, torch.float16, 4096, 4096, cuda),
+    # not for 3 bits with N % 8 (the high words' TMA rows), 32-input groups, fp32 activations, unaligned rows, or off
+    # sm_90
+    for bits, gs, dt, N, K, dev in ((3, 128, torch.float16, 4100, 4096, cuda), (2, 32, torch.float16, 4096, 4096, cuda),
                                     (4, 32, torch.float16, 4096, 4096, cuda), (4, 128, torch.float32, 4096, 4096, cuda),
                                     (4, -1, torch.float16, 4094, 4096, cuda), (4, -1, torch.float16, 4096, 4100, cuda),
                                     (4, 128, torch.float16, 4096, 4096, cpu)):
@@ -172,3 +181,36 @@ def test_wgmma_config_validation():
                 (16, 64, 8, 4)):
         with pytest.raises(ValueError, match="wgmma"):
             KernelConfig("wgmma", bad[0], bad[1], bad[2], 1, bad[3], 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_wgmma_dequant_asm_decodes_each_lanes_codes(bits, act, sym):
+    """The 2- and 3-bit ``wgmma`` dequantization, run instruction by instruction (:func:`gluon_helpers.run_ptx`):
+    lane ``t`` (shift ``4t``) gets the exact ``code - zero`` of codes ``2t, 2t + 1, 2t + 8, 2t + 9`` of the word, at
+    3 bits with their third bits from the column pair's high word (both columns; codes at both ends of the range)."""
+    from gluon_helpers import _halves, _pack_halves, run_ptx
+
+    from auto_quant.export import packing
+    from auto_quant.kernels import gluon_wgmma as m
+    from auto_quant.kernels.pack import pack_high_bits
+
+    asm = getattr(m.dequant_asm, "__wrapped__", m.dequant_asm)(bits, act == "fp16")
+    base = 1024.0 if act == "fp16" else 128.0
+    g = torch.Generator().manual_seed(bits)
+    for trial in range(6):
+        codes = torch.randint(0, 2**bits, (16, 2), generator=g)
+        if trial < 2:
+            codes[:, trial] = (2**bits - 1) * trial
+        lo = packing.pack_bitstream(codes & 3, 2, dim=0)
+        high = int(pack_high_bits(codes >> 2)[0, 0]) if bits == 3 else 0
+        for col in (0, 1):
+            zero = 1 << (bits - 1) if sym else int(torch.randint(0, 2**bits, (1,), generator=g))
+            ops = {"$4": int(lo[0, col]) & 0xFFFFFFFF, "$6": _pack_halves(-(base + zero), -(base + zero), act),
+                   "$7": _pack_halves(1.0, 1.0, act), "$8": (high >> col) & 0xFFFFFFFF}
+            for t in range(4):
+                regs = run_ptx(asm, ops | {"$5": 4 * t})
+                got = [_halves(regs[f"${i}"], act)[0] for i in range(4)]
+                want = [float(codes[j, col] - zero) for j in (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)]
+                assert got == want, (trial, col, t)

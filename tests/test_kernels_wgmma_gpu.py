@@ -1,4 +1,4 @@
-"""The Gluon ``wgmma`` kernel (sm_90 only; 2, 4 and 8 bits) against the float64 reference product, on the GPU (``pytest -m gpu``).
+"""The Gluon ``wgmma`` kernel (sm_90 only; 2, 3, 4 and 8 bits) against the float64 reference product, on the GPU (``pytest -m gpu``).
 
 Skipped without CUDA (``conftest``) and on GPUs other than sm_90, where the kernel is never chosen.
 """
@@ -17,7 +17,8 @@ TOL = 8e-3
 @needs_sm90
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 64, True), (4, -1, False),
                                                  (8, 128, True), (8, -1, False), (8, 64, False),
-                                                 (2, 64, True), (2, 128, False), (2, -1, True)])
+                                                 (2, 64, True), (2, 128, False), (2, -1, True),
+                                                 (3, 128, True), (3, 64, False), (3, -1, True)])
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_wgmma_every_candidate(bits, group_size, sym, dt):
     """Every tile and split the tuner may time, at every row bucket, with a bias; split-K leaves its workspace clean."""
@@ -97,7 +98,7 @@ def test_wgmma_partial_tiles_and_unaligned_rows():
 
     ws = Workspace()
     for N, K, gs, bits in ((4100, 1000, -1, 4), (200, 3 * 128, 128, 4), (1028, 64 * 9, 64, 4), (4100, 1000, -1, 8),
-                           (1028, 64 * 9, 64, 2), (200, 3 * 128, 128, 8)):
+                           (1028, 64 * 9, 64, 2), (200, 3 * 128, 128, 8), (1032, 64 * 9, 64, 3)):
         kw = quantized_weight(N, K, gs, False, seed=N, bits=bits)
         W = dequantize(kw).double()
         for dt in (torch.float16, torch.bfloat16):
@@ -121,7 +122,7 @@ def test_wgmma_is_the_untuned_choice_on_sm90():
 
     cuda = torch.device("cuda")
     for M in (2, 16, 256, 1024):
-        for bits in (2, 4, 8):
+        for bits in (2, 3, 4, 8):
             want = "mma_kw" if M <= 2 else ("mma" if M <= 8 else "wgmma")
             assert default_config(M, 4096, 4096, cuda, bits, 128, torch.bfloat16).kind == want
     assert default_config(16, 4096, 4096, cuda, 4, 128, torch.float32).kind != "wgmma"
