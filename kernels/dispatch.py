@@ -214,6 +214,8 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         out += wgmma_candidates(M, N, K, group_size, sms, smem_limit(device), bits)
     if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
         out += tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
+    elif bits == 3:  # past tdot's rows: the 3-bit dot tiles ran 10-13x behind dequantize + cuBLAS (H100, 1024 rows)
+        pass
     elif M <= 16:
         out += _split_variants("dot", M, N, K, bits, sms, ((16, 64, 16, 4, 3), (16, 128, 16, 4, 3),
                                                           (16, 128, 32, 8, 3)), ("auto", "double"))

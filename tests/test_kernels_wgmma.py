@@ -158,6 +158,9 @@ def test_dispatch_offers_wgmma_only_where_it_serves(monkeypatch):
                                     (4, 128, torch.float16, 4096, 4096, cpu)):
         assert all(c.kind != "wgmma" for c in d.candidates(16, N, K, dev, bits, gs, dt)), (bits, gs, dt, N, K, dev)
         assert d.default_config(16, N, K, dev, bits, gs, dt).kind != "wgmma"
+    # 3 bits past tdot's rows: wgmma and the dequantize floor, not the 3-bit dot tiles (10-13x slower on the H100)
+    assert {c.kind for c in d.candidates(1024, 4096, 4096, cuda, 3, 128, torch.bfloat16)} == {"wgmma", "dequant"}
+    assert "dot" in {c.kind for c in d.candidates(1024, 4096, 4096, cuda, 4, 128, torch.bfloat16)}
     # group 64: 64-input tiles (one group per tile)
     assert {c.block_k for c in d.candidates(16, 4096, 4096, cuda, 4, 64, None) if c.kind == "wgmma"} == {64}
 
