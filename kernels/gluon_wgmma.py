@@ -140,46 +140,21 @@ def dequant_asm(BITS, ACT_FP16):
                 f"add.rn.{h} t, t, $4;\n"
                 f"mul.rn.{h} t, t, $5;\n"
                 "mov.b32 {$0, $1}, t; }")
-    if BITS == 2:  # nibble t of each half-word: two codes each, split 14 bits apart by a multiply by 0x4001
-        return ("{ .reg .b32 t, a, b;\n"
-                "shr.b32 t, $4, $5;\n"
-                "and.b32 a, t, 15;\n"
-                "mul.lo.u32 a, a, 16385;\n"
-                f"lop3.b32 a, a, 0x00030003, {magic}, 0xEA;\n"
-                "shr.b32 b, t, 16;\n"
-                "and.b32 b, b, 15;\n"
-                "mul.lo.u32 b, b, 16385;\n"
-                f"lop3.b32 b, b, 0x00030003, {magic}, 0xEA;\n"
-                f"add.rn.{h} a, a, $6;\n"
-                f"mul.rn.{h} a, a, $7;\n"
-                f"add.rn.{h} b, b, $6;\n"
-                f"mul.rn.{h} b, b, $7;\n"
-                "mov.b32 {$0, $1}, a;\n"
-                "mov.b32 {$2, $3}, b; }")
-    if BITS == 3:  # the 2-bit nibbles as above, each code's third bit from the high word rotated by the same shift
-        return ("{ .reg .b32 t, a, b, h, g;\n"
-                "shr.b32 t, $4, $5;\n"
-                "shf.r.wrap.b32 h, $8, $8, $5;\n"  # codes 2t, 2t+1, 2t+8, 2t+9: third bits at 2, 4, 18, 20
-                "and.b32 a, t, 15;\n"
-                "mul.lo.u32 a, a, 16385;\n"
-                f"lop3.b32 a, a, 0x00030003, {magic}, 0xEA;\n"
-                "and.b32 g, h, 0x14;\n"
-                "mul.lo.u32 g, g, 16385;\n"
-                "lop3.b32 a, a, g, 0x00040004, 0xF8;\n"
-                "shr.b32 b, t, 16;\n"
-                "and.b32 b, b, 15;\n"
-                "mul.lo.u32 b, b, 16385;\n"
-                f"lop3.b32 b, b, 0x00030003, {magic}, 0xEA;\n"
-                "shr.b32 g, h, 16;\n"
-                "and.b32 g, g, 0x14;\n"
-                "mul.lo.u32 g, g, 16385;\n"
-                "lop3.b32 b, b, g, 0x00040004, 0xF8;\n"
-                f"add.rn.{h} a, a, $6;\n"
-                f"mul.rn.{h} a, a, $7;\n"
-                f"add.rn.{h} b, b, $6;\n"
-                f"mul.rn.{h} b, b, $7;\n"
-                "mov.b32 {$0, $1}, a;\n"
-                "mov.b32 {$2, $3}, b; }")
+    if BITS == 2 or BITS == 3:  # nibble t of each half-word: two codes each, split 14 bits apart by a multiply by
+        # 0x4001; at 3 bits each code's third bit comes from the high word rotated by the same shift, which puts the
+        # third bits of codes 2t, 2t+1, 2t+8, 2t+9 at bits 2, 4, 18, 20: the same multiply lifts them beside the codes
+        third = BITS == 3
+        lines = ["{ .reg .b32 t, a, b, h, g;" if third else "{ .reg .b32 t, a, b;", "shr.b32 t, $4, $5;"]
+        if third:
+            lines.append("shf.r.wrap.b32 h, $8, $8, $5;")
+        for r in ("a", "b"):
+            lines += ["and.b32 a, t, 15;"] if r == "a" else ["shr.b32 b, t, 16;", "and.b32 b, b, 15;"]
+            lines += [f"mul.lo.u32 {r}, {r}, 16385;", f"lop3.b32 {r}, {r}, 0x00030003, {magic}, 0xEA;"]
+            if third:
+                lines += ["and.b32 g, h, 0x14;"] if r == "a" else ["shr.b32 g, h, 16;", "and.b32 g, g, 0x14;"]
+                lines += ["mul.lo.u32 g, g, 16385;", f"lop3.b32 {r}, {r}, g, 0x00040004, 0xF8;"]
+        return "\n".join(lines + [f"add.rn.{h} a, a, $6;", f"mul.rn.{h} a, a, $7;", f"add.rn.{h} b, b, $6;",
+                                  f"mul.rn.{h} b, b, $7;", "mov.b32 {$0, $1}, a;", "mov.b32 {$2, $3}, b; }"])
     if ACT_FP16:  # 8 bits, fp16: each byte under the exponent byte 0x64 (1024 + code)
         return ("{ .reg .b32 t;\n"
                 "prmt.b32 t, $2, 0x64, $3;\n"
