@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from auto_quant.kernels.pack import codes_per_row
 from auto_quant.kernels.wgmma_plan import WGMMA_BITS
 
 
@@ -514,7 +515,8 @@ def shared_layouts(block_m: int, block_n: int, block_k: int, act_fp16: bool):
 
 
 def launch_wgmma(x2, w, bias, cfg, ws):
-    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 4-bit ``KernelWeight``."""
+    """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 2-, 3-, 4- or 8-bit
+    ``KernelWeight``."""
     import torch
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -536,7 +538,7 @@ def launch_wgmma(x2, w, bias, cfg, ws):
     act_fp16 = x2.dtype == torch.float16
     x_l, w_l = shared_layouts(cfg.block_m, cfg.block_n, cfg.block_k, act_fp16)
     x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, cfg.block_k], x_l)
-    per = 16 if w.bits == 3 else 32 // w.bits
+    per = codes_per_row(w.bits)
     w_desc = TensorDescriptor(w.qweight, [w.qweight.shape[0], N], [N, 1], [cfg.block_k // per, cfg.block_n], w_l)
     h_desc = w_desc
     if w.bits == 3:  # the high words, a word per 16 inputs and column pair

@@ -21,11 +21,13 @@ def _compile(act="bf16", sym=True, group=128, bm=16, bn=64, bk=128, warps=4, sta
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from auto_quant.kernels import gluon_wgmma as m
+    from auto_quant.kernels.pack import codes_per_row
 
     x_l, w_l = m.shared_layouts(bm, bn, bk, act == "fp16")
-    bkw = bk // (16 if bits == 3 else 32 // bits)
+    bkw = bk // codes_per_row(bits)
     sig = {"x_desc": f"tensordesc<{act}[{bm}, {bk}],{x_l!r}>", "w_desc": f"tensordesc<i32[{bkw}, {bn}],{w_l!r}>",
-           "h_desc": f"tensordesc<i32[{bkw}, {bn // 2 if bits == 3 else bn}],{w_l!r}>", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
+           "h_desc": f"tensordesc<i32[{bkw}, {bn // 2 if bits == 3 else bn}],{w_l!r}>", "s_ptr": "*fp16",
+           "z_ptr": "*u8", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "k_per_split": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", STAGES=stages, num_warps=warps)

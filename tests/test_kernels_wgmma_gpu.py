@@ -1,4 +1,5 @@
-"""The Gluon ``wgmma`` kernel (sm_90 only; 2, 3, 4 and 8 bits) against the float64 reference product, on the GPU (``pytest -m gpu``).
+"""The Gluon ``wgmma`` kernel (sm_90 only; 2, 3, 4 and 8 bits) against the float64 reference product, on the GPU
+(``pytest -m gpu``).
 
 Skipped without CUDA (``conftest``) and on GPUs other than sm_90, where the kernel is never chosen.
 """
