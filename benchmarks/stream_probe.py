@@ -8,6 +8,9 @@ Probes, each reading every word once and folding them with xor into a small outp
 
 * ``ldg``: Triton loads of ``[BR, BN]`` column tiles, ``U`` tiles issued before any is used (bytes in flight per
   thread), the loop over a program's rows;
+* ``ldg_blocked``: the same loads with the words of each ``BN``-column block stored together (``[N/BN, K/8, BN]``,
+  a layout a load-time repack could give), so a program's rows are one contiguous run instead of ``BN * 4``-byte
+  pieces ``N * 4`` bytes apart;
 * ``tma``: Gluon, a ``STAGES``-deep ring of ``[BR, BN]`` tiles in shared memory filled by the TMA unit
   (``cp.async.bulk.tensor``, one mbarrier per slot), read from shared memory;
 * ``sum``: ``torch.sum`` over the same bytes (PyTorch's own reduction);
@@ -40,17 +43,25 @@ _spec.loader.exec_module(_bk)
 
 
 @triton.jit
-def _ldg_read(w_ptr, out_ptr, N, rows_per_prog, BR: tl.constexpr, BN: tl.constexpr, U: tl.constexpr):
+def _ldg_read(w_ptr, out_ptr, row_stride, block_stride, rows_per_prog, BR: tl.constexpr, BN: tl.constexpr,
+              U: tl.constexpr):
+    # row-major [K/8, N]: row_stride N, block_stride BN; blocked [N/BN, K/8, BN]: row_stride BN, block_stride K/8 * BN
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     r = tl.arange(0, BR)[:, None]
-    c = pn * BN + tl.arange(0, BN)[None, :]
+    c = tl.arange(0, BN)[None, :]
     acc = tl.zeros([BR, BN], tl.int32)
-    base = w_ptr + (pk * rows_per_prog + r) * N + c
+    base = w_ptr + pn * block_stride + (pk * rows_per_prog + r) * row_stride + c
     for i in range(0, rows_per_prog, BR * U):
         for u in tl.static_range(U):  # U independent loads before the first use
-            acc ^= tl.load(base + (i + u * BR) * N)
+            acc ^= tl.load(base + (i + u * BR) * row_stride)
     tl.store(out_ptr + (pk * tl.num_programs(0) + pn) * BR * BN + r * BN + tl.arange(0, BN)[None, :], acc)
+
+
+def ldg_strides(N: int, R: int, BN: int) -> dict[str, tuple[int, int]]:
+    """``_ldg_read``'s (row stride, block stride) in words for the ``[R, N]`` array read row-major (``ldg``) and
+    stored as ``[N / BN, R, BN]`` (``ldg_blocked``)."""
+    return {"ldg": (N, BN), "ldg_blocked": (BN, R * BN)}
 
 
 @gluon.constexpr_function
@@ -118,9 +129,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096,28672x4096", help="NxK of the W4 weight")
     p.add_argument("--quick", action="store_true", help="the first three configurations of each probe")
+    p.add_argument("--probes", default="ldg,tma,sum,bf16", help="which probes (ldg includes ldg_blocked)")
     args = p.parse_args()
     dev = torch.device("cuda")
     n_cfg = 3 if args.quick else None
+    probes = set(args.probes.split(","))
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
         R = K // 8
@@ -138,28 +151,32 @@ def main():
                 torch.cuda.synchronize()
             print(json.dumps(row), flush=True)
 
-        for BR, BN, split, warps, U in LDG[:n_cfg]:
+        for BR, BN, split, warps, U in (LDG[:n_cfg] if "ldg" in probes else []):
             rpp = R // split
             if N % BN or rpp % (BR * U):
                 continue
             out = torch.empty((N // BN) * split * BR * BN, device=dev, dtype=torch.int32)
-            report("ldg", dict(BR=BR, BN=BN, split=split, warps=warps, U=U),
-                   [lambda c=c: _ldg_read[(N // BN, split)](c, out, N, rpp, BR=BR, BN=BN, U=U, num_warps=warps)
-                    for c in copies])
-        for BR, BN, split, stages, warps in TMA[:n_cfg]:
+            for probe, strides in ldg_strides(N, R, BN).items():
+                report(probe, dict(BR=BR, BN=BN, split=split, warps=warps, U=U),
+                       [lambda c=c, st=strides: _ldg_read[(N // BN, split)](c, out, *st, rpp, BR=BR, BN=BN, U=U,
+                                                                            num_warps=warps)
+                        for c in copies])
+        for BR, BN, split, stages, warps in (TMA[:n_cfg] if "tma" in probes else []):
             if N % BN or (R // split) % BR or R // split < stages * BR:
                 continue
             out = torch.empty((N // BN) * split * BR * BN, device=dev, dtype=torch.int32)
             report("tma", dict(BR=BR, BN=BN, split=split, stages=stages, warps=warps),
                    [tma_call(c, out, BR, BN, split, stages, warps) for c in copies])
         acc = torch.empty((), device=dev, dtype=torch.int64)
-        report("sum", {}, [lambda c=c: torch.sum(c.view(-1), dim=0, out=acc) for c in copies])
+        if "sum" in probes:
+            report("sum", {}, [lambda c=c: torch.sum(c.view(-1), dim=0, out=acc) for c in copies])
         del copies, w
-        wb = torch.randn(N, K // 4, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(1, K // 4, device=dev, dtype=torch.bfloat16)
-        bcopies = _bk.copies_beyond_l2(wb, nbytes, torch.Tensor.clone)
-        report("bf16", {"N": N, "K": K // 4}, [lambda c=c: F.linear(x, c) for c in bcopies])
-        del bcopies, wb
+        if "bf16" in probes:
+            wb = torch.randn(N, K // 4, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(1, K // 4, device=dev, dtype=torch.bfloat16)
+            bcopies = _bk.copies_beyond_l2(wb, nbytes, torch.Tensor.clone)
+            report("bf16", {"N": N, "K": K // 4}, [lambda c=c: F.linear(x, c) for c in bcopies])
+            del bcopies, wb
         torch.cuda.empty_cache()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "command": " ".join(sys.argv)}), file=sys.stderr)
 

@@ -36,8 +36,8 @@ def test_ldg_probe_issues_u_loads_per_step():
     from triton.compiler import ASTSource
 
     sp = load_benchmark("stream_probe")
-    sig = {"w_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "rows_per_prog": "i32", "BR": "constexpr",
-           "BN": "constexpr", "U": "constexpr"}
+    sig = {"w_ptr": "*i32", "out_ptr": "*i32", "row_stride": "i32", "block_stride": "i32", "rows_per_prog": "i32",
+           "BR": "constexpr", "BN": "constexpr", "U": "constexpr"}
     keys = list(sig)
 
     def loads(U):
@@ -47,3 +47,17 @@ def test_ldg_probe_issues_u_loads_per_step():
         return len(re.findall(r"ld\.global", ptx))
 
     assert loads(4) == 4 * loads(1)
+
+
+@pytest.mark.parametrize("N,R,BN,split,BR", [(256, 64, 32, 2, 16), (512, 32, 128, 1, 8)])
+def test_ldg_layouts_read_every_word_once(N, R, BN, split, BR):
+    """Both address maps of the register probe (row-major and column-blocked) cover the ``R x N`` words exactly once,
+    and the row-major one is the ``[R, N]`` array's own order (the kernel's arithmetic, run on Python ints)."""
+    sp = load_benchmark("stream_probe")
+    rpp = R // split
+    for probe, (row_stride, block_stride) in sp.ldg_strides(N, R, BN).items():
+        seen = [pn * block_stride + (pk * rpp + r) * row_stride + c
+                for pn in range(N // BN) for pk in range(split) for r in range(rpp) for c in range(BN)]
+        assert sorted(seen) == list(range(R * N)), probe
+        if probe == "ldg":
+            assert {(a // N, a % N) for a in seen[:BN]} == {(0, c) for c in range(BN)}
