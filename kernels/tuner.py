@@ -12,6 +12,7 @@ import torch
 
 from auto_quant.kernels.dispatch import KernelConfig, Workspace, candidates, default_config, launch, m_bucket
 from auto_quant.kernels.pack import KernelWeight
+from auto_quant.kernels.tuner_cache import TunerCache, device_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,21 @@ class Tuner:
     together, in twice as many interleaved rounds (:func:`~auto_quant.kernels.gpu_timing.graph_times_ms`), keeping
     the fastest of that second look. ``rep_ms`` scales the rounds per candidate (``rep_ms // 4``, 3 to 30).
     ``flush``: makes the per-call L2 flush for a device (default
-    :func:`~auto_quant.kernels.gpu_timing.l2_read_flush`; benchmarks compare others).
+    :func:`~auto_quant.kernels.gpu_timing.l2_read_flush`; benchmarks compare others). ``cache``: where picks are
+    looked up before timing and stored after (:class:`~auto_quant.kernels.tuner_cache.TunerCache`; None: in
+    memory only, the picks of this tuner's life).
     """
 
     def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4,
-                 flush: Callable[[torch.device], Callable[[], object]] | None = None):
+                 flush: Callable[[torch.device], Callable[[], object]] | None = None, cache: TunerCache | None = None):
         self.rounds = max(3, min(30, int(rep_ms // 4)))
         self.flush = flush
         self.settle_rounds = max(1, int(settle_ms // 2))
         self.recheck = recheck
         self.best: dict[tuple, KernelConfig] = {}
         self.timings: dict[tuple, dict[KernelConfig, float]] = {}
+        self.cache = cache
+        self._device_ids: dict[torch.device, str] = {}
 
     @staticmethod
     def key(x2: torch.Tensor, w: KernelWeight) -> tuple:
@@ -51,7 +56,17 @@ class Tuner:
         if cfg is not None:
             return cfg
         M, K = x2.shape
-        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if x2.device.type != "cuda":
+            return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
+        if self.cache is not None:  # a pick timed by an earlier process (reading it is fine under graph capture)
+            if x2.device not in self._device_ids:
+                self._device_ids[x2.device] = device_fingerprint(x2.device)
+            cfg = self.cache.get(self._device_ids[x2.device], key)
+            if cfg is not None:
+                self.best[key] = cfg
+                log.debug("cached pick %s -> %s", key, cfg)
+                return cfg
+        if torch.cuda.is_current_stream_capturing():  # nothing may run but the captured work: the heuristic
             return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         from auto_quant.kernels.gpu_timing import graph_time_ms, graph_times_ms, l2_read_flush
 
@@ -87,5 +102,7 @@ class Tuner:
             cfg = min(top, key=times.get)
         self.best[key] = cfg
         self.timings[key] = times
+        if self.cache is not None and times:  # a timed pick (not the fallback when nothing ran)
+            self.cache.put(self._device_ids[x2.device], key, cfg)
         log.debug("tuned %s -> %s", key, cfg)
         return cfg

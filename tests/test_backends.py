@@ -223,3 +223,32 @@ def test_from_pretrained_attaches_and_forcing_errors(saved_tiny, caplog):
     with pytest.raises(BackendError, match=r"backend 'triton' cannot serve .* runs on cuda, not cpu"):
         AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
                                              quantization_config=AutoRoundConfig(backend="triton"))
+
+
+def test_tuning_cache_option_reaches_the_triton_tuner(saved_tiny, tmp_path, monkeypatch):
+    """``AutoRoundConfig(tuning_cache=...)`` (default ``"auto"``: under ``$XDG_CACHE_HOME``) is what the attach
+    context hands the Triton backend's tuner; a wrong value fails the load with a ConfigError; a CPU model writes
+    nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRoundConfig
+    from auto_quant.errors import ConfigError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    def cache_of(**kw):
+        m = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16, **kw)
+        caches = {id(q.kernel.ctx.tuning_cache): q.kernel.ctx.tuning_cache
+                  for q in m.modules() if isinstance(q, QuantLinear)}
+        assert len(caches) == 1  # one per model
+        with torch.no_grad():
+            m(torch.randint(0, 200, (1, 5)))
+        return next(iter(caches.values()))
+
+    assert cache_of().cache_dir == tmp_path / "xdg" / "auto_quant" / "tuner"
+    assert cache_of(quantization_config=AutoRoundConfig(tuning_cache=None)) is None
+    mine = cache_of(quantization_config=AutoRoundConfig(tuning_cache=str(tmp_path / "mine")))
+    assert mine.cache_dir == tmp_path / "mine"
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "mine").exists()  # nothing tuned on the CPU
+    with pytest.raises(ConfigError, match="tuning_cache"):
+        cache_of(quantization_config=AutoRoundConfig(tuning_cache=3))

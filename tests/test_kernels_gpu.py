@@ -312,6 +312,36 @@ def test_tuner_times_every_candidate_that_runs():
     assert tuner.best[tuner.key(x, kw)] in times
 
 
+def test_tuner_cache_spares_a_second_tuner_the_timing(tmp_path):
+    """A second tuner over the first one's cache folder (a new process on the same GPU) takes its pick without timing
+    anything, and the matmul with it is right."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
+    from auto_quant.kernels.tuner_cache import TunerCache
+
+    N, K = 1024, 2048
+    kw = quantized_weight(N, K, 4, 128, True, seed=8)
+    W = dequantize(kw).double()
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    first = Tuner(rep_ms=5, cache=TunerCache(tmp_path))
+    quant_matmul(x, kw, tuner=first, workspace=Workspace())
+    key = first.key(x, kw)
+    assert first.timings[key] and [p.suffix for p in tmp_path.iterdir()] == [".json"]
+    second, ws = Tuner(rep_ms=5, cache=TunerCache(tmp_path)), Workspace()
+    y = quant_matmul(x, kw, tuner=second, workspace=ws)
+    assert second.best[key] == first.best[key] and key not in second.timings
+    assert rel_err(y, x.double() @ W.t()) < TOL
+    # under CUDA-graph capture (nothing may be timed) a fresh tuner takes the cached pick, not the heuristic
+    third, g = Tuner(rep_ms=5, cache=TunerCache(tmp_path)), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y3 = quant_matmul(x, kw, tuner=third, workspace=ws)
+    g.replay()
+    torch.cuda.synchronize()
+    assert third.best[key] == first.best[key] and key not in third.timings
+    assert rel_err(y3, x.double() @ W.t()) < TOL
+
+
 def test_interleaved_graph_times_rank_work_and_ignore_order():
     """The tuner's second look times candidates side by side in interleaved rounds: a matmul with 8x the work
     measures several times longer whichever order the two are given in, the small one alike in both orders, and

@@ -356,7 +356,9 @@ def load_impl(b: Backend) -> Callable[..., Any] | None:
 
 @dataclass
 class AttachContext:
-    """Per-model state shared by the layers of one attach (Triton tuning cache, scratch buffers)."""
+    """Per-model state shared by the layers of one attach (Triton tuning cache, scratch buffers). ``tuning_cache``:
+    where the Triton backend's tuner keeps its picks across processes
+    (:class:`~auto_quant.kernels.tuner_cache.TunerCache`; None: in memory only)."""
 
     forced: str = "auto"
     act_dtype: torch.dtype | None = None
@@ -364,6 +366,7 @@ class AttachContext:
     available: Availability = field(default_factory=Availability)
     resources: dict[str, Any] = field(default_factory=dict)
     moved_warned: bool = False
+    tuning_cache: Any = None
 
     def resource(self, name: str, factory: Callable[[], Any]) -> Any:
         if name not in self.resources:
@@ -426,16 +429,20 @@ def model_act_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dtype | None = None,
-                    table: tuple[Backend, ...] = BACKENDS) -> dict[str, str]:
+                    table: tuple[Backend, ...] = BACKENDS, tuning_cache: str | os.PathLike | None = "auto"
+                    ) -> dict[str, str]:
     """Pick and prepare a backend for every QuantLinear of ``model``; returns ``{layer name: backend}``.
 
     Logs each distinct choice once, and once which package would enable a better backend.
-    ``backend`` forces one (a clear :class:`BackendError` if it cannot serve a layer).
+    ``backend`` forces one (a clear :class:`BackendError` if it cannot serve a layer). ``tuning_cache``: where the
+    Triton backend keeps the kernel picks it timed, for the next process on the same GPU (``"auto"``:
+    ``~/.cache/auto_quant/tuner``; None: keep them in memory only; else a folder).
     """
     from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.kernels.tuner_cache import tuner_cache
 
     ctx = AttachContext(forced=canonical_name(backend, table), act_dtype=act_dtype or model_act_dtype(model),
-                        table=table, available=Availability(table))
+                        table=table, available=Availability(table), tuning_cache=tuner_cache(tuning_cache))
     chosen: dict[str, str] = {}
     groups: Counter = Counter()
     better: Counter = Counter()

@@ -21,11 +21,21 @@ log = logging.getLogger(__name__)
 class AutoRoundConfig(_HfAutoRoundConfig):
     """Loading options for auto_round (and GPTQ/AWQ) checkpoints in auto_quant.
 
-    ``backend``: ``"auto"`` picks per layer from the backend registry; a name forces one.
+    ``backend``: ``"auto"`` picks per layer from the backend registry; a name forces one. ``tuning_cache`` (a
+    keyword): where the Triton backend keeps the kernel picks it timed, so the next process on the same GPU skips
+    the timing (``"auto"``, the default: ``~/.cache/auto_quant/tuner``; None: in memory only; else a folder).
     """
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = True, backend: str = "auto", **kwargs):
         super().__init__(bits=bits, group_size=group_size, sym=sym, backend=backend, **kwargs)
+
+    def get_loading_attributes(self) -> dict:
+        """What ``from_pretrained(..., quantization_config=AutoRoundConfig(...))`` sets on the checkpoint's own
+        config: the backend and, when given, the tuning cache."""
+        attrs = super().get_loading_attributes()
+        if hasattr(self, "tuning_cache"):
+            attrs["tuning_cache"] = self.tuning_cache
+        return attrs
 
 
 class AutoQuantHfQuantizer(HfQuantizer):
@@ -59,7 +69,7 @@ class AutoQuantHfQuantizer(HfQuantizer):
         from auto_quant.inference.backends import attach_backends
 
         backend = getattr(self.quantization_config, "backend", "auto") or "auto"
-        attach_backends(model, backend=backend)
+        attach_backends(model, backend=backend, tuning_cache=getattr(self.quantization_config, "tuning_cache", "auto"))
         return model
 
     @property

@@ -3,8 +3,10 @@
 ``prepare`` builds the kernel layout once (a GPTQ-layout 2/4/8-bit ``qweight`` is used as is;
 3-bit and AWQ layouts are repacked) and shares one tuner and one split-K workspace across the
 layers of a model (through the attach context). The first call for each (shape, batch-size
-bucket) times a few kernel variants and keeps the fastest; calls under CUDA-graph capture
-use the shape heuristic until a shape has been tuned.
+bucket) times a few kernel variants and keeps the fastest, on disk too when the attach context
+has a tuning cache (``AutoRoundConfig(tuning_cache=...)``, default ``"auto"``), so the next process
+on the same GPU takes it without timing; calls under CUDA-graph capture use a cached pick, else the
+shape heuristic until a shape has been tuned.
 """
 
 from __future__ import annotations
@@ -30,5 +32,5 @@ class TritonLinear:
 def prepare(module, ctx=None) -> TritonLinear:
     if ctx is None:
         return TritonLinear(module, None, Workspace())
-    tuner, ws = ctx.resource("triton", lambda: (Tuner(), Workspace()))
+    tuner, ws = ctx.resource("triton", lambda: (Tuner(cache=ctx.tuning_cache), Workspace()))
     return TritonLinear(module, tuner, ws)

@@ -1,0 +1,110 @@
+"""The tuner's on-disk picks (``kernels/tuner_cache.py``) without a GPU: round trips keyed by GPU and kernel
+sources, merging writers, atomic files, unreadable files and entries, unwritable folders, and that a CPU tuner never
+touches the cache. The GPU side (a second tuner skips the timing) is in ``test_kernels_gpu.py``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from auto_quant.errors import ConfigError
+from auto_quant.kernels.dispatch import KernelConfig
+from auto_quant.kernels.tuner_cache import (TunerCache, default_tuner_cache_dir, entry_key, sources_fingerprint,
+                                            tuner_cache)
+
+GPU = "NVIDIA H100 80GB HBM3|sm90|132sm|torch 2.11|triton 3.6"
+KEY = (4, 128, False, torch.bfloat16, 16, 4096, 4096, torch.device("cuda", 0))
+CFG = KernelConfig("mma_kb", 16, 32, 128, 1, 4, 3)
+
+
+def test_round_trip_keyed_by_gpu_and_sources(tmp_path):
+    TunerCache(tmp_path, sources="a").put(GPU, KEY, CFG)
+    assert TunerCache(tmp_path, sources="a").get(GPU, KEY) == CFG
+    assert TunerCache(tmp_path, sources="a").get(GPU.replace("sm90", "sm89"), KEY) is None  # another GPU
+    assert TunerCache(tmp_path, sources="a").get(GPU, KEY[:4] + (1,) + KEY[5:]) is None  # another row bucket
+    assert TunerCache(tmp_path, sources="b").get(GPU, KEY) is None  # other kernel sources: another file
+    # the device object is not part of the key (the GPU's fingerprint is), the dtype is written out
+    assert json.loads(entry_key(GPU, KEY)) == [GPU, 4, 128, False, "torch.bfloat16", 16, 4096, 4096]
+
+
+def test_writers_merge_and_files_are_whole(tmp_path):
+    one, two = TunerCache(tmp_path, sources="s"), TunerCache(tmp_path, sources="s")
+    assert one.get(GPU, KEY) is None and two.get(GPU, KEY) is None  # both read the (empty) folder first
+    other = KEY[:4] + (1,) + KEY[5:]
+    one.put(GPU, KEY, CFG)
+    two.put(GPU, other, KernelConfig("gemv", 1, 512, 32, 33, 4, 3))
+    fresh = TunerCache(tmp_path, sources="s")
+    assert fresh.get(GPU, KEY) == CFG and fresh.get(GPU, other).kind == "gemv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]  # no temporary file left behind
+    assert json.loads((tmp_path / "s.json").read_text())["version"] == 1
+
+
+def test_unreadable_file_and_entries_are_ignored(tmp_path, caplog):
+    (tmp_path / "s.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="auto_quant.kernels.tuner_cache"):
+        assert TunerCache(tmp_path, sources="s").get(GPU, KEY) is None
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    TunerCache(tmp_path, sources="s").put(GPU, KEY, CFG)  # replaced by a good file
+    assert TunerCache(tmp_path, sources="s").get(GPU, KEY) == CFG
+    data = json.loads((tmp_path / "s.json").read_text())
+    data["entries"][entry_key(GPU, KEY)]["kind"] = "no_such_kernel"  # an entry these kernels do not take
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="auto_quant.kernels.tuner_cache"):
+        assert TunerCache(tmp_path, sources="s").get(GPU, KEY) is None
+    assert any("ignoring cached kernel pick" in r.getMessage() for r in caplog.records)
+
+
+def test_unwritable_folder_keeps_the_pick_in_memory(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cache = TunerCache(blocker / "tuner", sources="s")  # its folder cannot be made: a file is in the way
+    assert cache.get(GPU, KEY) is None
+    with caplog.at_level(logging.WARNING, logger="auto_quant.kernels.tuner_cache"):
+        cache.put(GPU, KEY, CFG)  # no exception: a matmul never fails on the cache
+    assert any("could not write" in r.getMessage() for r in caplog.records)
+    assert cache.get(GPU, KEY) == CFG
+
+
+def test_sources_fingerprint_follows_every_kernel_file(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not a source")
+    first = sources_fingerprint(str(tmp_path))
+    sources_fingerprint.cache_clear()
+    (tmp_path / "notes.txt").write_text("changed")
+    assert sources_fingerprint(str(tmp_path)) == first
+    sources_fingerprint.cache_clear()
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert sources_fingerprint(str(tmp_path)) != first
+    sources_fingerprint.cache_clear()
+    assert len(sources_fingerprint()) == 20  # the installed kernel package's own
+
+
+def test_cache_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_tuner_cache_dir() == tmp_path / "auto_quant" / "tuner"
+    assert tuner_cache("auto").cache_dir == tmp_path / "auto_quant" / "tuner"
+    assert tuner_cache(None) is None
+    assert tuner_cache(tmp_path / "mine").cache_dir == tmp_path / "mine"
+    with pytest.raises(ConfigError, match="tuning_cache is 'auto', None or a folder"):
+        tuner_cache(3)
+
+
+def test_cpu_tuner_never_touches_the_cache(tmp_path):
+    """Off CUDA the tuner answers with the shape heuristic: no timing, no fingerprint, no file."""
+    from auto_quant.kernels.dispatch import Workspace, default_config
+    from auto_quant.kernels.tuner import Tuner
+    from auto_quant.quant import QuantSpec, quantize_weight
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.kernels.pack import from_quant_linear
+
+    qw = quantize_weight(torch.randn(64, 128), QuantSpec(bits=4, group_size=32, sym=True))
+    kw = from_quant_linear(QuantLinear.from_quantized(qw, None, layout="gptq_v2"))
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    tuner = Tuner(cache=TunerCache(tmp_path, sources="s"))
+    assert tuner.config(x, kw, None, Workspace()) == default_config(2, 64, 128, x.device, 4, 32, x.dtype)
+    assert not any(tmp_path.iterdir())
