@@ -96,11 +96,11 @@ def test_cache_spec(tmp_path, monkeypatch):
 
 def test_cpu_tuner_never_touches_the_cache(tmp_path):
     """Off CUDA the tuner answers with the shape heuristic: no timing, no fingerprint, no file."""
+    from auto_quant.inference.qlinear import QuantLinear
     from auto_quant.kernels.dispatch import Workspace, default_config
+    from auto_quant.kernels.pack import from_quant_linear
     from auto_quant.kernels.tuner import Tuner
     from auto_quant.quant import QuantSpec, quantize_weight
-    from auto_quant.inference.qlinear import QuantLinear
-    from auto_quant.kernels.pack import from_quant_linear
 
     qw = quantize_weight(torch.randn(64, 128), QuantSpec(bits=4, group_size=32, sym=True))
     kw = from_quant_linear(QuantLinear.from_quantized(qw, None, layout="gptq_v2"))
@@ -108,3 +108,35 @@ def test_cpu_tuner_never_touches_the_cache(tmp_path):
     tuner = Tuner(cache=TunerCache(tmp_path, sources="s"))
     assert tuner.config(x, kw, None, Workspace()) == default_config(2, 64, 128, x.device, 4, 32, x.dtype)
     assert not any(tmp_path.iterdir())
+
+
+def test_tuner_takes_a_cached_pick_without_timing(tmp_path, monkeypatch):
+    """The tuner's CUDA path up to the timing, on the CPU: the GPU's fingerprint (its properties, torch and Triton)
+    keys the lookup, a hit becomes the tuner's pick with nothing timed, and the fingerprint is taken once per
+    device. (``test_kernels_gpu.py`` runs the whole path on a GPU.)"""
+    import types
+
+    from auto_quant.kernels import tuner_cache as tc
+    from auto_quant.kernels.dispatch import Workspace
+    from auto_quant.kernels.tuner import Tuner
+
+    triton = pytest.importorskip("triton")
+    calls = []
+
+    def props(device):
+        calls.append(device)
+        return types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    dev = torch.device("cuda", 0)
+    gpu = tc.device_fingerprint(dev)
+    assert gpu == f"NVIDIA H100 80GB HBM3|sm90|132sm|torch {torch.__version__}|triton {triton.__version__}"
+    kw = types.SimpleNamespace(bits=4, group_size=128, zeros=None, out_features=4096, in_features=4096)
+    x = types.SimpleNamespace(shape=(16, 4096), dtype=torch.bfloat16, device=dev)  # what the tuner reads of x
+    cache = TunerCache(tmp_path, sources="s")
+    tuner = Tuner(cache=cache)
+    cache.put(gpu, tuner.key(x, kw), CFG)
+    calls.clear()
+    for _ in range(2):
+        assert tuner.config(x, kw, None, Workspace()) == CFG
+    assert tuner.best[tuner.key(x, kw)] == CFG and not tuner.timings and calls == [dev]
