@@ -1,5 +1,6 @@
 """The tuner's picks kept on disk, so that a new process serving the same model on the same GPU does not time every
-candidate again (on an H100 about 3-8 s per layer shape and row bucket, the first compile aside).
+candidate again (tens of candidates per layer shape and row bucket: seconds each on an H100, more when they compile
+for the first time).
 
 One JSON file per version of the kernel sources (``<sources hash>.json`` in the cache folder): a change to any file
 of this package (kernels, tiles, dispatch rules) starts a new file, so a pick is never reused by other kernels than
