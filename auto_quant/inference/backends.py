@@ -21,12 +21,15 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from auto_quant.errors import BackendError
+
+if TYPE_CHECKING:
+    from auto_quant.kernels.tuner_cache import TunerCache
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +369,7 @@ class AttachContext:
     available: Availability = field(default_factory=Availability)
     resources: dict[str, Any] = field(default_factory=dict)
     moved_warned: bool = False
-    tuning_cache: Any = None
+    tuning_cache: TunerCache | None = None
 
     def resource(self, name: str, factory: Callable[[], Any]) -> Any:
         if name not in self.resources:
