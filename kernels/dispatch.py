@@ -214,19 +214,22 @@ def candidates(M: int, N: int, K: int, device: torch.device, bits: int = 4,
         out += wgmma_candidates(M, N, K, group_size, sms, smem_limit(device), bits)
     if use_tdot:  # the tdot tiles beat the activation-side dot tiles at every H100 shape (2x at 8-16 rows)
         out += tdot_candidates(M, N, K, bits, group_size, sms, smem_limit(device))
-    elif bits == 3:  # past tdot's rows: the 3-bit dot tiles ran 10-13x behind dequantize + cuBLAS (H100, 1024 rows)
-        pass
-    elif M <= 16:
-        out += _split_variants("dot", M, N, K, bits, sms, ((16, 64, 16, 4, 3), (16, 128, 16, 4, 3),
-                                                          (16, 128, 32, 8, 3)), ("auto", "double"))
-    elif M <= 64:
-        bm = 32 if M <= 32 else 64
-        out += _split_variants("dot", M, N, K, bits, sms, ((bm, 64, 16, 4, 3), (bm, 128, 16, 8, 3)), ("auto", 1))
-    else:
-        out += _split_variants("dot", M, N, K, bits, sms, ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3),
-                                                          (128, 256, 16, 8, 3)), (1,))
+    elif bits != 3:  # past tdot's rows the 3-bit dot tiles ran 10-13x behind dequantize + cuBLAS (H100, 1024 rows)
+        out += _dot_candidates(M, N, K, bits, sms)
     out.append(_cfg("dequant", 1, 128, 8, bits, warps=8))  # dequantize + cuBLAS: the floor of every batched shape
     return _unique(out)
+
+
+def _dot_candidates(M: int, N: int, K: int, bits: int, sms: int) -> list[KernelConfig]:
+    """The activation-side ``dot`` tiles per row bucket (the kernel where neither ``tdot`` nor ``wgmma`` serves)."""
+    if M <= 16:
+        return _split_variants("dot", M, N, K, bits, sms, ((16, 64, 16, 4, 3), (16, 128, 16, 4, 3),
+                                                          (16, 128, 32, 8, 3)), ("auto", "double"))
+    if M <= 64:
+        bm = 32 if M <= 32 else 64
+        return _split_variants("dot", M, N, K, bits, sms, ((bm, 64, 16, 4, 3), (bm, 128, 16, 8, 3)), ("auto", 1))
+    return _split_variants("dot", M, N, K, bits, sms, ((64, 128, 16, 4, 3), (128, 128, 16, 8, 3),
+                                                      (128, 256, 16, 8, 3)), (1,))
 
 
 def _unique(configs: list[KernelConfig]) -> list[KernelConfig]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from auto_quant.errors import ConfigError
+from auto_quant.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ CACHE_VERSION = 1
 
 def default_tuner_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/auto_quant/tuner`` (``~/.cache`` without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "auto_quant" / "tuner"
+    return user_cache_dir("tuner")
 
 
 @functools.cache

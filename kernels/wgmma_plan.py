@@ -16,6 +16,8 @@ import importlib.util
 
 import torch
 
+from auto_quant.kernels.pack import codes_per_row
+
 WGMMA_BITS = (2, 3, 4, 8)
 # per row bucket (the smallest power of two >= M, at most 256): (block_m, block_n, block_k, warps, stages)
 WGMMA_TILES = {16: ((16, 64, 128, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 8, 4)),
@@ -40,7 +42,9 @@ def wgmma_block_ok(block_m: int, block_n: int, block_k: int, num_warps: int) -> 
 def wgmma_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, bits: int = 4) -> int:
     """The kernel's shared memory: per stage the activation tile and the packed words (3 bits: the 2-bit plane's
     and the high words, half as many), plus the barriers."""
-    words = block_k // 16 * block_n * 6 if bits == 3 else block_k // (32 // bits) * block_n * 4
+    words = block_k // codes_per_row(bits) * block_n * 4
+    if bits == 3:
+        words += words // 2  # a high word per column pair
     return stages * (block_m * block_k * 2 + words) + 8 * stages + 64
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
+from auto_quant.paths import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "auto_quant" / "calib"
+    return user_cache_dir("calib")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -25,14 +25,14 @@ from pathlib import Path
 from auto_quant.calib.records import LOCAL_FILE_TYPES, FileSource
 from auto_quant.calib.spec import SELF_SOURCE, SourceSpec
 from auto_quant.errors import CalibrationError
+from auto_quant.paths import user_cache_dir
 
 CORPUS_SPLITS = ("train", "validation")
 TEXT_FILE_PATTERNS = ("*.txt", "*.md", "*.rst")
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "auto_quant" / "data"
+    return user_cache_dir("data")
 
 
 def data_roots(data_dirs) -> tuple[Path, ...]:

@@ -55,6 +55,7 @@ import torch
 
 from auto_quant.errors import BackendError
 from auto_quant.inference.backends import find_c_compiler
+from auto_quant.paths import user_cache_dir
 
 BLOCK = 32  # inputs per activation block and per scale
 TILE_N = 16  # weight rows interleaved in one tile
@@ -82,8 +83,7 @@ def source_path() -> Path:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "auto_quant" / "kernels"
+    return user_cache_dir("kernels")
 
 
 @functools.cache
