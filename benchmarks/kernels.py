@@ -211,26 +211,53 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
     return rows
 
 
+def llama_shaped_model(layers: int, dims: tuple[int, int, int, int, int], dev: torch.device):
+    """A bf16 Llama with random weights: ``dims`` = (hidden, intermediate, heads, kv heads, vocab)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv_heads, vocab = dims
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def quantize_linears(model, bits: int, group_size: int) -> int:
+    """Every Linear but the lm_head to a symmetric RTN QuantLinear in place; returns the packed bytes."""
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=True)
+    qbytes = 0
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                qw = quantize_weight(child.weight.detach().float(), spec)
+                q = QuantLinear.from_quantized(qw, None, layout="gptq", bias_dtype=torch.bfloat16)
+                q = q.to(child.weight.device)
+                qbytes += sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
+                setattr(mod, child_name, q)
+                del child
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return qbytes
+
+
 def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 128, device: str = "cuda",
                dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256), batches: tuple[int, ...] = (1,)):
     """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs.
 
     The first batch size fills the top-level keys (batch 1 by default); others go to ``"batched"``,
     tokens/s counting every sequence's tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from transformers import StaticCache
 
     from auto_quant.inference.backends import attach_backends
-    from auto_quant.inference.qlinear import QuantLinear
-    from auto_quant.quant import QuantSpec, quantize_weight
 
     dev = torch.device(device)
-    hidden, inter, heads, kv_heads, vocab = dims
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0)
+    model = llama_shaped_model(layers, dims, dev)
+    cfg = model.config
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     warm_steps = 64  # replayed before timing, so the GPU's clocks are steady (see graph_time_us)
     max_len = warm_steps + steps + 16  # the cache also counts the capture's and warm-up's tokens
 
@@ -288,18 +315,7 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
     bf16_rest = [run("bf16", b) for b in rest]
     out["bf16"]["linear_weight_GB"] = round(sum(m.weight.numel() * 2 for n, m in model.named_modules()
                                                  if isinstance(m, torch.nn.Linear) and n != "lm_head") / 1e9, 3)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=True)
-    qbytes = 0
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
-                qw = quantize_weight(child.weight.detach().float(), spec)
-                q = QuantLinear.from_quantized(qw, None, layout="gptq", bias_dtype=torch.bfloat16).to(dev)
-                qbytes += sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
-                setattr(mod, child_name, q)
-                del child
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    qbytes = quantize_linears(model, bits, group_size)
     chosen = attach_backends(model)
     label = f"w{bits}g{group_size}"
     out[label] = run(label, first)
@@ -315,12 +331,13 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
     return out
 
 
-def parse_format(name: str) -> dict:
+def format_dict(name: str) -> dict:
     """``w3g128`` (symmetric), ``w4g128a`` (asymmetric), ``w8g-1`` (per channel) -> a format of :func:`gpu_main`."""
-    m = re.fullmatch(r"w([2348])g(-1|\d+)(a?)", name.strip())
-    if not m:
-        raise SystemExit(f"kernels.py: a format is like w4g128 or w4g128a (asymmetric), not {name!r}")
-    return dict(bits=int(m.group(1)), group_size=int(m.group(2)), sym=not m.group(3))
+    try:
+        bits, group_size, sym = parse_format(name.strip())
+    except ValueError as e:
+        raise SystemExit(f"kernels.py: {e}") from None
+    return dict(bits=bits, group_size=group_size, sym=sym)
 
 
 def gpu_main(args):
@@ -345,12 +362,12 @@ def gpu_main(args):
     if args.quick:
         formats = formats[:1]
     if args.formats:
-        formats = [parse_format(f) for f in args.formats.split(",")]
+        formats = [format_dict(f) for f in args.formats.split(",")]
     t = time.time()
     result["matmul"] = bench_matmuls(formats, shapes, ms, dict(rep_ms=15.0), args.compare_previous)
     result["matmul_seconds"] = round(time.time() - t, 1)
     if not args.no_e2e:
-        e2e_fmt = parse_format(args.e2e_format)
+        e2e_fmt = format_dict(args.e2e_format)
         if not e2e_fmt["sym"]:
             raise SystemExit("kernels.py: the end-to-end decode quantizes symmetric weights (--e2e-format w4g128)")
         result["e2e"] = e2e_decode(args.layers, bits=e2e_fmt["bits"], group_size=e2e_fmt["group_size"],
