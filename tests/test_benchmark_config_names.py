@@ -43,3 +43,18 @@ def test_timing_context_reads_back_its_picks(tmp_path):
     assert KernelConfig(**got["read"][(m_bucket(16), 4096, 4096)]) == cfg
     assert tc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert tc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+
+
+def test_format_names_parse_the_same_in_every_script():
+    """``w4g128`` / ``w4g128a`` / ``w8g-1``: ``parse_format`` gives the ``(bits, group, sym)`` tuple that
+    config_times, timing_context, pdl_ab and gemv_sweep unpack, ``format_dict`` the same as the dict ``kernels.py
+    gpu`` takes (a second ``parse_format`` returning the dict once shadowed the first)."""
+    kernels = _load("kernels")
+    assert kernels.parse_format("w4g128") == (4, 128, True)
+    assert kernels.parse_format("w4g128a") == (4, 128, False)
+    assert kernels.parse_format("w8g-1") == (8, -1, True)
+    assert kernels.format_dict(" w3g64 ") == {"bits": 3, "group_size": 64, "sym": True}
+    with pytest.raises(ValueError, match="expected w<bits>g<group size>"):
+        kernels.parse_format("q4_0")
+    with pytest.raises(SystemExit, match="kernels.py: format"):
+        kernels.format_dict("w4")
