@@ -76,6 +76,8 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--format", default="w4g128")
     p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--cases", default="cold,tuner_cache,no_tuner_cache,tuner_cache_fresh_compile",
+                   help="which cases, in this order (the second and the fourth need the first before them)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tuning-cache", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -95,6 +97,8 @@ def main():
                                       ("tuner_cache", ["--tuning-cache", tuner_dir], env),
                                       ("no_tuner_cache", [], env),
                                       ("tuner_cache_fresh_compile", ["--tuning-cache", tuner_dir], fresh)]:
+            if case not in args.cases.split(","):
+                continue
             run = subprocess.run(base + extra, env=case_env, capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"first_call.py: the {case} case failed:\n{run.stderr[-2000:]}")

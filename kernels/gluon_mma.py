@@ -47,6 +47,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from auto_quant.kernels.compile_ahead import kernel_call
 from auto_quant.kernels.gluon_mma_layouts import kernel_layouts, logical_words, logical_words_batched
 from auto_quant.kernels.gluon_mma_operands import _zero_pair, a_halves, act_halves, plane_bits
 from auto_quant.kernels.gluon_wgmma import _phys_row, split_vector, write_tile
@@ -510,12 +511,12 @@ def _qmm_mma_kernel(
         _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
-def launch_mma(x2, w, bias, cfg, ws, pdl=None):
+def launch_mma(x2, w, bias, cfg, ws, pdl=None, compile_only=False):
     """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
     weight rows, 8 or 16 activation rows per program), ``mma_kw`` (warps split K, ``8 / warps`` rows per program) or
     ``mma_kb`` (warps split K, each its own batch of the mma, 8 or 16 rows per program).
     ``pdl``: launch with programmatic dependent launch (:mod:`~auto_quant.kernels.grid_dependency`); by default
-    where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so."""
+    where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so. ``compile_only``: compile, do not run."""
     import torch
 
     M, K = x2.shape
@@ -545,7 +546,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None):
     pdl = pdl_launch(x2.device, N * K * w.bits // 8, pdl_max_weight_bytes(cfg.kind)) if pdl is None else pdl
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
-    _qmm_mma_kernel[grid](
+    kernel_call(_qmm_mma_kernel, grid, compile_only)(
         x2, w.qweight, w.high_words, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else out,
         out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from auto_quant.kernels.compile_ahead import compile_candidates, default_compile_workers
 from auto_quant.kernels.dispatch import KernelConfig, Workspace, candidates, default_config, launch, m_bucket
 from auto_quant.kernels.pack import KernelWeight
 from auto_quant.kernels.tuner_cache import TunerCache, device_fingerprint
@@ -31,11 +32,14 @@ class Tuner:
     ``flush``: makes the per-call L2 flush for a device (default
     :func:`~auto_quant.kernels.gpu_timing.l2_read_flush`; benchmarks compare others). ``cache``: where picks are
     looked up before timing and stored after (:class:`~auto_quant.kernels.tuner_cache.TunerCache`; None: in
-    memory only, the picks of this tuner's life).
+    memory only, the picks of this tuner's life). ``compile_workers``: threads that compile a shape's candidates side by
+    side before the first is timed (:mod:`~auto_quant.kernels.compile_ahead`; default: the usable CPUs, at most 16;
+    1: one by one as they are timed).
     """
 
     def __init__(self, rep_ms: float = 25.0, settle_ms: float = 100.0, recheck: int = 4,
-                 flush: Callable[[torch.device], Callable[[], object]] | None = None, cache: TunerCache | None = None):
+                 flush: Callable[[torch.device], Callable[[], object]] | None = None, cache: TunerCache | None = None,
+                 compile_workers: int | None = None):
         self.rounds = max(3, min(30, int(rep_ms // 4)))
         self.flush = flush
         self.settle_rounds = max(1, int(settle_ms // 2))
@@ -44,6 +48,7 @@ class Tuner:
         self.timings: dict[tuple, dict[KernelConfig, float]] = {}
         self.cache = cache
         self._device_ids: dict[torch.device, str] = {}
+        self.compile_workers = default_compile_workers() if compile_workers is None else compile_workers
 
     @staticmethod
     def key(x2: torch.Tensor, w: KernelWeight) -> tuple:
@@ -82,8 +87,10 @@ class Tuner:
                 torch.cuda.synchronize()
                 return None
 
+        offered = candidates(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
+        compile_candidates(lambda c: launch(x2, w, bias, c, ws, compile_only=True), offered, self.compile_workers)
         times: dict[KernelConfig, float] = {}
-        for i, c in enumerate(candidates(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)):
+        for i, c in enumerate(offered):
             t = timed(c, self.settle_rounds if i == 0 else 0)
             if t is not None:
                 times[c] = t

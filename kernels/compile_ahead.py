@@ -1,0 +1,56 @@
+"""Compiling a shape's candidate kernels side by side before the tuner times them.
+
+A cold tuner compiles tens of Triton and Gluon variants per layer shape and row bucket, one after another as it
+times them: about a minute before a new model's first token on a machine whose compile cache is empty (H100,
+Llama-3-8B shapes, docs/bench/kernels.md). Most of a compile runs outside Python (MLIR passes, LLVM, ``ptxas``), so
+:func:`compile_candidates` has a thread pool compile every candidate under ``triton.AsyncCompileMode`` (the launchers
+called with ``compile_only``, :func:`kernel_call`), and the timing that follows finds them in Triton's cache. Nothing
+here changes what is compiled or picked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def kernel_call(kernel, grid, compile_only: bool = False) -> Callable:
+    """``kernel[grid]``; with ``compile_only`` a call that compiles the same specialization without launching it
+    (Triton's warm-up path: under ``AsyncCompileMode`` it is queued on the mode's executor)."""
+    if compile_only:
+        return lambda *args, **kwargs: kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    return kernel[grid]
+
+
+def default_compile_workers() -> int:
+    """Threads for :func:`compile_candidates`: the CPUs this process may use, at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(16, n))
+
+
+def compile_candidates(launch_one: Callable[[object], object], configs: Sequence, workers: int) -> None:
+    """Compile the kernel of every config in ``configs`` on ``workers`` threads: ``launch_one(config)`` calls the
+    launcher with ``compile_only``. A config whose launcher or compile fails is skipped here (its timed launch meets
+    the same error and the tuner skips it there)."""
+    if workers <= 1 or len(configs) <= 1:
+        return
+    import triton
+
+    mode_cls = getattr(triton, "AsyncCompileMode", None)
+    if mode_cls is None:  # an older Triton: the timing compiles them one by one
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="auto_quant-compile") as pool:
+        with mode_cls(pool, ignore_errors=True):
+            for c in configs:
+                try:
+                    launch_one(c)
+                except Exception as e:  # noqa: BLE001 - e.g. a config the launcher rejects for this shape
+                    log.debug("compiling %s ahead failed: %s", c, e)
