@@ -13,6 +13,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from auto_quant.kernels.gluon_wgmma import logical_rows
+
 
 @gluon.constexpr_function
 def mma_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS):
@@ -105,13 +107,12 @@ def kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, BITS, BATCHED):
 
 @gluon.jit
 def logical_words(wp, word_l: gl.constexpr, REPS: gl.constexpr, num_warps: gl.constexpr):
-    """``[word rows, BLOCK_N]`` words in physical row order -> ``[BLOCK_N, groups, 4]`` in logical row order: physical
-    ``p = ((w * 8 + g) * REPS + rep) * 2 + h`` is logical ``l = ((rep * W + w) * 2 + h) * 8 + g`` (no data moves)."""
+    """``[word rows, BLOCK_N]`` words in physical row order -> ``[BLOCK_N, groups, 4]`` in logical row order
+    (:func:`~auto_quant.kernels.gluon_wgmma.logical_rows`, the ``wgmma`` kernel's row order; no data moves)."""
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
-    wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
-    wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
-    return gl.convert_layout(gl.reshape(gl.permute(wl, (1, 0)), [BLOCK_N, BKW // 4, 4]), word_l, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(logical_rows(wp, REPS, num_warps), [BLOCK_N, BKW // 4, 4]), word_l,
+                             assert_trivial=True)
 
 
 @gluon.jit

@@ -233,14 +233,15 @@ def _tile_scales(s_ptr, z_ptr, cols, col_ok, N, k_lo, t, n_tiles, GROUP: gl.cons
 
 
 @gluon.jit
-def _logical(wp, word_l: gl.constexpr, REPS: gl.constexpr, num_warps: gl.constexpr):
-    """``[words, BLOCK_N]`` in physical row order -> ``[BLOCK_N, words]`` in logical order (registers only):
-    physical ``p = ((w * 8 + g) * REPS + rep) * 2 + h`` is logical ``l = ((rep * W + w) * 2 + h) * 8 + g``."""
+def logical_rows(wp, REPS: gl.constexpr, num_warps: gl.constexpr):
+    """``[words, BLOCK_N]`` in physical row order -> ``[BLOCK_N, words]`` in logical row order (the inverse of
+    :func:`_phys_row`; no data moves once converted to the caller's layout): physical
+    ``p = ((w * 8 + g) * REPS + rep) * 2 + h`` is logical ``l = ((rep * W + w) * 2 + h) * 8 + g``."""
     BKW: gl.constexpr = wp.shape[0]
     BLOCK_N: gl.constexpr = wp.shape[1]
     wl = gl.reshape(wp, [BKW, num_warps, 8, REPS, 2])
     wl = gl.reshape(gl.permute(wl, (0, 3, 1, 4, 2)), [BKW, BLOCK_N])
-    return gl.convert_layout(gl.permute(wl, (1, 0)), word_l, assert_trivial=True)
+    return gl.permute(wl, (1, 0))
 
 
 @gluon.jit
@@ -259,12 +260,13 @@ def _operand(w_smem, h_smem, bars, scz, sel, zz, t, a_l: gl.constexpr, load_l: g
         zz = gl.expand_dims(gl.expand_dims(_pair(-(zp.to(gl.float32) + MAGIC), ACT_FP16), 1), 2)
     mbarrier.wait(bars.index(s), (t // STAGES) & 1)
     wp = w_smem.index(s).load(load_l)  # [BKW, BLOCK_N], physical rows
-    words = _logical(wp, word_l, REPS, num_warps)
+    words = gl.convert_layout(logical_rows(wp, REPS, num_warps), word_l, assert_trivial=True)
     hwords = words
     if BITS == 3:
         hp = h_smem.index(s).load(hload_l)  # [BKW, BLOCK_N / 2]
         hx = gl.reshape(gl.join(hp, hp >> 1), [hp.shape[0], BLOCK_N])
-        hwords = _logical(gl.convert_layout(hx, load_l, assert_trivial=True), word_l, REPS, num_warps)
+        hx = gl.convert_layout(hx, load_l, assert_trivial=True)
+        hwords = gl.convert_layout(logical_rows(hx, REPS, num_warps), word_l, assert_trivial=True)
     a = _dequant(gl.expand_dims(words, 2), sel, zz, ss, BITS, ACT_FP16, gl.expand_dims(hwords, 2))
     return gl.convert_layout(a, a_l, assert_trivial=True)
 

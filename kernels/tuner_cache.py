@@ -20,13 +20,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from auto_quant.errors import ConfigError
-from auto_quant.paths import user_cache_dir
+from auto_quant.paths import replace_file, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +120,10 @@ class TunerCache:
         """Store ``cfg`` for ``key``, merged with the file's current entries (atomic rename)."""
         k = entry_key(device_id, key)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             entries = self._read()
             entries[k] = dataclasses.asdict(cfg)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuner-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=0, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=0, sort_keys=True)
+            replace_file(self.path, lambda tmp: tmp.write_text(text))
             self._entries = entries
         except OSError as e:  # a read-only or full disk: the pick stays in memory only
             log.warning("auto_quant: could not write the kernel tuning cache %s (%s)", self.path, e)

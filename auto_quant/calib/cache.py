@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
-from auto_quant.paths import user_cache_dir
+from auto_quant.paths import replace_file, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +58,6 @@ def load_entry(cache_dir: Path, key: str) -> dict | None:
 def save_entry(cache_dir: Path, key: str, entry: dict) -> None:
     cache_dir = Path(cache_dir)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-        torch.save({"version": CACHE_VERSION, **entry}, tmp)
-        os.replace(tmp, cache_dir / f"{key}.pt")
+        replace_file(cache_dir / f"{key}.pt", lambda tmp: torch.save({"version": CACHE_VERSION, **entry}, tmp))
     except OSError as e:
         log.warning("could not write the calibration cache in %s (%s); continuing without it", cache_dir, e)
