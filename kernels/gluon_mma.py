@@ -357,14 +357,14 @@ def _batched_inputs(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, M, N, n0, m0, k_len, k_
     return src, sz
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["M_rows"])  # one compile serves every row count of a bucket
 def _qmm_mma_kernel(
     x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, k_range,
+    M_rows, N, K, stride_xm, stride_om, k_range,
     BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
     ACT_FP16: gl.constexpr, EVEN_N: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SLICES: gl.constexpr, BATCHED: gl.constexpr, PDL: gl.constexpr,
-    num_warps: gl.constexpr,
+    ONE_ROW: gl.constexpr, num_warps: gl.constexpr,
 ):
     # SLICES == 1: the warps stack along the weight rows (BLOCK_N of them), and the program's BLOCK_M activation rows
     # are the mma's columns. SLICES == num_warps: every warp takes the same BLOCK_N / SLICES weight rows over its own
@@ -391,6 +391,13 @@ def _qmm_mma_kernel(
     hload_l: gl.constexpr = kernel_layouts(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, PB, BATCHED)[6]
     zrow_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_l))
     srow_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+
+    # the row count is not specialized (one compile per row bucket), but one row (decode) is a constant: 3-5 % faster
+    # on the 1-row tiles than a runtime 1 (docs/bench/kernels.md, session 23)
+    if ONE_ROW:
+        M: gl.constexpr = 1
+    else:
+        M = M_rows
 
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -554,6 +561,6 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None, compile_only=False):
         HAS_BIAS=bias is not None, SPLIT=split_vector(N, grid[2] > 1), ACT_FP16=x2.dtype == torch.float16,
         EVEN_N=N % cfg.block_n == 0, EVEN_K=K % k_per_split == 0, BLOCK_N=cfg.block_n * slices,
         BLOCK_M=cfg.block_m * slices, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, SLICES=slices,
-        BATCHED=cfg.kind == "mma_kb", PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+        BATCHED=cfg.kind == "mma_kb", PDL=pdl, ONE_ROW=M == 1, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return out

@@ -402,7 +402,7 @@ def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, n0, m0, M, N, stride_om, pi
             gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["M"])  # one compile serves every row count of a bucket
 def _qmm_wgmma_kernel(
     x_desc, w_desc, h_desc, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_om, k_per_split,

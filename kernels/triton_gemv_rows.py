@@ -63,7 +63,7 @@ def _rows_term(w, zz, base, xm, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, DOT: 
     return r.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile serves every row count of a bucket
 def _gemv_rows_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, rows_per_split,

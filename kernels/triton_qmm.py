@@ -87,7 +87,7 @@ def _write_output(res, out_ptr, o_offs, o_mask, ws_ptr, ws_offs, b_ptr, offs_n, 
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile serves every row count of a bucket
 def _qmm_kernel(
     x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, n_groups, stride_xm, stride_om, rows_per_split,

@@ -106,7 +106,7 @@ def _paired_tile(wq, hq, zz, DEQ: tl.constexpr, DEQ_CONS: tl.constexpr, BITS: tl
     return tl.reshape(t, (wq.shape[0], wq.shape[1] * (16 if BITS == 3 else 32 // BITS)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile serves every row count of a bucket
 def _qmm_wt_kernel(
     x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,

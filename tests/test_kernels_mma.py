@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
 
 
 def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, split=True, bits=4, even=True,
-             stages=2, slices=1, pdl=False, batched=False):
+             stages=2, slices=1, pdl=False, batched=False, one_row=False):
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -23,14 +23,14 @@ def _compile(act="bf16", sym=True, group=128, bm=8, bn=128, bk=128, warps=4, spl
     from auto_quant.kernels import gluon_mma as m
 
     sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": f"*{act}",
-           "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M_rows": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_om": "i32", "k_range": "i32"}
     const = dict(BITS=bits, GROUP=group, HAS_ZERO=not sym, HAS_BIAS=True, SPLIT=m.split_vector(4096, split),
                  ACT_FP16=act == "fp16", EVEN_N=even, EVEN_K=even, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, STAGES=stages,
-                 SLICES=slices, BATCHED=batched, PDL=pdl, num_warps=warps)
+                 SLICES=slices, BATCHED=batched, PDL=pdl, ONE_ROW=one_row, num_warps=warps)
     sig |= {k: "constexpr" for k in const}
     keys = list(sig)
-    div = [k for k in sig if sig[k] != "constexpr" and k not in ("M",)]
+    div = [k for k in sig if sig[k] != "constexpr" and k not in ("M_rows",)]
     src = GluonASTSource(m._qmm_mma_kernel, sig, constexprs={(keys.index(k),): v for k, v in const.items()},
                          attrs={(keys.index(a),): [["tt.divisibility", 16]] for a in div})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
@@ -167,6 +167,20 @@ def test_mma_pdl_reads_only_the_weight_before_the_grid_wait(slices, stages):
     assert "griddepcontrol.launch_dependents" in body[wait:]
     assert "griddepcontrol" not in _compile("bf16", True, 128, 8, 16 * warps, 128, warps, False, 4, True, stages,
                                             slices=slices).asm["ptx"]
+
+
+@pytest.mark.parametrize("slices,batched", [(1, False), (8, False), (8, True)])
+def test_one_row_variant_folds_the_row_count(slices, batched):
+    """The row count is a runtime argument (one compile per row bucket); ``ONE_ROW`` (decode) makes it the constant
+    1, which the compiler folds: the one-row PTX never reads the row-count parameter (param 9), the general one does."""
+    warps = 8 if slices > 1 else 4
+    bm = 8 * warps if batched else 8  # mma and mma_kw: 8 rows a program in all; mma_kb: 8 rows a warp
+    kw = dict(slices=slices, batched=batched)
+    one, general = (_compile("bf16", True, 128, bm, 16 * warps, 128, warps, False, 4, True, 2, one_row=o, **kw)
+                    for o in (True, False))
+    reads = [re.findall(r"ld\.param\.\w+\s+%\w+,\s*\[(\w+)\]", ck.asm["ptx"]) for ck in (one, general)]
+    row_param = [p for p in reads[1] if p.endswith("_param_9")]
+    assert row_param and not [p for p in reads[0] if p.endswith("_param_9")]
 
 
 @pytest.mark.parametrize("sym,bm,stages", [(False, 8, 2), (True, 16, 2), (False, 16, 3), (True, 8, 3)])
