@@ -552,6 +552,10 @@ def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = N
                  config: KernelConfig | None = None, tuner: Tuner | None = None,
                  workspace: Workspace | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for ``x [..., K]`` in fp16/bf16; ``W`` in the kernel layout."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: a layer on another GPU (a model split over several) switches to it
+        with torch.cuda.device(x.device):
+            return quant_matmul(x, w, bias, config=config, tuner=tuner, workspace=workspace)
     if x.shape[-1] != w.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer takes {w.in_features}")
     lead = x.shape[:-1]
