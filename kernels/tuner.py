@@ -6,7 +6,7 @@ device) and keeps the fastest. A tuner belongs to whoever creates it (one per lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -113,3 +113,38 @@ class Tuner:
             self.cache.put(self._device_ids[x2.device], key, cfg)
         log.debug("tuned %s -> %s", key, cfg)
         return cfg
+
+    def compile_cached(self, layers: Iterable[tuple[KernelWeight, torch.Tensor | None]], ws: Workspace) -> int:
+        """Compile, side by side, the kernels that this tuner's cache picked for ``layers`` (``(weight, bias)``
+        pairs; those on CUDA): for each distinct format, shape and bias of a layer, every cached pick of its GPU
+        (every activation dtype and row bucket timed before), at the bucket's row count (the kernels do not
+        specialize on the row count, so that compile serves every call of the bucket). The picks become this
+        tuner's, so the first calls neither read the cache nor wait for a compile one by one
+        (a new container given the cache folder: docs/bench/kernels.md). Returns how many kernels it compiled."""
+        if self.cache is None:
+            return 0
+        jobs: dict[torch.device, list[Callable[[], object]]] = {}
+        acts: dict[tuple, torch.Tensor] = {}
+        seen = set()
+        for w, bias in layers:
+            dev = w.qweight.device
+            shape = (w.bits, w.group_size, w.zeros is not None, w.out_features, w.in_features)
+            if dev.type != "cuda" or (shape, dev, None if bias is None else bias.dtype) in seen:
+                continue
+            seen.add((shape, dev, None if bias is None else bias.dtype))
+            if dev not in self._device_ids:
+                self._device_ids[dev] = device_fingerprint(dev)
+            for key, cfg in self.cache.picks(self._device_ids[dev]):
+                bits, group_size, has_zero, dtype, bucket, n, k = key
+                if (bits, group_size, has_zero, n, k) != shape:
+                    continue
+                self.best.setdefault(key + (dev,), cfg)
+                x2 = acts.setdefault((bucket, k, dtype, dev), torch.zeros(bucket, k, dtype=dtype, device=dev))
+                jobs.setdefault(dev, []).append(
+                    lambda x2=x2, w=w, bias=bias, cfg=cfg: launch(x2, w, bias, cfg, ws, compile_only=True))
+        compiled = 0
+        for dev, calls in jobs.items():
+            with torch.cuda.device(dev):  # Triton compiles and caches for the current device
+                compile_candidates(lambda call: call(), calls, self.compile_workers)
+            compiled += len(calls) if self.compile_workers > 1 and len(calls) > 1 else 0
+        return compiled

@@ -116,6 +116,27 @@ class TunerCache:
             log.warning("auto_quant: ignoring cached kernel pick %s (%s)", fields, e)
             return None
 
+    def picks(self, device_id: str) -> list[tuple[tuple, object]]:
+        """Every cached pick for the device ``device_id``: (the tuner's key without its device, the
+        :class:`~auto_quant.kernels.dispatch.KernelConfig`); entries this code cannot read are left out."""
+        from auto_quant.kernels.dispatch import KernelConfig
+
+        if self._entries is None:
+            self._entries = self._read()
+        found = []
+        for k, fields in self._entries.items():
+            try:
+                dev, bits, group_size, has_zero, dtype, bucket, n, k_in = json.loads(k)
+                if dev != device_id:
+                    continue
+                act = getattr(torch, dtype.removeprefix("torch."))
+                if not isinstance(act, torch.dtype):
+                    raise ValueError(f"{dtype} is not a torch dtype")
+                found.append(((bits, group_size, has_zero, act, bucket, n, k_in), KernelConfig(**fields)))
+            except Exception as e:  # an entry of another layout or edited by hand: not compiled ahead
+                log.debug("skipping tuner cache entry %s: %s", k, e)
+        return found
+
     def put(self, device_id: str, key: tuple, cfg) -> None:
         """Store ``cfg`` for ``key``, merged with the file's current entries (atomic rename)."""
         k = entry_key(device_id, key)

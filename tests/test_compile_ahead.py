@@ -84,3 +84,37 @@ def test_one_worker_or_one_candidate_compiles_nothing_ahead():
     compile_candidates(calls.append, ["a", "b"], workers=1)
     compile_candidates(calls.append, ["a"], workers=8)
     assert calls == []
+
+
+def test_compiled_kernels_are_loaded_on_the_pool_before_the_call_returns():
+    """After compiling, every kernel that compiled is loaded (Triton's ``CompiledKernel.run``: the module onto the
+    GPU, the launch stub built) once, on the pool's threads; a compile that failed or a load that raises is
+    skipped without failing the call."""
+    from triton.runtime import _async_compile
+
+    from auto_quant.kernels.compile_ahead import compile_candidates
+
+    loaded = []
+
+    class Compiled:
+        def __init__(self, name):
+            self.name = name
+
+        @property
+        def run(self):
+            loaded.append((self.name, threading.current_thread().name))
+            if self.name == "unloadable":
+                raise RuntimeError("out of shared memory")
+            return lambda *args: None
+
+    def launch_one(c):
+        def compile_fn():
+            if c == "broken":
+                raise RuntimeError("does not compile")
+            return Compiled(c)
+
+        _async_compile.active_mode.get().submit(c, compile_fn, lambda kernel: None)
+
+    compile_candidates(launch_one, ["a", "broken", "unloadable", "b"], workers=3)
+    assert sorted(name for name, _ in loaded) == ["a", "b", "unloadable"]
+    assert all(t.startswith("auto_quant-compile") for _, t in loaded)

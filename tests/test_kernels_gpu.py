@@ -389,3 +389,152 @@ def test_attach_triton_backend_on_cuda_model():
         out = model(ids).logits
         detach_backends(model)
     assert rel_err(out, ref) < 1e-2
+
+
+def compiled_kernels(device_index: int) -> int:
+    """How many kernel specializations the package's Triton and Gluon kernels hold compiled for one GPU."""
+    from auto_quant.kernels import gluon_mma, gluon_wgmma, triton_gemv, triton_gemv_rows, triton_qmm, triton_qmm_wt
+
+    n = 0
+    for mod in (gluon_mma, gluon_wgmma, triton_gemv, triton_gemv_rows, triton_qmm, triton_qmm_wt):
+        for obj in vars(mod).values():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(caches, dict) and device_index in caches:
+                n += len(caches[device_index][0])
+    return n
+
+
+def test_cached_picks_compiled_at_attach_leave_nothing_to_compile(tmp_path):
+    """A tuner given a cache with picks for a layer compiles them ahead (at each bucket's row count); the first
+    calls at 1, 40 and 48 rows (bucket 64: other row counts than the compile's, a multiple of 16 and not) and 300
+    rows then compile nothing, time nothing and are right."""
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, default_config, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
+    from auto_quant.kernels.tuner_cache import TunerCache, device_fingerprint
+
+    N, K = 776, 1536  # N not a multiple of 16 nor of any tile: specializations no other test compiles
+    kw = quantized_weight(N, K, 4, 128, True, seed=21)
+    W = dequantize(kw).double()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cache = TunerCache(tmp_path)
+    for m in (1, 40, 300):
+        key = (4, 128, False, torch.bfloat16, m_bucket_of(m), N, K, dev)
+        cache.put(device_fingerprint(dev), key, default_config(m, N, K, dev, 4, 128, torch.bfloat16))
+    tuner, ws = Tuner(rep_ms=5, cache=TunerCache(tmp_path)), Workspace()
+    assert tuner.compile_cached([(kw, None)], ws) == 3  # at 1, 64 and 512 rows
+    before = compiled_kernels(dev.index)
+    for m in (1, 40, 48, 300):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+        y = quant_matmul(x, kw, tuner=tuner, workspace=ws)
+        assert rel_err(y, x.double() @ W.t()) < TOL
+        assert tuner.key(x, kw) in tuner.best and tuner.key(x, kw) not in tuner.timings
+    assert compiled_kernels(dev.index) == before
+
+
+def m_bucket_of(m):
+    from auto_quant.kernels.dispatch import m_bucket
+
+    return m_bucket(m)
+
+
+def test_attach_compiles_the_cached_picks_of_its_layers(tmp_path):
+    """``attach_backends`` with a tuning cache that already holds this model's picks takes them at attach (its
+    tuner knows every layer's pick before the first call); ``compile_ahead=False`` leaves that to the first calls."""
+    import transformers
+
+    from auto_quant.inference.backends import attach_backends, detach_backends
+    from auto_quant.inference.qlinear import QuantLinear
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=512)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    for mod in list(model.model.modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                qw = quantize_weight(child.weight.float(), QuantSpec(bits=4, group_size=128, sym=True))
+                q = QuantLinear.from_quantized(qw, None, layout="gptq_v2", bias_dtype=torch.float16)
+                setattr(mod, cname, q.to("cuda"))
+    ids = torch.randint(0, 512, (1, 5), device="cuda")
+
+    def tuner_of(m):
+        return next(q.kernel.run.tuner for q in m.modules() if isinstance(q, QuantLinear))
+
+    with torch.no_grad():
+        attach_backends(model, tuning_cache=tmp_path)
+        ref = model(ids).logits  # tunes every shape at 8 rows, stores the picks
+        picked = dict(tuner_of(model).best)
+        detach_backends(model)
+        attach_backends(model, tuning_cache=tmp_path)
+        assert tuner_of(model).best == picked  # before any call
+        out = model(ids).logits
+        detach_backends(model)
+        attach_backends(model, tuning_cache=tmp_path, compile_ahead=False)
+        assert tuner_of(model).best == {}
+        detach_backends(model)
+    assert rel_err(out, ref) < 1e-3  # the same kernels (split-K sums may differ in order)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_the_second_gpu_runs_there(tmp_path):
+    """A model split over GPUs: the kernels of a layer on cuda:1 launch there while cuda:0 is current (Triton
+    launches on the current device), tuned or compiled ahead from the cache, and are right."""
+    import dataclasses
+
+    from auto_quant.kernels import dequantize
+    from auto_quant.kernels.dispatch import Workspace, quant_matmul
+    from auto_quant.kernels.tuner import Tuner
+    from auto_quant.kernels.tuner_cache import TunerCache
+
+    one = torch.device("cuda", 1)
+    kw0 = quantized_weight(1024, 2048, 4, 128, True, seed=5)
+    kw = dataclasses.replace(kw0, **{f.name: getattr(kw0, f.name).to(one) for f in dataclasses.fields(kw0)
+                                    if isinstance(getattr(kw0, f.name), torch.Tensor)})
+    W = dequantize(kw0).double().to(one)
+    on_first = compiled_kernels(0)
+    with torch.cuda.device(0):
+        for m in (1, 16, 300):
+            x = torch.randn(m, 2048, device=one, dtype=torch.float16)
+            for tuner in (None, Tuner(rep_ms=5, cache=TunerCache(tmp_path))):
+                y = quant_matmul(x, kw, tuner=tuner, workspace=Workspace())
+                assert y.device == one and rel_err(y, x.double() @ W.t()) < TOL
+        second = Tuner(rep_ms=5, cache=TunerCache(tmp_path))
+        assert second.compile_cached([(kw, None)], Workspace()) == 3  # at 1, 16 and 512 rows
+        assert torch.cuda.current_device() == 0
+        y = quant_matmul(x, kw, tuner=second, workspace=Workspace())
+        assert rel_err(y, x.double() @ W.t()) < TOL and second.key(x, kw) not in second.timings
+    assert compiled_kernels(1) > 0 and compiled_kernels(0) == on_first  # nothing compiled for (or ran on) cuda:0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_checkpoint_split_over_two_gpus_matches_one_gpu(tmp_path):
+    """``from_pretrained(device_map=...)`` with the blocks spread over cuda:0 and cuda:1: every quantized layer runs
+    the ``triton`` backend on its own GPU, and the logits match the model loaded on one GPU."""
+    from tiny_models import tiny_model, token_data
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRound, AutoRoundConfig
+    from auto_quant.inference.qlinear import QuantLinear
+
+    model = tiny_model("llama", intermediate_size=256, num_hidden_layers=4)
+    out = tmp_path / "tiny_w4"
+    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
+              seqlen=32, progress=False).quantize_and_save(str(out))
+    n = model.config.num_hidden_layers
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 0}  # tied to the embedding
+    split.update({f"model.layers.{i}": int(i >= n // 2) for i in range(n)})
+    ids = torch.randint(0, 200, (2, 12))
+    logits = []
+    for device_map in ({"": 0}, split):
+        qc = AutoRoundConfig(backend="triton", tuning_cache=str(tmp_path / "picks"))
+        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map=device_map,
+                                                 quantization_config=qc)
+        qls = [q for q in m.modules() if isinstance(q, QuantLinear)]
+        assert {q.backend for q in qls} == {"triton"}
+        with torch.no_grad():
+            logits.append(m(ids.to(m.model.embed_tokens.weight.device)).logits.to(0).float())
+        placed = {q.qweight.device.index for q in qls}
+    assert placed == {0, 1}
+    assert rel_err(logits[1], logits[0]) < 1e-3

@@ -140,3 +140,53 @@ def test_tuner_takes_a_cached_pick_without_timing(tmp_path, monkeypatch):
     for _ in range(2):
         assert tuner.config(x, kw, None, Workspace()) == CFG
     assert tuner.best[tuner.key(x, kw)] == CFG and not tuner.timings and calls == [dev]
+
+
+def test_picks_list_one_gpus_entries_with_their_dtypes(tmp_path):
+    """What the attach compiles ahead: every readable pick of one GPU, its key back in the tuner's form (a torch
+    dtype, no device); another GPU's picks and unreadable entries are left out."""
+    cache = TunerCache(tmp_path, sources="s")
+    fp16 = (4, 128, False, torch.float16, 1, 4096, 4096, torch.device("cuda", 0))
+    cache.put(GPU, KEY, CFG)
+    cache.put(GPU, fp16, KernelConfig("gemv", 1, 512, 32, 33, 4, 3))
+    cache.put(GPU.replace("sm90", "sm89"), KEY, CFG)
+    data = json.loads(cache.path.read_text())
+    data["entries"][json.dumps([GPU, 4, 128, False, "torch.notadtype", 1, 64, 64])] = {"kind": "gemv"}
+    data["entries"][json.dumps([GPU, 4, 128])] = {"kind": "gemv"}  # another key layout
+    data["entries"][json.dumps([GPU, 4, 128, False, "torch.float16", 2, 64, 64])] = {"kind": "nope"}
+    cache.path.write_text(json.dumps(data))
+    picks = dict(TunerCache(tmp_path, sources="s").picks(GPU))
+    assert picks == {KEY[:-1]: CFG, fp16[:-1]: KernelConfig("gemv", 1, 512, 32, 33, 4, 3)}
+    assert TunerCache(tmp_path, sources="s").picks("another GPU") == []
+    assert TunerCache(tmp_path / "empty", sources="s").picks(GPU) == []
+
+
+def test_kernels_taking_a_row_count_do_not_specialize_on_it():
+    """Triton specializes an integer argument on being 1 and on being a multiple of 16; every kernel that takes the
+    row count ``M`` opts out, so one compile (ahead, at a bucket's row count) serves every call of a row bucket."""
+    from auto_quant.kernels import gluon_mma, gluon_wgmma, triton_gemv, triton_gemv_rows, triton_qmm, triton_qmm_wt
+
+    taking_m = []
+    for mod in (gluon_mma, gluon_wgmma, triton_gemv, triton_gemv_rows, triton_qmm, triton_qmm_wt):
+        for name, obj in vars(mod).items():
+            params = {p.name: p for p in getattr(obj, "params", [])}
+            rows = "M" if "M" in params else "M_rows"  # the mma kernel: a constexpr ONE_ROW beside it
+            if name.endswith("_kernel") and rows in params:
+                taking_m.append(name)
+                assert params[rows].do_not_specialize, f"{mod.__name__}.{name} specializes on {rows}"
+    assert len(taking_m) == 5, taking_m
+
+
+def test_compile_cached_skips_cpu_layers_and_a_tuner_without_cache(tmp_path):
+    from auto_quant.kernels import pack_codes
+    from auto_quant.kernels.dispatch import Workspace
+    from auto_quant.kernels.tuner import Tuner
+    from auto_quant.quant import QuantSpec, quantize_weight
+
+    qw = quantize_weight(torch.randn(64, 128), QuantSpec(bits=4, group_size=64, sym=True))
+    kw = pack_codes(qw.codes, qw.zero, qw.scale, 4, 64, torch.float16)
+    cache = TunerCache(tmp_path, sources="s")
+    cache.put(GPU, (4, 64, False, torch.float16, 1, 64, 128, torch.device("cuda", 0)), CFG)
+    tuner = Tuner(cache=cache)
+    assert tuner.compile_cached([(kw, None)], Workspace()) == 0 and not tuner.best
+    assert Tuner(cache=None).compile_cached([(kw, None)], Workspace()) == 0

@@ -432,14 +432,15 @@ def model_act_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dtype | None = None,
-                    table: tuple[Backend, ...] = BACKENDS, tuning_cache: str | os.PathLike | None = "auto"
-                    ) -> dict[str, str]:
+                    table: tuple[Backend, ...] = BACKENDS, tuning_cache: str | os.PathLike | None = "auto",
+                    compile_ahead: bool = True) -> dict[str, str]:
     """Pick and prepare a backend for every QuantLinear of ``model``; returns ``{layer name: backend}``.
 
     Logs each distinct choice once, and once which package would enable a better backend.
     ``backend`` forces one (a clear :class:`BackendError` if it cannot serve a layer). ``tuning_cache``: where the
     Triton backend keeps the kernel picks it timed, for the next process on the same GPU (``"auto"``:
-    ``~/.cache/auto_quant/tuner``; None: keep them in memory only; else a folder).
+    ``~/.cache/auto_quant/tuner``; None: keep them in memory only; else a folder). ``compile_ahead``: compile the
+    kernels that cache picked for these layers now, side by side, rather than one by one at the first calls.
     """
     from auto_quant.inference.qlinear import QuantLinear
     from auto_quant.kernels.tuner_cache import tuner_cache
@@ -463,6 +464,11 @@ def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dt
             up = better_if_installed(mod, device.type, b, table, ctx.act_dtype, ctx.available)
             if up is not None:
                 better[(up.name, up.install_hint(), b.name)] += 1
+    if compile_ahead and "triton" in chosen.values():
+        from auto_quant.inference.triton_backend import compile_cached_picks
+
+        compile_cached_picks(mod.kernel.run for mod in model.modules()
+                             if isinstance(mod, QuantLinear) and mod.backend == "triton")
     for (bname, bits, gs, sym, dev), n in sorted(groups.items()):
         log.info("auto_quant: backend %s for %d %d-bit g%d %s layers on %s", bname, n, bits, gs,
                  "sym" if sym else "asym", dev)

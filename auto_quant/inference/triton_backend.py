@@ -6,16 +6,24 @@ layers of a model (through the attach context). The first call for each (shape, 
 bucket) times a few kernel variants and keeps the fastest, on disk too when the attach context
 has a tuning cache (``AutoRoundConfig(tuning_cache=...)``, default ``"auto"``), so the next process
 on the same GPU takes it without timing; calls under CUDA-graph capture use a cached pick, else the
-shape heuristic until a shape has been tuned.
+shape heuristic until a shape has been tuned. When the cache holds picks for a model's layers, the attach
+compiles their kernels side by side (``compile_cached_picks``), so a process whose Triton compile cache is empty
+(a new container) does not compile them one by one in its first calls.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
 
 import torch
 
 from auto_quant.kernels.dispatch import Workspace, quant_matmul
 from auto_quant.kernels.tuner import Tuner
 from auto_quant.kernels.pack import from_quant_linear
+
+log = logging.getLogger(__name__)
 
 
 class TritonLinear:
@@ -34,3 +42,22 @@ def prepare(module, ctx=None) -> TritonLinear:
         return TritonLinear(module, None, Workspace())
     tuner, ws = ctx.resource("triton", lambda: (Tuner(cache=ctx.tuning_cache), Workspace()))
     return TritonLinear(module, tuner, ws)
+
+
+def compile_cached_picks(layers: Iterable[TritonLinear]) -> int:
+    """Compile the kernels each tuner's cache picked for these layers (:meth:`Tuner.compile_cached`); returns how
+    many, and logs it with the time taken."""
+    by_tuner: dict[int, tuple[Tuner, Workspace, list]] = {}
+    for layer in layers:
+        if layer.tuner is not None:
+            by_tuner.setdefault(id(layer.tuner), (layer.tuner, layer.workspace, []))[2].append(
+                (layer.weight, layer._module.bias))
+    total = 0
+    for tuner, ws, pairs in by_tuner.values():
+        t = time.perf_counter()
+        n = tuner.compile_cached(pairs, ws)
+        if n:
+            log.info("auto_quant: compiled %d cached kernel picks for %d layers in %.1f s", n, len(pairs),
+                     time.perf_counter() - t)
+        total += n
+    return total
