@@ -588,3 +588,7 @@ def unhook(modules: Sequence[nn.Module]) -> None:
 
     for m in modules:
         remove_hook_from_module(m)
+        # accelerate puts the old forward back as an instance attribute, a bound method of the module itself: a
+        # reference cycle that kept a freed wrapper's tunables on its GPU until Python's cycle collector ran
+        if getattr(m.__dict__.get("forward"), "__self__", None) is m:
+            del m.forward
