@@ -179,7 +179,7 @@ def test_tdot_register_operand_race():
 def test_tdot_odd_shapes_and_wide_tiles():
     """Partial tiles in every dimension, tiles wider than the group (float path), per-channel asym, a strided x."""
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import KernelConfig, Workspace, launch, quant_matmul
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace, quant_matmul
 
     ws = Workspace()
     for bits, gs, sym, N, K in ((4, 32, False, 200, 416), (2, 64, True, 136, 320), (8, 128, False, 72, 384),
@@ -364,23 +364,31 @@ def test_interleaved_graph_times_rank_work_and_ignore_order():
     assert 0.7 < graph_time_ms(big, flush, rounds=7) / b1 < 1.4
 
 
-def test_attach_triton_backend_on_cuda_model():
+def quantized_llama(layers, group_size, sym, seed):
+    """A small fp16 Llama on the GPU whose decoder linears are W4 ``QuantLinear`` layers (the reference path until a
+    backend is attached)."""
     import transformers
 
-    from auto_quant.inference.backends import attach_backends, detach_backends
     from auto_quant.inference.qlinear import QuantLinear
     from auto_quant.quant import QuantSpec, quantize_weight
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    for name, mod in list(model.model.named_modules()):
+    for mod in list(model.model.modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
-                qw = quantize_weight(child.weight.float(), QuantSpec(bits=4, group_size=64, sym=False))
+                qw = quantize_weight(child.weight.float(), QuantSpec(bits=4, group_size=group_size, sym=sym))
                 q = QuantLinear.from_quantized(qw, None, layout="gptq_v2", bias_dtype=torch.float16)
                 setattr(mod, cname, q.to("cuda"))
+    return model
+
+
+def test_attach_triton_backend_on_cuda_model():
+    from auto_quant.inference.backends import attach_backends, detach_backends
+
+    model = quantized_llama(2, group_size=64, sym=False, seed=0)
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
@@ -409,7 +417,7 @@ def test_cached_picks_compiled_at_attach_leave_nothing_to_compile(tmp_path):
     calls at 1, 40 and 48 rows (bucket 64: other row counts than the compile's, a multiple of 16 and not) and 300
     rows then compile nothing, time nothing and are right."""
     from auto_quant.kernels import dequantize
-    from auto_quant.kernels.dispatch import Workspace, default_config, quant_matmul
+    from auto_quant.kernels.dispatch import Workspace, default_config, m_bucket, quant_matmul
     from auto_quant.kernels.tuner import Tuner
     from auto_quant.kernels.tuner_cache import TunerCache, device_fingerprint
 
@@ -419,7 +427,7 @@ def test_cached_picks_compiled_at_attach_leave_nothing_to_compile(tmp_path):
     dev = torch.device("cuda", torch.cuda.current_device())
     cache = TunerCache(tmp_path)
     for m in (1, 40, 300):
-        key = (4, 128, False, torch.bfloat16, m_bucket_of(m), N, K, dev)
+        key = (4, 128, False, torch.bfloat16, m_bucket(m), N, K, dev)
         cache.put(device_fingerprint(dev), key, default_config(m, N, K, dev, 4, 128, torch.bfloat16))
     tuner, ws = Tuner(rep_ms=5, cache=TunerCache(tmp_path)), Workspace()
     assert tuner.compile_cached([(kw, None)], ws) == 3  # at 1, 64 and 512 rows
@@ -432,31 +440,13 @@ def test_cached_picks_compiled_at_attach_leave_nothing_to_compile(tmp_path):
     assert compiled_kernels(dev.index) == before
 
 
-def m_bucket_of(m):
-    from auto_quant.kernels.dispatch import m_bucket
-
-    return m_bucket(m)
-
-
 def test_attach_compiles_the_cached_picks_of_its_layers(tmp_path):
     """``attach_backends`` with a tuning cache that already holds this model's picks takes them at attach (its
     tuner knows every layer's pick before the first call); ``compile_ahead=False`` leaves that to the first calls."""
-    import transformers
-
     from auto_quant.inference.backends import attach_backends, detach_backends
     from auto_quant.inference.qlinear import QuantLinear
-    from auto_quant.quant import QuantSpec, quantize_weight
 
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=512)
-    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    for mod in list(model.model.modules()):
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                qw = quantize_weight(child.weight.float(), QuantSpec(bits=4, group_size=128, sym=True))
-                q = QuantLinear.from_quantized(qw, None, layout="gptq_v2", bias_dtype=torch.float16)
-                setattr(mod, cname, q.to("cuda"))
+    model = quantized_llama(1, group_size=128, sym=True, seed=1)
     ids = torch.randint(0, 512, (1, 5), device="cuda")
 
     def tuner_of(m):
