@@ -66,8 +66,8 @@ def compile_candidates(launch_one: Callable[[object], object], configs: Sequence
 def load_kernel(kernel, device: int | None) -> None:
     """What a compiled kernel's first launch would do, done ahead: load it onto ``device`` and build its launch
     stub, a C module per argument signature that Triton compiles with the host's C compiler (cached on disk like
-    the kernels; docs/bench/kernels.md, session 23). A kernel that cannot load (too much shared memory, say) is left to its
-    first launch, which meets the same error."""
+    the kernels; docs/bench/kernels.md, session 23). A kernel that cannot load (too much shared memory, say) is
+    left to its first launch, which meets the same error."""
     import contextlib
 
     try:

@@ -392,8 +392,8 @@ def _qmm_mma_kernel(
     zrow_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_l))
     srow_l: gl.constexpr = gl.SliceLayout(1, acc_l)
 
-    # the row count is not specialized (one compile per row bucket), but one row (decode) is a constant: 3-5 % faster
-    # on the 1-row tiles than a runtime 1 (docs/bench/kernels.md, session 23)
+    # the row count is not specialized (one compile per row bucket), but one row (decode) is a constant: the 1-row
+    # tiles ran 1-5 % slower with a runtime 1 (docs/bench/kernels.md, session 23)
     if ONE_ROW:
         M: gl.constexpr = 1
     else:

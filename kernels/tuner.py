@@ -139,7 +139,9 @@ class Tuner:
                 if (bits, group_size, has_zero, n, k) != shape:
                     continue
                 self.best.setdefault(key + (dev,), cfg)
-                x2 = acts.setdefault((bucket, k, dtype, dev), torch.zeros(bucket, k, dtype=dtype, device=dev))
+                if (bucket, k, dtype, dev) not in acts:
+                    acts[bucket, k, dtype, dev] = torch.zeros(bucket, k, dtype=dtype, device=dev)
+                x2 = acts[bucket, k, dtype, dev]
                 jobs.setdefault(dev, []).append(
                     lambda x2=x2, w=w, bias=bias, cfg=cfg: launch(x2, w, bias, cfg, ws, compile_only=True))
         compiled = 0
