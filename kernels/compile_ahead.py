@@ -11,6 +11,7 @@ picked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -37,18 +38,18 @@ def default_compile_workers() -> int:
     return max(1, min(16, n))
 
 
-def compile_candidates(launch_one: Callable[[object], object], configs: Sequence, workers: int) -> None:
+def compile_candidates(launch_one: Callable[[object], object], configs: Sequence, workers: int) -> int:
     """Compile the kernel of every config in ``configs`` on ``workers`` threads: ``launch_one(config)`` calls the
     launcher with ``compile_only`` (the configs may be the launches themselves: ``launch_one=lambda call: call()``).
     A config whose launcher or compile fails is skipped here (its timed launch meets the same error and the tuner
-    skips it there)."""
+    skips it there). Returns how many configs it took (0: none compiled ahead, each compiles at its first launch)."""
     if workers <= 1 or len(configs) <= 1:
-        return
+        return 0
     import triton
 
     mode_cls = getattr(triton, "AsyncCompileMode", None)
     if mode_cls is None:  # an older Triton: the timing compiles them one by one
-        return
+        return 0
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="auto_quant-compile") as pool:
@@ -61,6 +62,7 @@ def compile_candidates(launch_one: Callable[[object], object], configs: Sequence
         compiled = [f.kernel for f in getattr(mode, "future_kernels", {}).values() if f.kernel is not None]
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
         list(pool.map(lambda kernel: load_kernel(kernel, device), compiled))
+    return len(configs)
 
 
 def load_kernel(kernel, device: int | None) -> None:
@@ -68,8 +70,6 @@ def load_kernel(kernel, device: int | None) -> None:
     stub, a C module per argument signature that Triton compiles with the host's C compiler (cached on disk like
     the kernels; docs/bench/kernels.md, session 23). A kernel that cannot load (too much shared memory, say) is
     left to its first launch, which meets the same error."""
-    import contextlib
-
     try:
         with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
             kernel.run  # noqa: B018 - Triton's CompiledKernel loads and builds its launcher on first access

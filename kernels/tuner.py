@@ -50,6 +50,12 @@ class Tuner:
         self._device_ids: dict[torch.device, str] = {}
         self.compile_workers = default_compile_workers() if compile_workers is None else compile_workers
 
+    def _device_id(self, device: torch.device) -> str:
+        """The GPU's fingerprint in the cache's keys (queried once per device)."""
+        if device not in self._device_ids:
+            self._device_ids[device] = device_fingerprint(device)
+        return self._device_ids[device]
+
     @staticmethod
     def key(x2: torch.Tensor, w: KernelWeight) -> tuple:
         return (w.bits, w.group_size, w.zeros is not None, x2.dtype, m_bucket(x2.shape[0]), w.out_features,
@@ -64,9 +70,7 @@ class Tuner:
         if x2.device.type != "cuda":
             return default_config(M, w.out_features, K, x2.device, w.bits, w.group_size, x2.dtype)
         if self.cache is not None:  # a pick timed by an earlier process (reading it is fine under graph capture)
-            if x2.device not in self._device_ids:
-                self._device_ids[x2.device] = device_fingerprint(x2.device)
-            cfg = self.cache.get(self._device_ids[x2.device], key)
+            cfg = self.cache.get(self._device_id(x2.device), key)
             if cfg is not None:
                 self.best[key] = cfg
                 log.debug("cached pick %s -> %s", key, cfg)
@@ -110,7 +114,7 @@ class Tuner:
         self.best[key] = cfg
         self.timings[key] = times
         if self.cache is not None and times:  # a timed pick (not the fallback when nothing ran)
-            self.cache.put(self._device_ids[x2.device], key, cfg)
+            self.cache.put(self._device_id(x2.device), key, cfg)
         log.debug("tuned %s -> %s", key, cfg)
         return cfg
 
@@ -129,12 +133,11 @@ class Tuner:
         for w, bias in layers:
             dev = w.qweight.device
             shape = (w.bits, w.group_size, w.zeros is not None, w.out_features, w.in_features)
-            if dev.type != "cuda" or (shape, dev, None if bias is None else bias.dtype) in seen:
+            layer_kind = (shape, dev, None if bias is None else bias.dtype)
+            if dev.type != "cuda" or layer_kind in seen:
                 continue
-            seen.add((shape, dev, None if bias is None else bias.dtype))
-            if dev not in self._device_ids:
-                self._device_ids[dev] = device_fingerprint(dev)
-            for key, cfg in self.cache.picks(self._device_ids[dev]):
+            seen.add(layer_kind)
+            for key, cfg in self.cache.picks(self._device_id(dev)):
                 bits, group_size, has_zero, dtype, bucket, n, k = key
                 if (bits, group_size, has_zero, n, k) != shape:
                     continue
@@ -147,6 +150,5 @@ class Tuner:
         compiled = 0
         for dev, calls in jobs.items():
             with torch.cuda.device(dev):  # Triton compiles and caches for the current device
-                compile_candidates(lambda call: call(), calls, self.compile_workers)
-            compiled += len(calls) if self.compile_workers > 1 and len(calls) > 1 else 0
+                compiled += compile_candidates(lambda call: call(), calls, self.compile_workers)
         return compiled

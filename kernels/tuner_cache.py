@@ -101,13 +101,17 @@ class TunerCache:
             log.warning("auto_quant: kernel tuning cache %s is unreadable (%s); ignoring it", self.path, e)
             return {}
 
+    def _loaded(self) -> dict[str, dict]:
+        """The file's entries, read on first use."""
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries
+
     def get(self, device_id: str, key: tuple):
         """The cached pick for ``key`` on the device ``device_id``, or None."""
         from auto_quant.kernels.dispatch import KernelConfig
 
-        if self._entries is None:
-            self._entries = self._read()
-        fields = self._entries.get(entry_key(device_id, key))
+        fields = self._loaded().get(entry_key(device_id, key))
         if fields is None:
             return None
         try:
@@ -121,10 +125,8 @@ class TunerCache:
         :class:`~auto_quant.kernels.dispatch.KernelConfig`); entries this code cannot read are left out."""
         from auto_quant.kernels.dispatch import KernelConfig
 
-        if self._entries is None:
-            self._entries = self._read()
         found = []
-        for k, fields in self._entries.items():
+        for k, fields in self._loaded().items():
             try:
                 dev, bits, group_size, has_zero, dtype, bucket, n, k_in = json.loads(k)
                 if dev != device_id:

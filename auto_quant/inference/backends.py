@@ -448,6 +448,7 @@ def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dt
     ctx = AttachContext(forced=canonical_name(backend, table), act_dtype=act_dtype or model_act_dtype(model),
                         table=table, available=Availability(table), tuning_cache=tuner_cache(tuning_cache))
     chosen: dict[str, str] = {}
+    triton_layers = []
     groups: Counter = Counter()
     better: Counter = Counter()
     for name, mod in model.named_modules():
@@ -459,16 +460,17 @@ def attach_backends(model: nn.Module, backend: str = "auto", act_dtype: torch.dt
         except BackendError as e:
             raise BackendError(f"layer {name}: {e}") from None
         chosen[name] = b.name
+        if b.name == "triton":
+            triton_layers.append(mod.kernel.run)
         groups[(b.name, mod.bits, mod.group_size, mod.sym, device.type)] += 1
         if ctx.forced == "auto":
             up = better_if_installed(mod, device.type, b, table, ctx.act_dtype, ctx.available)
             if up is not None:
                 better[(up.name, up.install_hint(), b.name)] += 1
-    if compile_ahead and "triton" in chosen.values():
+    if compile_ahead and triton_layers:
         from auto_quant.inference.triton_backend import compile_cached_picks
 
-        compile_cached_picks(mod.kernel.run for mod in model.modules()
-                             if isinstance(mod, QuantLinear) and mod.backend == "triton")
+        compile_cached_picks(triton_layers)
     for (bname, bits, gs, sym, dev), n in sorted(groups.items()):
         log.info("auto_quant: backend %s for %d %d-bit g%d %s layers on %s", bname, n, bits, gs,
                  "sym" if sym else "asym", dev)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 
@@ -44,20 +44,15 @@ def prepare(module, ctx=None) -> TritonLinear:
     return TritonLinear(module, tuner, ws)
 
 
-def compile_cached_picks(layers: Iterable[TritonLinear]) -> int:
-    """Compile the kernels each tuner's cache picked for these layers (:meth:`Tuner.compile_cached`); returns how
-    many, and logs it with the time taken."""
-    by_tuner: dict[int, tuple[Tuner, Workspace, list]] = {}
-    for layer in layers:
-        if layer.tuner is not None:
-            by_tuner.setdefault(id(layer.tuner), (layer.tuner, layer.workspace, []))[2].append(
-                (layer.weight, layer._module.bias))
-    total = 0
-    for tuner, ws, pairs in by_tuner.values():
-        t = time.perf_counter()
-        n = tuner.compile_cached(pairs, ws)
-        if n:
-            log.info("auto_quant: compiled %d cached kernel picks for %d layers in %.1f s", n, len(pairs),
-                     time.perf_counter() - t)
-        total += n
-    return total
+def compile_cached_picks(layers: Sequence[TritonLinear]) -> int:
+    """Compile the kernels the tuner's cache picked for the layers of one attach (they share its tuner and
+    workspace; :meth:`Tuner.compile_cached`); returns how many, and logs it with the time taken."""
+    tuner, ws = layers[0].tuner, layers[0].workspace
+    if tuner is None:
+        return 0
+    t = time.perf_counter()
+    n = tuner.compile_cached([(layer.weight, layer._module.bias) for layer in layers], ws)
+    if n:
+        log.info("auto_quant: compiled %d cached kernel picks for %d layers in %.1f s", n, len(layers),
+                 time.perf_counter() - t)
+    return n
