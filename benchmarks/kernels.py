@@ -1,6 +1,6 @@
 """Kernel and decode benchmarks for the inference backends; prints JSON.
 
-GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N] [--e2e-batches 1,4,16]
+GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N] [--e2e-batches 1,4,16] [--e2e-compile]
   * Llama-3-8B linear shapes (out x in): 4096x4096, 4096x14336, 14336x4096, 6144x4096 (fused qkv),
     28672x4096 (fused gate_up); M in {1, 4, 16, 64, 256, 1024}.
   * Each timing is one CUDA graph that runs the matmul once per weight copy, with enough copies
@@ -9,7 +9,8 @@ GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N] 
     (three rounds each, :func:`graph_pair_time_us`), so their ratio reads both at the same clocks.
   * effective TB/s = (weight + scale + zero bytes + activation in/out bytes) / time.
   * e2e: a Llama-3-8B-shaped transformers model (random weights) decoding with a static cache,
-    one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend.
+    one CUDA graph per token step; bf16 vs W4 g128 through the ``triton`` backend (``--e2e-compile``: both
+    models' forward under ``torch.compile``).
 CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size 32] [--reference] [--compile]
      (the code: benchmarks/kernels_cpu.py)
   * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
@@ -245,11 +246,14 @@ def quantize_linears(model, bits: int, group_size: int) -> int:
 
 
 def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 128, device: str = "cuda",
-               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256), batches: tuple[int, ...] = (1,)):
+               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256), batches: tuple[int, ...] = (1,),
+               compile: bool = False):
     """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs.
 
     The first batch size fills the top-level keys (batch 1 by default); others go to ``"batched"``,
-    tokens/s counting every sequence's tokens."""
+    tokens/s counting every sequence's tokens. ``compile``: both models' forward under ``torch.compile`` (the
+    norms, rotary embeddings and activations fused; the quantized layers as ``auto_quant::triton_matmul``),
+    still captured in one CUDA graph per step."""
     from transformers import StaticCache
 
     from auto_quant.inference.backends import attach_backends
@@ -265,10 +269,13 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
         cache = StaticCache(config=cfg, max_cache_len=max_len)
         ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         pos = torch.zeros(1, dtype=torch.long, device=dev)
+        if compile:
+            torch._dynamo.reset()
+        forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
 
         def step():
-            return model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                         use_cache=True).logits
+            return forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                           use_cache=True).logits
 
         with torch.no_grad():
             for i in range(3):  # eager warm-up: cache allocation, kernel tuning
@@ -310,7 +317,8 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
                 "ms_per_step": round(dt / steps * 1e3, 3)}
 
     first, rest = batches[0], batches[1:]
-    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch {first}, {steps} decode steps"}
+    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch {first}, {steps} decode steps",
+           "torch_compile": compile}
     out["bf16"] = run("bf16", first)
     bf16_rest = [run("bf16", b) for b in rest]
     out["bf16"]["linear_weight_GB"] = round(sum(m.weight.numel() * 2 for n, m in model.named_modules()
@@ -371,7 +379,7 @@ def gpu_main(args):
         if not e2e_fmt["sym"]:
             raise SystemExit("kernels.py: the end-to-end decode quantizes symmetric weights (--e2e-format w4g128)")
         result["e2e"] = e2e_decode(args.layers, bits=e2e_fmt["bits"], group_size=e2e_fmt["group_size"],
-                                   batches=tuple(int(b) for b in args.e2e_batches.split(",")))
+                                   batches=tuple(int(b) for b in args.e2e_batches.split(",")), compile=args.e2e_compile)
     print(json.dumps(result, indent=1))
 
 
@@ -411,6 +419,7 @@ def main():
     g.add_argument("--ms", default="", help="comma-separated batch sizes (default 1,4,16,64,256,1024)")
     g.add_argument("--e2e-batches", default="1", help="end-to-end decode batch sizes, e.g. 1,4,16")
     g.add_argument("--e2e-format", default="w4g128", help="the end-to-end decode's weight format, e.g. w3g128")
+    g.add_argument("--e2e-compile", action="store_true", help="the end-to-end decode's models under torch.compile")
     g.add_argument("--shapes", default="", help="comma-separated NxK (out x in; default: the five Llama-3-8B shapes)")
     g.add_argument("--compare-previous", action="store_true",
                    help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")

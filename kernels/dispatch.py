@@ -44,6 +44,9 @@ from auto_quant.kernels.mma_plan import (
 )
 from auto_quant.kernels.wgmma_plan import wgmma_block_ok, wgmma_candidates, wgmma_default, wgmma_serves
 
+KERNEL_KINDS = ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw", "mma_kb")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     kind: str  # "gemv"/"fma" (one row per program), "tdot"/"dot" (tensor cores), "dequant" (dequantize + cuBLAS)
@@ -55,7 +58,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.kind not in ("gemv", "fma", "tdot", "dot", "dequant", "wgmma", "mma", "mma_kw", "mma_kb"):
+        if self.kind not in KERNEL_KINDS:
             raise ValueError(f"unknown kernel kind {self.kind!r}")
         if self.kind == "fma" and self.block_m != 1:
             raise ValueError("the fma kernel handles one row per program (block_m=1)")
@@ -345,6 +348,17 @@ class Workspace:
 
     def __init__(self):
         self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def holding(cls, device: torch.device, acc: torch.Tensor, counters: torch.Tensor) -> Workspace:
+        """A workspace over existing zero-at-rest buffers (a compiled graph's call passes them in)."""
+        ws = cls()
+        ws._bufs[device] = (acc, counters)
+        return ws
+
+    def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers split-K calls on ``device`` use now; None before the first split-K call there."""
+        return self._bufs.get(device)
 
     def get(self, device: torch.device, n_acc: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         acc, cnt = self._bufs.get(device, (None, None))

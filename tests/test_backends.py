@@ -252,3 +252,33 @@ def test_tuning_cache_option_reaches_the_triton_tuner(saved_tiny, tmp_path, monk
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "mine").exists()  # nothing tuned on the CPU
     with pytest.raises(ConfigError, match="tuning_cache"):
         cache_of(quantization_config=AutoRoundConfig(tuning_cache=3))
+
+
+def test_triton_op_config_round_trips_every_kernel_kind():
+    from auto_quant.inference.triton_backend import config_from_ints, config_ints
+    from auto_quant.kernels.dispatch import KERNEL_KINDS, KernelConfig
+
+    configs = [KernelConfig("gemv", 1, 512, 16, 66, 4, 1), KernelConfig("fma", 1, 512, 32, 8, 4, 1),
+               KernelConfig("tdot", 64, 64, 128, 2, 4, 3), KernelConfig("dot", 16, 64, 32, 4, 4, 3),
+               KernelConfig("dequant", 1, 64, 4), KernelConfig("wgmma", 16, 64, 128, 1, 4, 4),
+               KernelConfig("mma", 8, 128, 64, 16, 4, 3), KernelConfig("mma_kw", 1, 16, 128, 1, 8, 2),
+               KernelConfig("mma_kb", 8, 16, 128, 1, 8, 2)]
+    seen = set()
+    for cfg in configs:
+        ints = config_ints(cfg)
+        assert all(type(v) is int for v in ints)
+        assert config_from_ints(ints) == cfg
+        seen.add(ints[0])
+    assert len(seen) == len(KERNEL_KINDS)
+
+
+def test_triton_op_output_shape_without_running_a_kernel():
+    """The op's fake: what torch.compile traces with (here on meta tensors, so no GPU is needed)."""
+    import auto_quant.inference.triton_backend  # noqa: F401  (registers the op)
+
+    meta = dict(device="meta")
+    x = torch.empty(2, 5, 256, dtype=torch.bfloat16, **meta)
+    out = torch.ops.auto_quant.triton_matmul(x, torch.empty(32, 96, dtype=torch.int32, **meta), None,
+                                             torch.empty(2, 96, dtype=torch.bfloat16, **meta), None, None, None, None,
+                                             4, 128, 96, [])
+    assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16

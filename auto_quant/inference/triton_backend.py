@@ -9,19 +9,35 @@ on the same GPU takes it without timing; calls under CUDA-graph capture use a ca
 shape heuristic until a shape has been tuned. When the cache holds picks for a model's layers, the attach
 compiles their kernels side by side (``compile_cached_picks``), so a process whose Triton compile cache is empty
 (a new container) does not compile them one by one in its first calls.
+
+Under ``torch.compile`` a layer is the ``auto_quant::triton_matmul`` custom op, so a whole decoder traces into one
+graph (the norms, rotary embeddings and activations between the matmuls fuse; ``mode="reduce-overhead"`` captures
+it in one CUDA graph). The kernel variant is chosen while the graph is traced, by the layer's tuner at the row
+bucket the traced call falls in (``m_bucket``: powers of two), and passed to the op as constants. A symbolic row
+count (``dynamic=True``, or a second prompt length) is guarded into its bucket: one graph per bucket, as the tuner
+keeps one pick per bucket.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 
-from auto_quant.kernels.dispatch import Workspace, quant_matmul
+from auto_quant.kernels.dispatch import (
+    KERNEL_KINDS,
+    KernelConfig,
+    Workspace,
+    default_config,
+    launch,
+    m_bucket,
+    quant_matmul,
+)
+from auto_quant.kernels.pack import KernelWeight, from_quant_linear
 from auto_quant.kernels.tuner import Tuner
-from auto_quant.kernels.pack import from_quant_linear
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +48,90 @@ class TritonLinear:
         self.tuner = tuner
         self.workspace = workspace
         self._module = module
+        # what the last pick's split-K calls use on the layer's device (the workspace's buffers; None: none yet)
+        self.split_k_acc: torch.Tensor | None = None
+        self.split_k_counters: torch.Tensor | None = None
+        self.pick_for_trace = traced_pick(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.traced_call(x)
         return quant_matmul(x, self.weight, self._module.bias, tuner=self.tuner, workspace=self.workspace)
+
+    def traced_call(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``torch.compile`` traces: the variant picked now for the call's row bucket, then the custom op."""
+        w = self.weight
+        bucket = m_bucket(x.numel() // w.in_features)  # symbolic rows: guards on the bucket's bounds, not the count
+        config = self.pick_for_trace(x.dtype, bucket)  # also sets the split-K buffers read next
+        return torch.ops.auto_quant.triton_matmul(x, w.qweight, w.qweight_hi, w.scales, w.zeros, self._module.bias,
+                                                  self.split_k_acc, self.split_k_counters, w.bits, w.group_size,
+                                                  w.out_features, config)
+
+    def pick(self, dtype: torch.dtype, rows: int) -> KernelConfig:
+        """The variant for ``rows`` activation rows of ``dtype``: the tuner's (timed now if it has none), run once
+        on a zero activation so its kernel is compiled and its split-K buffers exist before a graph uses them (a
+        graph keeps the buffers it was traced with; a workspace that grows later allocates new ones)."""
+        w, bias = self.weight, self._module.bias
+        x2 = torch.zeros(rows, w.in_features, dtype=dtype, device=w.device)
+        with torch.cuda.device(w.device):
+            if self.tuner is not None:
+                cfg = self.tuner.config(x2, w, bias, self.workspace)
+            else:
+                cfg = default_config(rows, w.out_features, w.in_features, w.device, w.bits, w.group_size, dtype)
+            launch(x2, w, bias, cfg, self.workspace)
+        self.split_k_acc, self.split_k_counters = self.workspace.buffers(w.device) or (None, None)
+        return cfg
+
+
+def config_ints(cfg: KernelConfig) -> list[int]:
+    """A variant as the op's ``int[]`` argument."""
+    return [KERNEL_KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps,
+            cfg.num_stages]
+
+
+def config_from_ints(v: Sequence[int]) -> KernelConfig:
+    kind, block_m, block_n, block_k, split_k, num_warps, num_stages = v
+    return KernelConfig(KERNEL_KINDS[kind], block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+def traced_pick(layer: TritonLinear) -> Callable[[torch.dtype, int], list[int]]:
+    """The layer's :meth:`TritonLinear.pick` as a function that runs for real while dynamo traces the layer; the
+    ``int[]`` it returns is a constant of the graph. Dynamo passes only constants to such a function, so it reaches
+    the layer through its closure (a weak reference: no cycle keeps a dropped model's weights alive). Choosing the
+    variant here, not in the op, is what lets one tuner per model serve compiled graphs."""
+    ref = weakref.ref(layer)
+
+    @torch.compiler.assume_constant_result
+    def pick_for_trace(dtype: torch.dtype, rows: int) -> list[int]:
+        return config_ints(ref().pick(dtype, rows))
+
+    return pick_for_trace
+
+
+# The op torch.compile sees. The split-K buffers are zero before and after every call (the kernels clear what they
+# use), so the op declares no mutation. Inference only: no autograd formula.
+_LIB = torch.library.Library("auto_quant", "FRAGMENT")
+_LIB.define("triton_matmul(Tensor x, Tensor qweight, Tensor? qweight_hi, Tensor scales, Tensor? zeros, Tensor? bias, "
+            "Tensor? acc, Tensor? counters, int bits, int group_size, int out_features, int[] config) -> Tensor")
+
+
+def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: torch.Tensor | None, scales: torch.Tensor,
+                  zeros: torch.Tensor | None, bias: torch.Tensor | None, acc: torch.Tensor | None,
+                  counters: torch.Tensor | None, bits: int, group_size: int, out_features: int,
+                  config: Sequence[int]) -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` with the variant ``config`` (:func:`config_ints`; empty: the shape heuristic)."""
+    w = KernelWeight(qweight, qweight_hi, scales, zeros, bits, group_size, x.shape[-1], out_features)
+    ws = Workspace.holding(x.device, acc, counters) if acc is not None else Workspace()
+    return quant_matmul(x, w, bias, config=config_from_ints(config) if config else None, workspace=ws)
+
+
+_LIB.impl("triton_matmul", triton_matmul, "CUDA")
+
+
+@torch.library.register_fake("auto_quant::triton_matmul", lib=_LIB)
+def _triton_matmul_fake(x, qweight, qweight_hi, scales, zeros, bias, acc, counters, bits, group_size, out_features,
+                        config):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def prepare(module, ctx=None) -> TritonLinear:

@@ -1,0 +1,122 @@
+"""The ``triton`` backend under ``torch.compile`` (``pytest -m gpu``; skipped without CUDA): a quantized layer traces
+as the ``auto_quant::triton_matmul`` op with the tuner's pick for its row bucket, whole decoders compile without a
+break at the layers, and compiled (and CUDA-graphed) decode matches eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_kernels_gpu import quantized_llama, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def attached_llama(layers=2, seed=0):
+    from auto_quant.inference.backends import attach_backends
+
+    model = quantized_llama(layers, group_size=128, sym=True, seed=seed)
+    assert set(attach_backends(model, tuning_cache=None).values()) == {"triton"}
+    return model
+
+
+def tuner_of(model):
+    from auto_quant.inference.qlinear import QuantLinear
+
+    return next(m.kernel.run.tuner for m in model.modules() if isinstance(m, QuantLinear))
+
+
+class GraphCounter:
+    """A ``torch.compile`` backend that runs the traced graph as it is and keeps what it was given."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def op_calls(self, index=-1):
+        op = torch.ops.auto_quant.triton_matmul
+        return [n for n in self.graphs[index].graph.nodes if n.target in (op, op.default)]
+
+
+def test_mlp_traces_to_the_op_with_the_tuners_pick_in_one_graph():
+    from auto_quant.kernels.dispatch import m_bucket
+    from auto_quant.inference.triton_backend import config_from_ints
+
+    torch._dynamo.reset()
+    model = attached_llama()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = mlp(x)
+        tuner = tuner_of(model)
+        tuner.best.clear()  # the pick must come from the trace
+        counter = GraphCounter()
+        out = torch.compile(mlp, backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    calls = counter.op_calls()
+    assert len(calls) == 3  # gate, up, down: no graph break around them
+    picked = {key[5:7]: cfg for key, cfg in tuner.best.items() if key[4] == m_bucket(3)}
+    assert set(picked) == {(768, 256), (256, 768)}
+    for n in calls:
+        out_features = n.args[10]
+        in_features = 768 if out_features == 256 else 256
+        assert config_from_ints(n.args[11]) == picked[out_features, in_features]
+    assert rel_err(out, ref) < 1e-3
+
+
+def test_a_symbolic_row_count_compiles_once_per_bucket():
+    torch._dynamo.reset()
+    model = attached_llama()
+    mlp = model.model.layers[0].mlp
+    counter = GraphCounter()
+    fn = torch.compile(mlp, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for rows in (5, 6, 7, 8):  # one bucket (8 rows)
+            x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
+            assert rel_err(fn(x), mlp(x)) < 1e-3
+        assert len(counter.graphs) == 1
+        x = torch.randn(11, 256, device="cuda", dtype=torch.float16)  # the next bucket: a graph of its own
+        assert rel_err(fn(x), mlp(x)) < 1e-3
+    assert len(counter.graphs) == 2
+
+
+def test_compiled_model_prefill_matches_eager():
+    torch._dynamo.reset()
+    model = attached_llama()
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model)(ids).logits
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_reduce_overhead_decode_with_a_static_cache_matches_eager():
+    """Inductor's CUDA graphs over whole decode steps: the ops' PDL launches and split-K buffers inside them."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = attached_llama()
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    prompt = torch.randint(0, 512, (1, 6), device="cuda")
+
+    def decode(fwd, steps=6):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        logits = []
+        with torch.no_grad():
+            pos = torch.arange(6, device="cuda")
+            out = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            ids = out[:, -1:].argmax(-1)
+            for i in range(6, 6 + steps):
+                pos = torch.tensor([i], device="cuda")
+                out = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                          use_cache=True).logits
+                logits.append(out.clone())
+                ids = out[:, -1:].argmax(-1)
+        return torch.cat(logits)
+
+    ref = decode(model.forward)
+    out = decode(forward)
+    assert rel_err(out, ref) < 1e-2
