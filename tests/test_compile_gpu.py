@@ -120,3 +120,32 @@ def test_reduce_overhead_decode_with_a_static_cache_matches_eager():
     ref = decode(model.forward)
     out = decode(forward)
     assert rel_err(out, ref) < 1e-2
+
+
+def test_generate_with_a_static_cache_compiles_a_loaded_checkpoint(tmp_path):
+    """transformers compiles ``generate``'s forward for a static cache on a GPU only if the quantizer allows it:
+    a checkpoint loaded through ``from_pretrained`` takes that path and generates what eager decoding does."""
+    from tiny_models import tiny_model, token_data
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRound, AutoRoundConfig
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", intermediate_size=256, num_hidden_layers=2)
+    out = tmp_path / "tiny_w4"
+    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
+              seqlen=32, progress=False).quantize_and_save(str(out))
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map={"": 0},
+                                             quantization_config=AutoRoundConfig(tuning_cache=None))
+    assert m.hf_quantizer.is_compileable
+    ids = torch.randint(0, 200, (1, 8), device="cuda")
+    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        eager = m.generate(ids, **kw)
+        assert getattr(m, "_compiled_call", None) is None
+        static = m.generate(ids, cache_implementation="static", **kw)
+    assert getattr(m, "_compiled_call", None) is not None  # generate compiled the forward
+    same = (static.sequences == eager.sequences).all(0).tolist()[ids.shape[1]:]
+    steps = same.index(False) + 1 if False in same else len(same)  # up to a near-tie's first different token
+    assert steps >= 2
+    assert rel_err(torch.stack(static.logits[:steps]), torch.stack(eager.logits[:steps])) < 1e-2

@@ -76,6 +76,13 @@ class AutoQuantHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """transformers' ``generate`` compiles the forward of a model with a static cache on a GPU only when its
+        quantizer says so. Every backend's layer traces: the ``torch`` and ``torch_cpu_int4`` paths are aten ops,
+        ``triton`` and ``cpu_gemv`` are custom ops (tests/test_compile_gpu.py, tests/test_cpu_gemv.py)."""
+        return True
+
     def is_serializable(self, safe_serialization=None):
         return True
 
