@@ -1,6 +1,7 @@
 """Kernel and decode benchmarks for the inference backends; prints JSON.
 
 GPU (CUDA):  python benchmarks/kernels.py gpu [--quick] [--no-e2e] [--layers N] [--e2e-batches 1,4,16] [--e2e-compile]
+             [--e2e-generate]
   * Llama-3-8B linear shapes (out x in): 4096x4096, 4096x14336, 14336x4096, 6144x4096 (fused qkv),
     28672x4096 (fused gate_up); M in {1, 4, 16, 64, 256, 1024}.
   * Each timing is one CUDA graph that runs the matmul once per weight copy, with enough copies
@@ -339,6 +340,44 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
     return out
 
 
+def generate_decode(layers: int, new_tokens: int = 128, bits: int = 4, group_size: int = 128, batch: int = 1,
+                    dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256)) -> dict:
+    """Tokens/s of transformers' own ``generate`` with a static cache, bf16 against quantized (triton backend): on
+    a GPU it compiles the decode step (``mode="reduce-overhead"``), as a user's call would. The third call of each
+    model is timed (the first compiles and tunes, the second records the CUDA graphs); an 8-token prompt's prefill
+    is included."""
+    from auto_quant.inference.backends import attach_backends
+
+    dev = torch.device("cuda")
+    model = llama_shaped_model(layers, dims, dev)
+    ids = torch.zeros(batch, 8, dtype=torch.long, device=dev)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+              pad_token_id=0)
+
+    def timed(label):
+        torch._dynamo.reset()
+        model.__dict__.pop("_compiled_call", None)  # compile this model's modules afresh
+        with torch.no_grad():
+            for _ in range(2):
+                model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+        return {"label": label, "tokens_per_s": round(batch * new_tokens / dt, 2),
+                "compiled": getattr(model, "_compiled_call", None) is not None}
+
+    out = {"model": f"Llama-3-8B shape, {layers} layers, random weights, batch {batch}, generate() of {new_tokens} "
+                    "tokens with a static cache", "bf16": timed("bf16")}
+    quantize_linears(model, bits, group_size)
+    attach_backends(model)
+    label = f"w{bits}g{group_size}"
+    out[label] = timed(label)
+    out["speedup"] = round(out[label]["tokens_per_s"] / out["bf16"]["tokens_per_s"], 3)
+    return out
+
+
 def format_dict(name: str) -> dict:
     """``w3g128`` (symmetric), ``w4g128a`` (asymmetric), ``w8g-1`` (per channel) -> a format of :func:`gpu_main`."""
     try:
@@ -380,6 +419,8 @@ def gpu_main(args):
             raise SystemExit("kernels.py: the end-to-end decode quantizes symmetric weights (--e2e-format w4g128)")
         result["e2e"] = e2e_decode(args.layers, bits=e2e_fmt["bits"], group_size=e2e_fmt["group_size"],
                                    batches=tuple(int(b) for b in args.e2e_batches.split(",")), compile=args.e2e_compile)
+    if args.e2e_generate:
+        result["generate"] = generate_decode(args.layers, batch=int(args.e2e_batches.split(",")[0]))
     print(json.dumps(result, indent=1))
 
 
@@ -420,6 +461,8 @@ def main():
     g.add_argument("--e2e-batches", default="1", help="end-to-end decode batch sizes, e.g. 1,4,16")
     g.add_argument("--e2e-format", default="w4g128", help="the end-to-end decode's weight format, e.g. w3g128")
     g.add_argument("--e2e-compile", action="store_true", help="the end-to-end decode's models under torch.compile")
+    g.add_argument("--e2e-generate", action="store_true",
+                   help="also time transformers' generate() with a static cache (it compiles the decode step)")
     g.add_argument("--shapes", default="", help="comma-separated NxK (out x in; default: the five Llama-3-8B shapes)")
     g.add_argument("--compare-previous", action="store_true",
                    help="at M = 1 also time the previous fma GEMV (its best candidate) in the same run")

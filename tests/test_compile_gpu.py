@@ -149,3 +149,25 @@ def test_generate_with_a_static_cache_compiles_a_loaded_checkpoint(tmp_path):
     steps = same.index(False) + 1 if False in same else len(same)  # up to a near-tie's first different token
     assert steps >= 2
     assert rel_err(torch.stack(static.logits[:steps]), torch.stack(eager.logits[:steps])) < 1e-2
+
+
+def test_a_graph_traced_under_cuda_graph_capture_replays_correctly():
+    """Tracing may happen inside a user's ``torch.cuda.graph`` capture: the pick then runs nothing (the tuner gives
+    its heuristic) and the captured op replays the right product."""
+    torch._dynamo.reset()
+    model = attached_llama()
+    mlp = model.model.layers[0].mlp
+    tuner_of(model).best.clear()
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    fn = torch.compile(mlp, backend=GraphCounter(), fullgraph=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            out = fn(x)
+        torch.cuda.current_stream().wait_stream(side)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, mlp(x)) < 1e-3

@@ -52,6 +52,12 @@ class TritonLinear:
         self.split_k_acc: torch.Tensor | None = None
         self.split_k_counters: torch.Tensor | None = None
         self.pick_for_trace = traced_pick(self)
+        # The kernel layout's tensors are reached through this object, not as a module's parameters, so a compiled
+        # graph would take them as ordinary inputs: `reduce-overhead` CUDA graphs copy those into static buffers
+        # on every replay (the whole weight, each step). Their addresses never change.
+        for t in (self.weight.qweight, self.weight.qweight_hi, self.weight.scales, self.weight.zeros, module.bias):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -70,16 +76,23 @@ class TritonLinear:
     def pick(self, dtype: torch.dtype, rows: int) -> KernelConfig:
         """The variant for ``rows`` activation rows of ``dtype``: the tuner's (timed now if it has none), run once
         on a zero activation so its kernel is compiled and its split-K buffers exist before a graph uses them (a
-        graph keeps the buffers it was traced with; a workspace that grows later allocates new ones)."""
+        graph keeps the buffers it was traced with; a workspace that grows later allocates new ones). Traced under
+        CUDA-graph capture, nothing runs (the tuner gives a cached pick or the heuristic); a split-K variant without
+        buffers yet then allocates them per call."""
         w, bias = self.weight, self._module.bias
-        x2 = torch.zeros(rows, w.in_features, dtype=dtype, device=w.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        x2 = (torch.empty if capturing else torch.zeros)(rows, w.in_features, dtype=dtype, device=w.device)
         with torch.cuda.device(w.device):
             if self.tuner is not None:
                 cfg = self.tuner.config(x2, w, bias, self.workspace)
             else:
                 cfg = default_config(rows, w.out_features, w.in_features, w.device, w.bits, w.group_size, dtype)
-            launch(x2, w, bias, cfg, self.workspace)
+            if not capturing:
+                launch(x2, w, bias, cfg, self.workspace)
         self.split_k_acc, self.split_k_counters = self.workspace.buffers(w.device) or (None, None)
+        for t in (self.split_k_acc, self.split_k_counters):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
         return cfg
 
 
