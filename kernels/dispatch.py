@@ -562,6 +562,14 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
     return out
 
 
+def choose_config(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, ws: Workspace,
+                  tuner: Tuner | None) -> KernelConfig:
+    """The variant for ``x2 [M, K]``: the tuner's pick (timed on first use), else the shape heuristic."""
+    if tuner is not None:
+        return tuner.config(x2, w, bias, ws)
+    return default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits, w.group_size, x2.dtype)
+
+
 def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = None, *,
                  config: KernelConfig | None = None, tuner: Tuner | None = None,
                  workspace: Workspace | None = None) -> torch.Tensor:
@@ -578,9 +586,7 @@ def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = N
         x2 = x2.contiguous()
     ws = workspace if workspace is not None else Workspace()
     if config is None:
-        config = (tuner.config(x2, w, bias, ws) if tuner is not None
-                  else default_config(x2.shape[0], w.out_features, w.in_features, x2.device, w.bits, w.group_size,
-                                      x2.dtype))
+        config = choose_config(x2, w, bias, ws, tuner)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, w.out_features)
     y = launch(x2, w, bias, config, ws)

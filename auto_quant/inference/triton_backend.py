@@ -20,6 +20,7 @@ keeps one pick per bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -31,7 +32,7 @@ from auto_quant.kernels.dispatch import (
     KERNEL_KINDS,
     KernelConfig,
     Workspace,
-    default_config,
+    choose_config,
     launch,
     m_bucket,
     quant_matmul,
@@ -83,10 +84,7 @@ class TritonLinear:
         capturing = torch.cuda.is_current_stream_capturing()
         x2 = (torch.empty if capturing else torch.zeros)(rows, w.in_features, dtype=dtype, device=w.device)
         with torch.cuda.device(w.device):
-            if self.tuner is not None:
-                cfg = self.tuner.config(x2, w, bias, self.workspace)
-            else:
-                cfg = default_config(rows, w.out_features, w.in_features, w.device, w.bits, w.group_size, dtype)
+            cfg = choose_config(x2, w, bias, self.workspace, self.tuner)
             if not capturing:
                 launch(x2, w, bias, cfg, self.workspace)
         self.split_k_acc, self.split_k_counters = self.workspace.buffers(w.device) or (None, None)
@@ -97,14 +95,13 @@ class TritonLinear:
 
 
 def config_ints(cfg: KernelConfig) -> list[int]:
-    """A variant as the op's ``int[]`` argument."""
-    return [KERNEL_KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps,
-            cfg.num_stages]
+    """A variant as the op's ``int[]`` argument: its fields in order, the kind as its index in ``KERNEL_KINDS``."""
+    kind, *sizes = dataclasses.astuple(cfg)
+    return [KERNEL_KINDS.index(kind), *sizes]
 
 
 def config_from_ints(v: Sequence[int]) -> KernelConfig:
-    kind, block_m, block_n, block_k, split_k, num_warps, num_stages = v
-    return KernelConfig(KERNEL_KINDS[kind], block_m, block_n, block_k, split_k, num_warps, num_stages)
+    return KernelConfig(KERNEL_KINDS[v[0]], *v[1:])
 
 
 def traced_pick(layer: TritonLinear) -> Callable[[torch.dtype, int], list[int]]:
