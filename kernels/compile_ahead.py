@@ -21,11 +21,16 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def kernel_call(kernel, grid, compile_only: bool = False) -> Callable:
+def kernel_call(kernel, grid, compile_only: bool = False, record=None) -> Callable:
     """``kernel[grid]``; with ``compile_only`` a call that compiles the same specialization without launching it
-    (Triton's warm-up path: under ``AsyncCompileMode`` it is queued on the mode's executor)."""
+    (Triton's warm-up path: under ``AsyncCompileMode`` it is queued on the mode's executor); with ``record`` (a
+    :class:`~auto_quant.kernels.bound_launch.LaunchRecord`) a launch that also records what it launched."""
     if compile_only:
         return lambda *args, **kwargs: kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    if record is not None:
+        from auto_quant.kernels.bound_launch import recording_call
+
+        return recording_call(kernel, grid, record)
     return kernel[grid]
 
 

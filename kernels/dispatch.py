@@ -383,13 +383,14 @@ def _group_const(w: KernelWeight) -> int:
 
 
 def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-           ws: Workspace, pdl: bool | None = None, compile_only: bool = False) -> torch.Tensor | None:
+           ws: Workspace, pdl: bool | None = None, compile_only: bool = False, record=None) -> torch.Tensor | None:
     """Run one variant on a 2-D contiguous ``x2 [M, K]``; returns ``[M, N]`` in ``x2.dtype``. ``pdl``: launch the
     1-row ``gemv`` and the ``mma`` kinds with programmatic dependent launch
     (:mod:`~auto_quant.kernels.grid_dependency`); by default as
     :func:`~auto_quant.kernels.grid_dependency.pdl_launch` decides. ``compile_only``: compile the variant's kernel
     for these arguments without running it; what it returns is not written
-    (:mod:`~auto_quant.kernels.compile_ahead`)."""
+    (:mod:`~auto_quant.kernels.compile_ahead`). ``record``: a :class:`~auto_quant.kernels.bound_launch.LaunchRecord`
+    that the launch appends to."""
     import triton
 
     from auto_quant.kernels import triton_qmm as k
@@ -400,7 +401,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
     if cfg.kind == "dequant":
         wt = torch.empty((K, N), dtype=x2.dtype, device=x2.device)
         grid = (triton.cdiv(K, cfg.block_k), triton.cdiv(N, cfg.block_n))
-        kernel_call(k._dequant_kernel, grid, compile_only)(
+        kernel_call(k._dequant_kernel, grid, compile_only, record)(
             w.qweight, w.high_words, w.scales,
             w.zeros if w.zeros is not None else w.scales, wt, N, K,
             BITS=w.bits, GROUP=G, HAS_ZERO=w.zeros is not None, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
@@ -412,17 +413,17 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
             return x2 @ wt
         return torch.addmm(bias.to(x2.dtype), x2, wt)
     if cfg.kind == "gemv":
-        return _launch_gemv(x2, w, bias, cfg, ws, pdl, compile_only)
+        return _launch_gemv(x2, w, bias, cfg, ws, pdl, compile_only, record)
     if cfg.kind == "tdot":
-        return _launch_tdot(x2, w, bias, cfg, ws, compile_only)
+        return _launch_tdot(x2, w, bias, cfg, ws, compile_only, record)
     if cfg.kind == "wgmma":
         from auto_quant.kernels.gluon_wgmma import launch_wgmma
 
-        return launch_wgmma(x2, w, bias, cfg, ws, compile_only)
+        return launch_wgmma(x2, w, bias, cfg, ws, compile_only, record)
     if cfg.kind in ("mma", "mma_kw", "mma_kb"):
         from auto_quant.kernels.gluon_mma import launch_mma
 
-        return launch_mma(x2, w, bias, cfg, ws, pdl, compile_only)
+        return launch_mma(x2, w, bias, cfg, ws, pdl, compile_only, record)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(N, cfg.block_n)
     grid_m = M if cfg.kind == "fma" else triton.cdiv(M, cfg.block_m)
@@ -434,7 +435,7 @@ def launch(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: Ke
         acc, cnt = ws.get(x2.device, M * N, grid_n * grid_m)
     else:
         acc, cnt = out, out
-    kernel_call(k._qmm_kernel, (grid_n, grid_m, split), compile_only)(
+    kernel_call(k._qmm_kernel, (grid_n, grid_m, split), compile_only, record)(
         x2, w.qweight, w.high_words, w.scales,
         w.zeros if w.zeros is not None else w.scales, bias if bias is not None else out, out, acc, cnt,
         M, N, K, w.n_groups, x2.stride(0), out.stride(0), rows_per_split,
@@ -469,7 +470,7 @@ def tdot_pairs(x2: torch.Tensor, w: KernelWeight, block_k: int) -> bool:
 
 
 def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-                 ws: Workspace, compile_only: bool = False) -> torch.Tensor:
+                 ws: Workspace, compile_only: bool = False, record=None) -> torch.Tensor:
     """The tensor-core kernel with the weight as the tall operand (``y^T = W x^T``)."""
     from auto_quant.kernels import dequant_ptx as g
     from auto_quant.kernels import triton_qmm_wt as t
@@ -493,7 +494,7 @@ def _launch_tdot(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
         deq, cons = g.dequant3_asm(act, zero), g.dequant3_constraints(zero)
     else:
         deq, cons = g.dequant_asm(w.bits, act, zero), g.dequant_constraints(w.bits, zero)
-    kernel_call(t._qmm_wt_kernel, grid, compile_only)(
+    kernel_call(t._qmm_wt_kernel, grid, compile_only, record)(
         x2, w.qweight, w.high_words, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else out, out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split,
         BITS=w.bits, GROUP=_group_const(w), HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
@@ -516,7 +517,7 @@ def capability_major(index: int | None) -> int:
 
 
 def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, cfg: KernelConfig,
-                 ws: Workspace, pdl: bool | None = None, compile_only: bool = False) -> torch.Tensor:
+                 ws: Workspace, pdl: bool | None = None, compile_only: bool = False, record=None) -> torch.Tensor:
     """The one-row kernel (``block_m == 1``, a program per row) or the multi-row one (paired path only)."""
     from auto_quant.kernels import dequant_ptx as p
     from auto_quant.kernels import triton_gemv as g
@@ -550,12 +551,12 @@ def _launch_gemv(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, c
 
         # one stage (register prefetch, often with a deep split) ran 1-12 % slower with PDL in 4 of 5 A/B pairs
         pdl = pdl_launch(x2.device, N * K * w.bits // 8) and cfg.num_stages > 1 if pdl is None else pdl
-        kernel_call(g._gemv_kernel, grid, compile_only)(
+        kernel_call(g._gemv_kernel, grid, compile_only, record)(
             *tensors, N, K, x2.stride(0), out.stride(0), rows, EVEN_K=K % per == 0, PAIRS=pairs,
             ASM=p.pair_asm(w.bits, act, zero) if pairs else "", CONS=p.pair_constraints(w.bits, act, zero) if pairs else "",
             PDL=pdl, **({"launch_pdl": True} if pdl else {}), **consts)  # no such launch option in the interpreter
     else:
-        kernel_call(gr._gemv_rows_kernel, grid, compile_only)(
+        kernel_call(gr._gemv_rows_kernel, grid, compile_only, record)(
             *tensors, M, N, K, x2.stride(0), out.stride(0), rows, BLOCK_M=cfg.block_m,
             DEQ=p.dequant_asm(w.bits, act, zero), DEQ_CONS=p.dequant_constraints(w.bits, zero),
             DOT=p.dot_asm(w.bits, act), DOT_CONS=p.dot_constraints(w.bits), **consts)
@@ -572,12 +573,13 @@ def choose_config(x2: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None, 
 
 def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = None, *,
                  config: KernelConfig | None = None, tuner: Tuner | None = None,
-                 workspace: Workspace | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x [..., K]`` in fp16/bf16; ``W`` in the kernel layout."""
+                 workspace: Workspace | None = None, record=None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``x [..., K]`` in fp16/bf16; ``W`` in the kernel layout. ``record``: a
+    :class:`~auto_quant.kernels.bound_launch.LaunchRecord` that gets what was launched, on what, with what result."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # Triton launches on the current device: a layer on another GPU (a model split over several) switches to it
         with torch.cuda.device(x.device):
-            return quant_matmul(x, w, bias, config=config, tuner=tuner, workspace=workspace)
+            return quant_matmul(x, w, bias, config=config, tuner=tuner, workspace=workspace, record=record)
     if x.shape[-1] != w.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer takes {w.in_features}")
     lead = x.shape[:-1]
@@ -589,5 +591,7 @@ def quant_matmul(x: torch.Tensor, w: KernelWeight, bias: torch.Tensor | None = N
         config = choose_config(x2, w, bias, ws, tuner)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, w.out_features)
-    y = launch(x2, w, bias, config, ws)
+    y = launch(x2, w, bias, config, ws, record=record)
+    if record is not None:
+        record.done(x2, y)
     return y.reshape(*lead, w.out_features)

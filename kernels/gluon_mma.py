@@ -518,12 +518,13 @@ def _qmm_mma_kernel(
         _write_slices(acc, out_ptr, b_ptr, n0, m0, M, N, stride_om, REPS, HAS_BIAS, num_warps)
 
 
-def launch_mma(x2, w, bias, cfg, ws, pdl=None, compile_only=False):
+def launch_mma(x2, w, bias, cfg, ws, pdl=None, compile_only=False, record=None):
     """Run the kernel on ``x2 [M, K]`` (fp16/bf16, CUDA) for a ``KernelWeight``: ``cfg.kind`` ``mma`` (warps along the
     weight rows, 8 or 16 activation rows per program), ``mma_kw`` (warps split K, ``8 / warps`` rows per program) or
     ``mma_kb`` (warps split K, each its own batch of the mma, 8 or 16 rows per program).
     ``pdl``: launch with programmatic dependent launch (:mod:`~auto_quant.kernels.grid_dependency`); by default
-    where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so. ``compile_only``: compile, do not run."""
+    where :func:`~auto_quant.kernels.grid_dependency.pdl_launch` says so. ``compile_only``: compile, do not run.
+    ``record``: a :class:`~auto_quant.kernels.bound_launch.LaunchRecord` the launch appends to."""
     import torch
 
     M, K = x2.shape
@@ -553,7 +554,7 @@ def launch_mma(x2, w, bias, cfg, ws, pdl=None, compile_only=False):
     pdl = pdl_launch(x2.device, N * K * w.bits // 8, pdl_max_weight_bytes(cfg.kind)) if pdl is None else pdl
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
-    kernel_call(_qmm_mma_kernel, grid, compile_only)(
+    kernel_call(_qmm_mma_kernel, grid, compile_only, record)(
         x2, w.qweight, w.high_words, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else out,
         out, acc, cnt, M, N, K, x2.stride(0), out.stride(0), k_per_split // slices,

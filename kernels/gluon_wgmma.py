@@ -517,9 +517,10 @@ def shared_layouts(block_m: int, block_n: int, block_k: int, act_fp16: bool):
 
 
 
-def launch_wgmma(x2, w, bias, cfg, ws, compile_only=False):
+def launch_wgmma(x2, w, bias, cfg, ws, compile_only=False, record=None):
     """Run the kernel on ``x2 [M, K]`` (contiguous rows, fp16/bf16, CUDA sm_90) for a 2-, 3-, 4- or 8-bit
-    ``KernelWeight``. ``compile_only``: compile, do not run."""
+    ``KernelWeight``. ``compile_only``: compile, do not run. ``record``: a
+    :class:`~auto_quant.kernels.bound_launch.LaunchRecord` the launch appends to."""
     import torch
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -551,7 +552,7 @@ def launch_wgmma(x2, w, bias, cfg, ws, compile_only=False):
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), triton.cdiv(K, k_per_split))
     acc, cnt = ws.get(x2.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
-    kernel_call(_qmm_wgmma_kernel, grid, compile_only)(
+    kernel_call(_qmm_wgmma_kernel, grid, compile_only, record)(
         x_desc, w_desc, h_desc, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else out, out, acc, cnt, M, N, K, out.stride(0), k_per_split,
         GROUP=0 if w.group_size == -1 else w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from auto_quant.kernels.bound_launch import BoundLaunch, LaunchRecord
 from auto_quant.kernels.dispatch import (
     KERNEL_KINDS,
     KernelConfig,
@@ -42,6 +43,10 @@ from auto_quant.kernels.tuner import Tuner
 
 log = logging.getLogger(__name__)
 
+# Eager calls of up to this many activation rows keep their launch bound (TritonLinear.call_and_bind): decode and
+# small batches, where the host's time per call exceeds the kernel's. Larger calls (prefill) run the full path.
+BIND_MAX_ROWS = 64
+
 
 class TritonLinear:
     def __init__(self, module, tuner: Tuner | None, workspace: Workspace):
@@ -53,6 +58,9 @@ class TritonLinear:
         self.split_k_acc: torch.Tensor | None = None
         self.split_k_counters: torch.Tensor | None = None
         self.pick_for_trace = traced_pick(self)
+        # eager calls' launches, bound per activation shape, strides, dtype, device and 16-byte alignment
+        # (call_and_bind)
+        self.bound: dict[tuple, BoundLaunch] = {}
         # The kernel layout's tensors are reached through this object, not as a module's parameters, so a compiled
         # graph would take them as ordinary inputs: `reduce-overhead` CUDA graphs copy those into static buffers
         # on every replay (the whole weight, each step). Their addresses never change.
@@ -63,7 +71,32 @@ class TritonLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.traced_call(x)
-        return quant_matmul(x, self.weight, self._module.bias, tuner=self.tuner, workspace=self.workspace)
+        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+        bound = self.bound.get(key)
+        if bound is None:
+            return self.call_and_bind(x, key)
+        x2 = x.view(-1, self.weight.in_features)
+        if bound.device_index == torch.cuda.current_device():
+            y = bound(x2)
+        else:  # a layer on another GPU (a model split over several): its kernel launches with that GPU current
+            with torch.cuda.device(bound.device_index):
+                y = bound(x2)
+        return y.view(*key[0][:-1], self.weight.out_features)
+
+    def call_and_bind(self, x: torch.Tensor, key: tuple) -> torch.Tensor:
+        """The full call (:func:`quant_matmul`: the tuner's pick, timed first if new); for a decode-sized,
+        contiguous activation outside graph capture, it also keeps the launch bound (:class:`BoundLaunch`) under
+        ``key``, so the next call of that shape skips the pick and Triton's argument binding."""
+        rows = x.numel() // self.weight.in_features if x.shape[-1] == self.weight.in_features else 0
+        record = None
+        if (x.is_cuda and 0 < rows <= BIND_MAX_ROWS and x.is_contiguous()
+                and not torch.cuda.is_current_stream_capturing()):
+            record = LaunchRecord()  # the pick is final now: the tuner's (kept), or the heuristic with no tuner
+        y = quant_matmul(x, self.weight, self._module.bias, tuner=self.tuner, workspace=self.workspace, record=record)
+        bound = record.bind() if record is not None else None
+        if bound is not None:
+            self.bound[key] = bound
+        return y
 
     def traced_call(self, x: torch.Tensor) -> torch.Tensor:
         """What ``torch.compile`` traces: the variant picked now for the call's row bucket, then the custom op."""

@@ -1,0 +1,93 @@
+"""Bound launches (``kernels/bound_launch.py``) on the CPU: which recorded launches bind, which argument slots a
+call fills, and that a binding keeps none of the recorded call's tensors alive. The kernel is a stand-in object
+with a compiled kernel's attributes (``run``, ``function``, ``packed_metadata``) that records what its launcher was
+given; the GPU tests (``test_bound_launch_gpu.py``) run the real kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from auto_quant.kernels.bound_launch import LaunchRecord
+
+
+class RecordingKernel:
+    """A compiled kernel's launch interface: ``run(gridX, gridY, gridZ, stream, function, metadata, ...)``."""
+
+    function = "cu-function"
+    packed_metadata = "packed-metadata"
+
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def run(self):
+        return lambda *a: self.calls.append(a)
+
+
+@dataclasses.dataclass
+class Descriptor:  # what a TMA descriptor carries that matters here: the tensor it describes
+    base: torch.Tensor | None
+    block: tuple
+
+
+def recorded(x2, out, args, kernel=None):
+    rec = LaunchRecord()
+    rec.launches.append((kernel or RecordingKernel(), (3, 2, 1), tuple(args)))
+    rec.done(x2, out)
+    return rec
+
+
+def test_a_bound_call_fills_the_activation_and_output_slots_and_keeps_the_rest():
+    x2, out, w, s = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8), torch.randn(4)
+    kernel = RecordingKernel()
+    bound = recorded(x2, out, [x2, w, s, out, out, 2, 8, "asm", True, None], kernel).bind()
+    assert bound is not None and bound.x_slots == (0,) and bound.out_slots == (3, 4)
+    bound._stream = lambda index: 77  # no CUDA here: the stream handle the launcher gets
+    x_new = torch.randn(2, 8)
+    y = bound(x_new)
+    assert y.shape == (2, 4) and y.dtype == out.dtype and y.data_ptr() != out.data_ptr()
+    (call,) = kernel.calls
+    assert call[:9] == (3, 2, 1, 77, "cu-function", "packed-metadata", None, None, None)
+    args = call[9:]
+    assert args[0] is x_new and args[1] is w and args[2] is s and args[3] is y and args[4] is y
+    assert args[5:] == (2, 8, "asm", True, None)
+
+
+def test_a_binding_keeps_none_of_the_recorded_calls_tensors_alive():
+    x2, out, w = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8)
+    desc = Descriptor(x2, (2, 8))
+    bound = recorded(x2, out, [desc, w, out], RecordingKernel()).bind()
+    assert bound is not None and bound.desc_slots == (0,) and desc.base is x2  # the recorded descriptor untouched
+    refs = [weakref.ref(x2), weakref.ref(out)]
+    del x2, out, desc
+    assert all(r() is None for r in refs)
+    bound._stream = lambda index: 0
+    x_new = torch.randn(2, 8)
+    bound(x_new)
+    d = bound.compiled.calls[0][9]
+    assert isinstance(d, Descriptor) and d.base is x_new and d.block == (2, 8) and bound.args[0].base is None
+
+
+def test_launches_that_cannot_be_replayed_do_not_bind():
+    x2, out, w = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8)
+    assert recorded(x2, out, [x2.clone(), w, out]).bind() is None  # the kernel read a copy of the activations
+    assert recorded(x2, out, [x2, w, torch.empty(2, 4)]).bind() is None  # the result is not what it wrote
+    assert recorded(x2, out, [x2, w, out, object()]).bind() is None  # an argument of unknown kind
+    two = recorded(x2, out, [x2, w, out])
+    two.launches.append(two.launches[0])
+    assert two.bind() is None  # two kernels (dequantize, then cuBLAS)
+    assert LaunchRecord().bind() is None
+
+
+def test_only_a_set_launch_hook_counts_as_one():
+    from triton.knobs import HookChain
+
+    from auto_quant.kernels.bound_launch import hooked
+
+    chain = HookChain()
+    assert not hooked(None) and not hooked(chain)
+    chain.add(print)
+    assert hooked(chain) and hooked(print)
