@@ -11,8 +11,10 @@ the host sets the pace and a faster kernel buys nothing. This script measures th
 * ``launch``: the variant's kernel launch alone.
 
 Each is called ``--calls`` times in a row with one synchronize at the end. The same weight stays in L2, so each
-kernel runs a few µs (less than on a decode's cold weights, docs/bench/kernels.md) and the loop measures the host. Then transformers' ``generate()`` with its
-default (dynamic) cache decodes a Llama-3-8B-shaped model of ``--layers`` blocks in bf16 and in W4 g128.
+kernel runs a few µs (less than on a decode's cold weights, docs/bench/kernels.md) and the loop measures the host.
+Then transformers' ``generate()`` with its default (dynamic) cache decodes a Llama-3-8B-shaped model of
+``--layers`` blocks in bf16 and in W4 g128; with ``--compiled`` also a decode loop under ``torch.compile``'s
+default mode.
 
     python benchmarks/host_overhead.py --layers 16            # prints JSON
 """
@@ -106,6 +108,43 @@ def eager_generate(layers: int, new_tokens: int, batch: int) -> dict:
     return out
 
 
+def compiled_decode(layers: int, steps: int, batch: int) -> dict:
+    """Tokens/s of a decode loop over a static cache with ``torch.compile(model.forward)`` in its default mode (no
+    CUDA graphs): Inductor's wrapper launches the fused kernels from Python and calls each layer's op, so the
+    op's host time per call counts as in eager mode."""
+    from transformers import StaticCache
+
+    from auto_quant.inference.backends import attach_backends
+
+    dev = torch.device("cuda")
+    model = llama_shaped_model(layers, (4096, 14336, 32, 8, 128256), dev)
+
+    def timed():
+        torch._dynamo.reset()
+        forward = torch.compile(model.forward, dynamic=False)
+        cache = StaticCache(config=model.config, max_cache_len=2 * steps + 16)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            for i in range(2 * steps):
+                if i == steps:
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                pos.fill_(i)
+                ids = forward(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                              use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        return round(batch * steps / (time.perf_counter() - t), 2)
+
+    out = {"model": f"Llama-3-8B shape, {layers} blocks, random weights, batch {batch}, {steps} decode steps over a "
+                    "static cache, torch.compile default mode (no CUDA graphs)", "bf16": timed()}
+    quantize_linears(model, 4, 128)
+    attach_backends(model, tuning_cache=None)
+    out["w4g128"] = timed()
+    out["speedup"] = round(out["w4g128"] / out["bf16"], 3)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="4096x4096,28672x4096")
@@ -113,6 +152,7 @@ def main():
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--layers", type=int, default=16, help="blocks of the generate() model; 0: skip it")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compiled", action="store_true", help="also a decode loop under torch.compile's default mode")
     args = p.parse_args()
     import transformers
     import triton
@@ -127,6 +167,8 @@ def main():
             print(json.dumps(result["layers"][-1]), file=sys.stderr)
     if args.layers:
         result["generate"] = eager_generate(args.layers, args.new_tokens, 1)
+        if args.compiled:
+            result["compiled_default_mode"] = compiled_decode(args.layers, args.new_tokens, 1)
     print(json.dumps(result, indent=1))
 
 

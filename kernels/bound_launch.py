@@ -70,6 +70,39 @@ class LaunchRecord:
                            tuple(self.out.shape), self.out.dtype, self.out.device)
 
 
+# Calls of up to this many activation rows bind their launch (call_bound): decode and small batches, where the host's
+# time per call exceeds the kernel's. Larger calls (prefill) run the full path every time.
+BIND_MAX_ROWS = 64
+
+
+def call_bound(bound: dict, key: tuple, x: torch.Tensor, in_features: int, out_features: int,
+               full_call: Callable[[LaunchRecord | None], torch.Tensor]) -> torch.Tensor:
+    """``x [..., in_features]`` through the launch bound under ``key`` in ``bound`` (one layer's), or else through
+    ``full_call(record)``, the layer's full path; that call binds its launch under ``key`` when ``x`` is
+    decode-sized, contiguous and on a GPU, and no graph is being captured (a capture may use a pick that is not
+    final). ``key`` must hold everything the launch depends on besides the layer: the shape, strides, dtype, device
+    and address mod 16 of ``x``."""
+    b = bound.get(key)
+    if b is None:
+        rows = x.numel() // in_features if x.shape[-1] == in_features else 0
+        record = None
+        if (x.is_cuda and 0 < rows <= BIND_MAX_ROWS and x.is_contiguous()
+                and not torch.cuda.is_current_stream_capturing()):
+            record = LaunchRecord()
+        y = full_call(record)
+        b = record.bind() if record is not None else None
+        if b is not None:
+            bound[key] = b
+        return y
+    x2 = x.view(-1, in_features)
+    if b.device_index == torch.cuda.current_device():
+        y = b(x2)
+    else:  # a layer on another GPU (a model split over several): its kernel launches with that GPU current
+        with torch.cuda.device(b.device_index):
+            y = b(x2)
+    return y.view(*x.shape[:-1], out_features)
+
+
 def recording_call(kernel, grid, record: LaunchRecord) -> Callable:
     """``kernel[grid]`` that also appends what it launched to ``record``."""
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
@@ -108,6 +141,9 @@ class BoundLaunch:
         self._launcher = compiled.run  # loads the kernel onto the GPU if it is not yet
         self._function = compiled.function
         self._metadata = compiled.packed_metadata
+
+    def __deepcopy__(self, memo) -> BoundLaunch:
+        return self  # nothing in it changes after construction (a deep copy of a model shares its bindings)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)

@@ -313,5 +313,21 @@ def test_triton_layer_marks_its_kernel_tensors_static_for_cuda_graphs():
 
     module = make_layer(group_size=128)
     layer = TritonLinear(module, None, Workspace())
-    for t in (layer.weight.qweight, layer.weight.scales, module.bias):
+    for t in (layer.weight.qweight, layer.op_qweight, layer.weight.scales, module.bias):
         assert getattr(t, "_dynamo_static_input_type", None) is not None
+
+
+def test_the_compiled_op_finds_the_layers_bound_launches_on_a_view_of_its_weight():
+    """The op's arguments are tensors and ints: a traced call passes a view of the packed weight (same storage)
+    that carries the layer's bound launches, so the module's own buffers (its state dict) stay plain tensors."""
+    import pickle
+
+    from auto_quant.inference.triton_backend import TritonLinear
+    from auto_quant.kernels.dispatch import Workspace
+
+    module = make_layer(group_size=128)
+    layer = TritonLinear(module, None, Workspace())
+    assert layer.op_qweight.auto_quant_bound is layer.bound
+    assert layer.op_qweight.data_ptr() == layer.weight.qweight.data_ptr()
+    assert all(not hasattr(t, "auto_quant_bound") for t in module.state_dict().values())
+    pickle.dumps(module.state_dict())

@@ -91,3 +91,11 @@ def test_only_a_set_launch_hook_counts_as_one():
     assert not hooked(None) and not hooked(chain)
     chain.add(print)
     assert hooked(chain) and hooked(print)
+
+
+def test_only_gpu_calls_of_decode_size_bind():
+    from auto_quant.kernels.bound_launch import call_bound
+
+    bound, records = {}, []
+    y = call_bound(bound, ("key",), torch.randn(1, 8), 8, 4, lambda rec: records.append(rec) or torch.zeros(1, 4))
+    assert records == [None] and not bound and y.shape == (1, 4)

@@ -122,6 +122,47 @@ def test_reduce_overhead_decode_with_a_static_cache_matches_eager():
     assert rel_err(out, ref) < 1e-2
 
 
+def test_default_mode_decode_replays_the_layers_bound_launches():
+    """Without CUDA graphs Inductor calls the op at every step. From the second step on the op replays the
+    layer's bound launch (found on the view of the packed weight that the traced call passes, not on the module's
+    buffer) instead of its full path, and the decode matches eager."""
+    import contextlib
+    from unittest import mock
+
+    from transformers import StaticCache
+
+    from auto_quant.inference.qlinear import QuantLinear
+
+    torch._dynamo.reset()
+    model = attached_llama()
+    layers = [m.kernel.run for m in model.modules() if isinstance(m, QuantLinear)]
+    forward = torch.compile(model.forward, dynamic=False)
+
+    def decode(fwd, steps=5, full_path_fails_after=None):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        logits, ids = [], torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        with torch.no_grad():
+            for i in range(steps):
+                pos = torch.tensor([i], device="cuda")
+                late = full_path_fails_after is not None and i >= full_path_fails_after
+                no_full_path = mock.patch("auto_quant.inference.triton_backend.quant_matmul",
+                                          side_effect=AssertionError("full path"))
+                with no_full_path if late else contextlib.nullcontext():
+                    out = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                              use_cache=True).logits
+                logits.append(out.clone())
+                ids = out[:, -1:].argmax(-1)
+        return torch.cat(logits)
+
+    ref = decode(model.forward)
+    out = decode(forward, full_path_fails_after=3)
+    assert rel_err(out, ref) < 1e-2
+    assert all(any(len(key) == 7 for key in layer.bound) for layer in layers)  # the op's keys (with the variant)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            assert not hasattr(m.qweight, "auto_quant_bound")  # the module's state stays plain tensors
+
+
 def test_generate_with_a_static_cache_compiles_a_loaded_checkpoint(tmp_path):
     """transformers compiles ``generate``'s forward for a static cache on a GPU only if the quantizer allows it:
     a checkpoint loaded through ``from_pretrained`` takes that path and generates what eager decoding does."""

@@ -343,3 +343,24 @@ def test_quantize_on_load_onto_cuda(tiny, tmp_path):
     assert m2.model.embed_tokens.weight.device.type == "cpu"
     with torch.no_grad():
         assert torch.equal(m2(ids.cuda()).logits.float().cpu(), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["sym_int4", "nf4", "q4_k"])
+def test_generate_with_a_static_cache_compiles_a_low_bit_model(tiny, qtype):
+    """The low-bit quantizer lets transformers compile a static-cache decode: integer layers (the ``triton``
+    backend's op), codebook and k-quant layers (torch dequantization) generate what eager decoding does."""
+    path, ids, _ = tiny
+    torch._dynamo.reset()
+    m = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=qtype, device_map="cuda", dtype=torch.float16)
+    assert m.hf_quantizer.is_compileable
+    ids = ids[:1].cuda()
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        eager = m.generate(ids, **kw)
+        static = m.generate(ids, cache_implementation="static", **kw)
+    assert getattr(m, "_compiled_call", None) is not None  # generate compiled the forward
+    same = (static.sequences == eager.sequences).all(0).tolist()[ids.shape[1]:]
+    steps = same.index(False) + 1 if False in same else len(same)  # up to a near-tie's first different token
+    assert steps >= 2
+    assert rel(torch.stack(static.logits[:steps]).float(), torch.stack(eager.logits[:steps]).float()) < 1e-3

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from auto_quant.kernels.bound_launch import BoundLaunch, LaunchRecord
+from auto_quant.kernels.bound_launch import BoundLaunch, call_bound
 from auto_quant.kernels.dispatch import (
     KERNEL_KINDS,
     KernelConfig,
@@ -43,10 +43,6 @@ from auto_quant.kernels.tuner import Tuner
 
 log = logging.getLogger(__name__)
 
-# Eager calls of up to this many activation rows keep their launch bound (TritonLinear.call_and_bind): decode and
-# small batches, where the host's time per call exceeds the kernel's. Larger calls (prefill) run the full path.
-BIND_MAX_ROWS = 64
-
 
 class TritonLinear:
     def __init__(self, module, tuner: Tuner | None, workspace: Workspace):
@@ -58,54 +54,37 @@ class TritonLinear:
         self.split_k_acc: torch.Tensor | None = None
         self.split_k_counters: torch.Tensor | None = None
         self.pick_for_trace = traced_pick(self)
-        # eager calls' launches, bound per activation shape, strides, dtype, device and 16-byte alignment
-        # (call_and_bind)
+        # launches bound per call shape (call_bound): an eager call's, and the compiled op's, which finds them on
+        # op_qweight, a view of the packed weight (same storage) that traced calls pass to the op in its place: the
+        # op's arguments are tensors and ints only, and the module's own buffer stays free of Python attributes
         self.bound: dict[tuple, BoundLaunch] = {}
+        self.op_qweight = self.weight.qweight.view(self.weight.qweight.shape)
+        self.op_qweight.auto_quant_bound = self.bound
         # The kernel layout's tensors are reached through this object, not as a module's parameters, so a compiled
         # graph would take them as ordinary inputs: `reduce-overhead` CUDA graphs copy those into static buffers
         # on every replay (the whole weight, each step). Their addresses never change.
-        for t in (self.weight.qweight, self.weight.qweight_hi, self.weight.scales, self.weight.zeros, module.bias):
+        for t in (self.weight.qweight, self.op_qweight, self.weight.qweight_hi, self.weight.scales, self.weight.zeros,
+                  module.bias):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.traced_call(x)
-        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
-        bound = self.bound.get(key)
-        if bound is None:
-            return self.call_and_bind(x, key)
-        x2 = x.view(-1, self.weight.in_features)
-        if bound.device_index == torch.cuda.current_device():
-            y = bound(x2)
-        else:  # a layer on another GPU (a model split over several): its kernel launches with that GPU current
-            with torch.cuda.device(bound.device_index):
-                y = bound(x2)
-        return y.view(*key[0][:-1], self.weight.out_features)
-
-    def call_and_bind(self, x: torch.Tensor, key: tuple) -> torch.Tensor:
-        """The full call (:func:`quant_matmul`: the tuner's pick, timed first if new); for a decode-sized,
-        contiguous activation outside graph capture, it also keeps the launch bound (:class:`BoundLaunch`) under
-        ``key``, so the next call of that shape skips the pick and Triton's argument binding."""
-        rows = x.numel() // self.weight.in_features if x.shape[-1] == self.weight.in_features else 0
-        record = None
-        if (x.is_cuda and 0 < rows <= BIND_MAX_ROWS and x.is_contiguous()
-                and not torch.cuda.is_current_stream_capturing()):
-            record = LaunchRecord()  # the pick is final now: the tuner's (kept), or the heuristic with no tuner
-        y = quant_matmul(x, self.weight, self._module.bias, tuner=self.tuner, workspace=self.workspace, record=record)
-        bound = record.bind() if record is not None else None
-        if bound is not None:
-            self.bound[key] = bound
-        return y
+        w = self.weight
+        return call_bound(self.bound, (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15), x,
+                          w.in_features, w.out_features,
+                          lambda record: quant_matmul(x, w, self._module.bias, tuner=self.tuner,
+                                                      workspace=self.workspace, record=record))
 
     def traced_call(self, x: torch.Tensor) -> torch.Tensor:
         """What ``torch.compile`` traces: the variant picked now for the call's row bucket, then the custom op."""
         w = self.weight
         bucket = m_bucket(x.numel() // w.in_features)  # symbolic rows: guards on the bucket's bounds, not the count
         config = self.pick_for_trace(x.dtype, bucket)  # also sets the split-K buffers read next
-        return torch.ops.auto_quant.triton_matmul(x, w.qweight, w.qweight_hi, w.scales, w.zeros, self._module.bias,
-                                                  self.split_k_acc, self.split_k_counters, w.bits, w.group_size,
-                                                  w.out_features, config)
+        return torch.ops.auto_quant.triton_matmul(x, self.op_qweight, w.qweight_hi, w.scales, w.zeros,
+                                                  self._module.bias, self.split_k_acc, self.split_k_counters, w.bits,
+                                                  w.group_size, w.out_features, config)
 
     def pick(self, dtype: torch.dtype, rows: int) -> KernelConfig:
         """The variant for ``rows`` activation rows of ``dtype``: the tuner's (timed now if it has none), run once
@@ -162,10 +141,21 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: torch.Tens
                   zeros: torch.Tensor | None, bias: torch.Tensor | None, acc: torch.Tensor | None,
                   counters: torch.Tensor | None, bits: int, group_size: int, out_features: int,
                   config: Sequence[int]) -> torch.Tensor:
-    """``x [..., K] @ W.T + bias`` with the variant ``config`` (:func:`config_ints`; empty: the shape heuristic)."""
-    w = KernelWeight(qweight, qweight_hi, scales, zeros, bits, group_size, x.shape[-1], out_features)
-    ws = Workspace.holding(x.device, acc, counters) if acc is not None else Workspace()
-    return quant_matmul(x, w, bias, config=config_from_ints(config) if config else None, workspace=ws)
+    """``x [..., K] @ W.T + bias`` with the variant ``config`` (:func:`config_ints`; empty: the shape heuristic).
+    Inductor calls this at every step of a graph that is not replayed as a CUDA graph (``torch.compile``'s default
+    mode), so it replays the layer's bound launches, found on the ``qweight`` a :class:`TritonLinear` passes."""
+
+    def full_call(record):
+        w = KernelWeight(qweight, qweight_hi, scales, zeros, bits, group_size, x.shape[-1], out_features)
+        ws = Workspace.holding(x.device, acc, counters) if acc is not None else Workspace()
+        return quant_matmul(x, w, bias, config=config_from_ints(config) if config else None, workspace=ws,
+                            record=record)
+
+    bound = getattr(qweight, "auto_quant_bound", None)
+    if bound is None:
+        return full_call(None)
+    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, tuple(config), acc is not None)
+    return call_bound(bound, key, x, x.shape[-1], out_features, full_call)
 
 
 _LIB.impl("triton_matmul", triton_matmul, "CUDA")

@@ -97,6 +97,13 @@ class LowBitHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """transformers' ``generate`` compiles a static-cache decode on a GPU only when the quantizer says so. The
+        integer layers are ``QuantLinear`` (their backends trace, docs/loading.md) and the float, codebook and
+        k-quant layers dequantize with torch ops (tests/test_lowbit.py)."""
+        return True
+
 
 def ensure_registered() -> None:
     """Register the config and quantizer with transformers (idempotent; adds a new method name only)."""
