@@ -121,7 +121,11 @@ def test_plain_integer_tuning_exports_to_legacy_gguf(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_q4_0_through_llama_cpp(tmp_path):
     """SmolLM2-135M (the embedded default): importance-weighted RTN to Q4_0 (all its rows are multiples of 32),
-    exported, run by llama.cpp, perplexity within 1 % of the fake-quantized model's in auto_quant."""
+    exported, run by llama.cpp, perplexity within 2 % of the fake-quantized model's in auto_quant (the file read
+    back into torch gave the same perplexity as that model). llama.cpp quantizes the activations to 8 bits per
+    32-block for its Q4_0 products, which torch does not: the gap read under 1 % on earlier CI machines and
+    1.47 % on an AMD EPYC one (likely a slightly different quantized model: calibration runs on each machine's
+    float kernels). A packing or metadata error moves perplexity by far more."""
     from auto_quant.models.loading import default_model_path
 
     try:
@@ -150,7 +154,7 @@ def test_real_smollm2_q4_0_through_llama_cpp(tmp_path):
     finally:
         llm.close()
     assert len(text.strip()) > 0
-    assert abs(ppl_cpp / ppl_ours - 1) < 0.01, (ppl_cpp, ppl_ours)
+    assert abs(ppl_cpp / ppl_ours - 1) < 0.02, (ppl_cpp, ppl_ours)
     assert path.stat().st_size < os.path.getsize(src)  # Q4_0 linears (4.5 bits) vs the Q4_1 source (5 bits)
 
 
