@@ -4,6 +4,8 @@ break at the layers, and compiled (and CUDA-graphed) decode matches eager."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,27 @@ class GraphCounter:
     def op_calls(self, index=-1):
         op = torch.ops.auto_quant.triton_matmul
         return [n for n in self.graphs[index].graph.nodes if n.target in (op, op.default)]
+
+
+def static_decode(model, fwd, prompt, steps=6, around_step=lambda i: contextlib.nullcontext()):
+    """The logits of ``steps`` greedy decode steps through ``fwd`` over a ``StaticCache``, after an eager prefill
+    of ``prompt``; each step runs inside ``around_step(i)``."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    logits, n = [], prompt.shape[1]
+    with torch.no_grad():
+        pos = torch.arange(n, device=prompt.device)
+        out = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        ids = out[:, -1:].argmax(-1)
+        for i in range(n, n + steps):
+            pos = torch.tensor([i], device=prompt.device)
+            with around_step(i):
+                out = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                          use_cache=True).logits
+            logits.append(out.clone())
+            ids = out[:, -1:].argmax(-1)
+    return torch.cat(logits)
 
 
 def test_mlp_traces_to_the_op_with_the_tuners_pick_in_one_graph():
@@ -95,30 +118,12 @@ def test_compiled_model_prefill_matches_eager():
 
 def test_reduce_overhead_decode_with_a_static_cache_matches_eager():
     """Inductor's CUDA graphs over whole decode steps: the ops' PDL launches and split-K buffers inside them."""
-    from transformers import StaticCache
-
     torch._dynamo.reset()
     model = attached_llama()
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     prompt = torch.randint(0, 512, (1, 6), device="cuda")
-
-    def decode(fwd, steps=6):
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        logits = []
-        with torch.no_grad():
-            pos = torch.arange(6, device="cuda")
-            out = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
-            ids = out[:, -1:].argmax(-1)
-            for i in range(6, 6 + steps):
-                pos = torch.tensor([i], device="cuda")
-                out = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                          use_cache=True).logits
-                logits.append(out.clone())
-                ids = out[:, -1:].argmax(-1)
-        return torch.cat(logits)
-
-    ref = decode(model.forward)
-    out = decode(forward)
+    ref = static_decode(model, model.forward, prompt)
+    out = static_decode(model, forward, prompt)
     assert rel_err(out, ref) < 1e-2
 
 
@@ -126,10 +131,7 @@ def test_default_mode_decode_replays_the_layers_bound_launches():
     """Without CUDA graphs Inductor calls the op at every step. From the second step on the op replays the
     layer's bound launch (found on the view of the packed weight that the traced call passes, not on the module's
     buffer) instead of its full path, and the decode matches eager."""
-    import contextlib
     from unittest import mock
-
-    from transformers import StaticCache
 
     from auto_quant.inference.qlinear import QuantLinear
 
@@ -137,25 +139,15 @@ def test_default_mode_decode_replays_the_layers_bound_launches():
     model = attached_llama()
     layers = [m.kernel.run for m in model.modules() if isinstance(m, QuantLinear)]
     forward = torch.compile(model.forward, dynamic=False)
+    prompt = torch.randint(0, 512, (1, 6), device="cuda")
 
-    def decode(fwd, steps=5, full_path_fails_after=None):
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        logits, ids = [], torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        with torch.no_grad():
-            for i in range(steps):
-                pos = torch.tensor([i], device="cuda")
-                late = full_path_fails_after is not None and i >= full_path_fails_after
-                no_full_path = mock.patch("auto_quant.inference.triton_backend.quant_matmul",
-                                          side_effect=AssertionError("full path"))
-                with no_full_path if late else contextlib.nullcontext():
-                    out = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                              use_cache=True).logits
-                logits.append(out.clone())
-                ids = out[:, -1:].argmax(-1)
-        return torch.cat(logits)
+    def no_full_path_from_the_fourth_step(i):
+        if i < prompt.shape[1] + 3:
+            return contextlib.nullcontext()
+        return mock.patch("auto_quant.inference.triton_backend.quant_matmul", side_effect=AssertionError("full path"))
 
-    ref = decode(model.forward)
-    out = decode(forward, full_path_fails_after=3)
+    ref = static_decode(model, model.forward, prompt)
+    out = static_decode(model, forward, prompt, around_step=no_full_path_from_the_fourth_step)
     assert rel_err(out, ref) < 1e-2
     assert all(any(len(key) == 7 for key in layer.bound) for layer in layers)  # the op's keys (with the variant)
     for m in model.modules():
