@@ -14,7 +14,7 @@ Each is called ``--calls`` times in a row with one synchronize at the end. The s
 kernel runs a few µs (less than on a decode's cold weights, docs/bench/kernels.md) and the loop measures the host.
 Then transformers' ``generate()`` with its default (dynamic) cache decodes a Llama-3-8B-shaped model of
 ``--layers`` blocks in bf16 and in W4 g128; with ``--compiled`` also a decode loop under ``torch.compile``'s
-default mode.
+default mode, with ``--profile-eager`` a profiled eager decode loop.
 
     python benchmarks/host_overhead.py --layers 16            # prints JSON
 """
@@ -145,6 +145,46 @@ def compiled_decode(layers: int, steps: int, batch: int) -> dict:
     return out
 
 
+def eager_loop_profile(layers: int, steps: int = 64) -> dict:
+    """ms per step of a plain eager decode loop over a dynamic cache (8-token prompt, then ``steps`` steps, three
+    runs), bf16 then W4 g128, and the CPU time the profiler records in the ops of 8 steps (its tables go to
+    stderr): what a quantized model's step adds outside the recorded ops is Python."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    from auto_quant.inference.backends import attach_backends
+
+    dev = torch.device("cuda")
+    model = llama_shaped_model(layers, (4096, 14336, 32, 8, 128256), dev)
+
+    def loop(n):
+        cache = DynamicCache(config=model.config)
+        ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e3
+
+    out = {"model": f"Llama-3-8B shape, {layers} blocks, random weights, batch 1, eager decode loop, dynamic cache"}
+    for label in ("bf16", "w4g128"):
+        if label == "w4g128":
+            quantize_linears(model, 4, 128)
+            attach_backends(model, tuning_cache=None)
+        loop(4)  # warm-up (and the tuner's first calls)
+        ms = [round(loop(steps), 3) for _ in range(3)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loop(8)
+        table = prof.key_averages()
+        print(label, table.table(sort_by="self_cpu_time_total", row_limit=18), file=sys.stderr)
+        out[label] = {"ms_per_step": ms,
+                      "profiled_self_cpu_ms_8_steps": round(sum(e.self_cpu_time_total for e in table) / 1e3, 3)}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="4096x4096,28672x4096")
@@ -153,6 +193,7 @@ def main():
     p.add_argument("--layers", type=int, default=16, help="blocks of the generate() model; 0: skip it")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compiled", action="store_true", help="also a decode loop under torch.compile's default mode")
+    p.add_argument("--profile-eager", action="store_true", help="also a profiled eager decode loop, bf16 and W4")
     args = p.parse_args()
     import transformers
     import triton
@@ -169,6 +210,8 @@ def main():
         result["generate"] = eager_generate(args.layers, args.new_tokens, 1)
         if args.compiled:
             result["compiled_default_mode"] = compiled_decode(args.layers, args.new_tokens, 1)
+        if args.profile_eager:
+            result["eager_loop"] = eager_loop_profile(args.layers)
     print(json.dumps(result, indent=1))
 
 
