@@ -142,8 +142,10 @@ class BoundLaunch:
         self._function = compiled.function
         self._metadata = compiled.packed_metadata
 
-    def __deepcopy__(self, memo) -> BoundLaunch:
-        return self  # nothing in it changes after construction (a deep copy of a model shares its bindings)
+    def __deepcopy__(self, memo) -> None:
+        """A deep copy of a model has tensors of its own, and this launch holds the original's: the copy gets no
+        binding (None, which :func:`call_bound` treats as none) and binds its own at its next call."""
+        return None
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
