@@ -51,7 +51,9 @@ def _dedupe(value, previous):
     return value
 
 
-_DROP_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions", "layer_past")
+# a block's KV-cache argument under its names across transformers versions (5.24 passes ``cache`` and deprecates
+# ``past_key_values``), and flags that only matter with a cache or for outputs the tuning does not read
+_DROP_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions", "layer_past")
 
 
 def _clean(kwargs: dict) -> dict:
