@@ -75,13 +75,20 @@ class LaunchRecord:
 BIND_MAX_ROWS = 64
 
 
-def call_bound(bound: dict, key: tuple, x: torch.Tensor, in_features: int, out_features: int,
+def activation_key(x: torch.Tensor, *extra) -> tuple:
+    """What a launch depends on in its activations: shape, strides, dtype, device and address mod 16 (Triton
+    specializes pointers on 16-byte alignment); then ``extra``, what else the caller lets vary (a variant)."""
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, *extra)
+
+
+def call_bound(bound: dict, extra: tuple, x: torch.Tensor, in_features: int, out_features: int,
                full_call: Callable[[LaunchRecord | None], torch.Tensor]) -> torch.Tensor:
-    """``x [..., in_features]`` through the launch bound under ``key`` in ``bound`` (one layer's), or else through
-    ``full_call(record)``, the layer's full path; that call binds its launch under ``key`` when ``x`` is
-    decode-sized, contiguous and on a GPU, and no graph is being captured (a capture may use a pick that is not
-    final). ``key`` must hold everything the launch depends on besides the layer: the shape, strides, dtype, device
-    and address mod 16 of ``x``."""
+    """``x [..., in_features]`` through the launch bound in ``bound`` (one layer's) under
+    ``activation_key(x, *extra)``, or else through ``full_call(record)``, the layer's full path; that call binds its
+    launch under the key when ``x`` is decode-sized, contiguous and on a GPU, and no graph is being captured (a
+    capture may use a pick that is not final). ``extra`` holds what the launch depends on besides the layer and
+    ``x``."""
+    key = activation_key(x, *extra)
     b = bound.get(key)
     if b is None:
         rows = x.numel() // in_features if x.shape[-1] == in_features else 0

@@ -97,7 +97,7 @@ def test_only_gpu_calls_of_decode_size_bind():
     from auto_quant.kernels.bound_launch import call_bound
 
     bound, records = {}, []
-    y = call_bound(bound, ("key",), torch.randn(1, 8), 8, 4, lambda rec: records.append(rec) or torch.zeros(1, 4))
+    y = call_bound(bound, (), torch.randn(1, 8), 8, 4, lambda rec: records.append(rec) or torch.zeros(1, 4))
     assert records == [None] and not bound and y.shape == (1, 4)
 
 
@@ -106,12 +106,13 @@ def test_a_deep_copy_binds_its_own_launches():
     call takes the full path (which binds again)."""
     import copy
 
-    from auto_quant.kernels.bound_launch import call_bound
+    from auto_quant.kernels.bound_launch import activation_key, call_bound
 
     x2, out, w = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8)
-    bound = {("key",): recorded(x2, out, [x2, w, out]).bind()}
+    x_new = torch.randn(2, 8)
+    bound = {activation_key(x_new): recorded(x2, out, [x2, w, out]).bind()}
     copied = copy.deepcopy(bound)
-    assert copied[("key",)] is None
+    assert copied[activation_key(x_new)] is None
     records = []
-    call_bound(copied, ("key",), torch.randn(2, 8), 8, 4, lambda rec: records.append(rec) or torch.zeros(2, 4))
+    call_bound(copied, (), x_new, 8, 4, lambda rec: records.append(rec) or torch.zeros(2, 4))
     assert records == [None]  # the full path (a CPU call: nothing to bind)

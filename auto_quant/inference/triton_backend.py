@@ -54,9 +54,9 @@ class TritonLinear:
         self.split_k_acc: torch.Tensor | None = None
         self.split_k_counters: torch.Tensor | None = None
         self.pick_for_trace = traced_pick(self)
-        # launches bound per call shape (call_bound): an eager call's, and the compiled op's, which finds them on
-        # op_qweight, a view of the packed weight (same storage) that traced calls pass to the op in its place: the
-        # op's arguments are tensors and ints only, and the module's own buffer stays free of Python attributes
+        # launches bound per call shape (call_bound, activation_key): an eager call's, and the compiled op's, which
+        # finds them on op_qweight, a view of the packed weight (same storage) that traced calls pass to the op in its
+        # place: the op's arguments are tensors and ints only, and the module's own buffer stays free of attributes
         self.bound: dict[tuple, BoundLaunch] = {}
         self.op_qweight = self.weight.qweight.view(self.weight.qweight.shape)
         self.op_qweight.auto_quant_bound = self.bound
@@ -72,8 +72,7 @@ class TritonLinear:
         if torch.compiler.is_compiling():
             return self.traced_call(x)
         w = self.weight
-        return call_bound(self.bound, (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15), x,
-                          w.in_features, w.out_features,
+        return call_bound(self.bound, (), x, w.in_features, w.out_features,
                           lambda record: quant_matmul(x, w, self._module.bias, tuner=self.tuner,
                                                       workspace=self.workspace, record=record))
 
@@ -154,8 +153,7 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: torch.Tens
     bound = getattr(qweight, "auto_quant_bound", None)
     if bound is None:
         return full_call(None)
-    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, tuple(config), acc is not None)
-    return call_bound(bound, key, x, x.shape[-1], out_features, full_call)
+    return call_bound(bound, (tuple(config), acc is not None), x, x.shape[-1], out_features, full_call)
 
 
 _LIB.impl("triton_matmul", triton_matmul, "CUDA")
