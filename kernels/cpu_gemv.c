@@ -26,8 +26,8 @@
  * multiplied by scale * d; fp32 accumulation.  y float32 [M][N] = x @ w^T (+ bias).
  *
  * Paths: AVX-512 VNNI (_mm512_dpbusd_epi32, 16 rows x 4 inputs per instruction), AVX2
- * (_mm256_maddubs_epi16 + _mm256_madd_epi16 on 8-row halves; 8-bit codes as two nibbles, which
- * cannot saturate vpmaddubsw), portable scalar C. Activation
+ * (_mm256_maddubs_epi16 on 8-row halves, summed in int16 per block, then _mm256_madd_epi16; 8-bit codes as
+ * two nibbles, which cannot saturate vpmaddubsw), portable scalar C. Activation
  * rows are processed 4 at a time per unpacked weight block, so prefill is not M GEMVs.
  */
 
@@ -204,58 +204,61 @@ AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8
 
 #elif defined(AQ_PATH_AVX2)
 
-/* The same tile as two halves of 8 rows (8 int32 lanes each): the first 32 bytes of a
- * 64-byte word are rows 0..7, the last 32 rows 8..15. u8 x s8 products through
- * _mm256_maddubs_epi16 (|pair| <= 2 * 15 * 127, no saturation) and _mm256_madd_epi16. */
-AQ_INLINE __m256i dot4_avx2(__m256i w, const int8_t *a) {
-    __m256i pairs = _mm256_maddubs_epi16(w, _mm256_set1_epi32(load_i32(a)));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-/* The integer dots of one half tile and block (zero term not included). 8-bit codes are split
- * into nibbles, code = lo + 16 hi: a pair of 255 * 127 products would saturate vpmaddubsw. */
-AQ_INLINE __m256i block_dot_avx2(const int BITS, const uint8_t *p, const int8_t *a) {
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    __m256i dot = _mm256_setzero_si256();
-    if (BITS == 8) {
-        for (int u = 0; u < 8; u++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
-            __m256i hi = dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), a + 4 * u);
-            dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
-            dot = _mm256_add_epi32(dot, _mm256_slli_epi32(hi, 4));
-        }
-        return dot;
-    }
-    for (int u = 0; u < 4; u++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
-        dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(v, mask), a + 4 * u));
-        dot = _mm256_add_epi32(dot, dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), a + 16 + 4 * u));
-    }
-    return dot;
-}
+/* The same tile as two halves of 8 rows (8 int32 lanes each): the first 32 bytes of a 64-byte word are
+ * rows 0..7, the last 32 rows 8..15. Products through _mm256_maddubs_epi16 (u8 x s8 pairs, |pair| <=
+ * 2 * 15 * 127 = 3810, no saturation): the 8 of one block and half are summed in int16 (|sum| <= 30480)
+ * before one _mm256_madd_epi16 widens them, and the activation broadcasts are shared by both halves.
+ * 8-bit codes are split into nibbles, code = lo + 16 hi (a pair of 255 * 127 products would saturate
+ * vpmaddubsw), each nibble plane with its own int16 sums. */
+AQ_INLINE __m256i widen_i16(__m256i s) { return _mm256_madd_epi16(s, _mm256_set1_epi16(1)); }
 
 AQ_INLINE void tile_rows(const int MT, const int ZR, const int BITS, const uint8_t *wc, const uint16_t *ws, const uint8_t *wz, int64_t nb,
                          const int8_t *q, const float *d, const int32_t *zsum, int64_t K,
                          float out[][AQ_TILE_N]) {
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[AQ_TILE_M];
-        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = wc + b * AQ_TILE_BYTES(BITS) + 32 * h;
-            if (h == 0) prefetch_block(BITS, wc + b * AQ_TILE_BYTES(BITS)); /* the second half re-reads the lines */
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 acc[AQ_TILE_M][2];
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = wc + b * AQ_TILE_BYTES(BITS);
+        prefetch_block(BITS, p);
+        __m256i lo[AQ_TILE_M][2], hi[AQ_TILE_M][2]; /* int16 sums: low nibbles, high nibbles (8-bit codes) */
+        for (int m = 0; m < MT; m++) lo[m][0] = lo[m][1] = hi[m][0] = hi[m][1] = _mm256_setzero_si256();
+        for (int u = 0; u < (BITS == 8 ? 8 : 4); u++) {
+            __m256i w[2][2]; /* [half][low/high nibbles] */
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u + 32 * h));
+                w[h][0] = _mm256_and_si256(v, mask);
+                w[h][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
+            for (int m = 0; m < MT; m++) {
+                const int8_t *a = q + m * K + b * AQ_BLOCK;
+                /* 4 bits: the high nibbles are inputs 16 + 4u..; 8 bits: both nibbles are inputs 4u.. */
+                const __m256i a0 = _mm256_set1_epi32(load_i32(a + 4 * u));
+                const __m256i a1 = BITS == 8 ? a0 : _mm256_set1_epi32(load_i32(a + 16 + 4 * u));
+                for (int h = 0; h < 2; h++) {
+                    lo[m][h] = _mm256_add_epi16(lo[m][h], _mm256_maddubs_epi16(w[h][0], a0));
+                    if (BITS == 8) hi[m][h] = _mm256_add_epi16(hi[m][h], _mm256_maddubs_epi16(w[h][1], a1));
+                    else lo[m][h] = _mm256_add_epi16(lo[m][h], _mm256_maddubs_epi16(w[h][1], a1));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
             __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b * AQ_TILE_N + 8 * h)));
             __m256i zr = ZR ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wz + b * AQ_TILE_N + 8 * h)))
                             : _mm256_setzero_si256();
             for (int m = 0; m < MT; m++) {
-                const int8_t *a = q + m * K + b * AQ_BLOCK;
                 __m256i dot = _mm256_set1_epi32(zsum[m * nb + b]); /* the zero term: -zero * sum q */
                 if (ZR) dot = _mm256_mullo_epi32(zr, dot);
-                dot = _mm256_add_epi32(dot, block_dot_avx2(BITS, p, a));
+                dot = _mm256_add_epi32(dot, widen_i16(lo[m][h]));
+                if (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(widen_i16(hi[m][h]), 4));
                 __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(d[m * nb + b]));
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[m]);
+                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[m][h]);
             }
         }
-        for (int m = 0; m < MT; m++) _mm256_storeu_ps(out[m] + 8 * h, acc[m]);
+    }
+    for (int m = 0; m < MT; m++) {
+        _mm256_storeu_ps(out[m], acc[m][0]);
+        _mm256_storeu_ps(out[m] + 8, acc[m][1]);
     }
 }
 

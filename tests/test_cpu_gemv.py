@@ -143,6 +143,24 @@ def test_fallback_paths_agree(march, path):
             assert rel_err(other, fast) < 1e-5, (bits, group_size, sym, m)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_largest_codes_and_activations_do_not_overflow(bits):
+    """The AVX2 path sums a block's u8 x s8 products in int16 before widening them: with every code at its top
+    and every activation at +-127 the sums sit at their bound (8 products of 2 * 15 * 127 each), and the result
+    must still equal the float one, as it does on the other paths."""
+    top, n, k = 2 ** bits - 1, 32, 576
+    w = G.pack_weight(torch.full((n, k), top), torch.zeros(n, k // 32, dtype=torch.int32), torch.ones(n, k // 32),
+                      bits, 32)
+    assert w.zero == 0
+    x = torch.ones(3, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0  # alternating signs: a sum of zero
+    ref = x @ torch.full((k, n), float(top))
+    assert rel_err(G.gemm(x, w, None, 1), ref) < 1e-5
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert rel_err(G.gemm(x, w, None, 1, G.load_library("-march=haswell")), ref) < 1e-5
+
+
 @pytest.mark.parametrize("march", [None, "-march=x86-64"], ids=["native", "scalar"])
 def test_nan_activations_give_nan_rows_like_the_reference(march):
     """int8 activation rounding takes a block's absmax, and max drops NaN: a NaN input must still make its
@@ -340,3 +358,4 @@ def test_compiles_without_graph_breaks():
         assert torch.equal(compiled(x), eager)
         explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
