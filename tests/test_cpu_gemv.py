@@ -359,3 +359,31 @@ def test_compiles_without_graph_breaks():
         explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
+
+@pytest.mark.skipif(G.find_cxx_compiler() is None, reason="the op's C++ kernel needs a C++ compiler")
+def test_the_ops_cpp_kernel_serves_cpu_calls_like_the_python_one():
+    """Tracing the op builds and loads its C++ CPU kernel (compiled graphs then skip the Python implementation);
+    both make the same aq_gemm call, so they agree bit for bit, for every dtype, layout and bias."""
+    assert G.load_native_op() is None
+    dump = torch._C._dispatch_dump("auto_quant::cpu_gemv")
+    assert "cpu_gemv_op.cpp" in next(line for line in dump.splitlines() if line.startswith("CPU:"))
+    layer = make_layer(out_f=48, in_f=192, group_size=64)
+    run = G.prepare(layer)
+    x = torch.randn(2, 5, 192)
+    op = torch.ops.auto_quant.cpu_gemv.default
+    for inp, bias in ((x, run.bias), (x.to(torch.bfloat16), run.bias), (x.transpose(0, 1), None), (x[0, 0], None)):
+        got = op(inp, run.data, run.bits, run.zero, bias, 48)
+        want = G.cpu_gemv_python(inp, run.data, run.bits, run.zero, bias, 48)
+        assert got.dtype == inp.dtype and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        op(x, run.data, run.bits, run.zero, run.bias.to(torch.float64), 48)
+
+
+def test_the_ops_cpp_kernel_build_failure_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(BackendError, match=r"(?s)cpu_gemv_op.cpp did not build.*exit status 1.*install a working g\+\+"):
+        G.build_native_op(cxx="false")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(BackendError, match=r"no C\+\+ compiler was found.*install g\+\+"):
+        G.build_native_op()

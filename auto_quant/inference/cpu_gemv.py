@@ -43,8 +43,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ import torch
 from auto_quant.errors import BackendError
 from auto_quant.inference.backends import find_c_compiler
 from auto_quant.paths import user_cache_dir
+
+log = logging.getLogger(__name__)
 
 BLOCK = 32  # inputs per activation block and per scale
 TILE_N = 16  # weight rows interleaved in one tile
@@ -113,14 +117,14 @@ def library_path(cc: str, flags: tuple[str, ...]) -> Path:
     return cache_dir() / f"cpu_gemv-{h.hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
-    """Build the library at ``out``; None on success, else what went wrong."""
+def _compile(argv: list[str], out: Path) -> str | None:
+    """Run the compiler command ``argv`` with ``-o`` a temporary file, then move that to ``out``; None on
+    success, else what went wrong."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(source_path()), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([*argv, "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode == 0:
             os.replace(tmp, out)  # atomic: a racing process sees either no file or a whole one
             return None
@@ -146,7 +150,7 @@ def build_library(cc: str | None = None, march: str = NATIVE) -> Path:
             return library_path(cc, flags)
     errors = []
     for flags in variants:
-        failure = _compile(cc, flags, library_path(cc, flags))
+        failure = _compile([cc, *flags, str(source_path()), "-lm"], library_path(cc, flags))
         if failure is None:
             return library_path(cc, flags)
         errors.append(f"$ {cc} {' '.join(flags)}: {failure}")
@@ -339,12 +343,81 @@ def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, b
     return y.reshape(*x.shape[:-1], out_features)
 
 
-_LIB.impl("cpu_gemv", cpu_gemv_kernel, "CPU")
+def cpu_gemv_python(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+    """The op's Python implementation, registered for CompositeExplicitAutograd: the C++ CPU kernel of
+    :func:`load_native_op` takes precedence over it once loaded."""
+    if x.device.type != "cpu" or data.device.type != "cpu":
+        raise BackendError(f"auto_quant::cpu_gemv takes CPU tensors (got x on {x.device}, data on {data.device})")
+    return cpu_gemv_kernel(x, data, bits, zero, bias, out_features)
+
+
+_LIB.impl("cpu_gemv", cpu_gemv_python, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("auto_quant::cpu_gemv", lib=_LIB)
 def _cpu_gemv_fake(x, data, bits, zero, bias, out_features):
+    load_native_op()  # a trace is what makes compiled calls: give them the C++ kernel (built once per machine)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ------------------------------------------------------------------------- the op's C++ kernel
+
+
+def native_op_source() -> Path:
+    return Path(str(resources.files("auto_quant.kernels").joinpath("cpu_gemv_op.cpp")))
+
+
+def find_cxx_compiler() -> str | None:
+    """The C++ compiler on PATH: ``$CXX`` if set, else g++ or c++ (None: none)."""
+    names = (os.environ["CXX"],) if os.environ.get("CXX") else ("g++", "c++")
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def native_op_argv(cxx: str, c_library: Path) -> list[str]:
+    """The command (less ``-o``) that builds the op's C++ kernel against this torch, linked to ``c_library``."""
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [cxx, "-O2", "-shared", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            str(native_op_source()), str(c_library), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_dir / 'lib'}", f"-Wl,-rpath,{c_library.parent}"]
+
+
+def build_native_op(cxx: str | None = None) -> Path:
+    """Compile the op's C++ kernel unless already cached (keyed like :func:`library_path`, plus this source,
+    the C library it links and torch's version); returns its path."""
+    cxx = cxx or find_cxx_compiler()
+    if cxx is None:
+        raise BackendError("no C++ compiler was found (looked for $CXX, g++, c++); install g++ "
+                           "(e.g. apt-get install g++)")
+    c_library = build_library()
+    argv = native_op_argv(cxx, c_library)
+    h = hashlib.sha256()
+    for part in (native_op_source().read_bytes(), " ".join(argv).encode(), torch.__version__.encode(),
+                 _compiler_version(cxx).encode()):
+        h.update(part)
+        h.update(b"\0")
+    out = cache_dir() / f"cpu_gemv_op-{h.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    failure = _compile(argv, out)
+    if failure is not None:
+        raise BackendError(f"the C++ kernel {native_op_source()} did not build:\n$ {' '.join(argv)}: {failure}\n"
+                           "install a working g++ (e.g. apt-get install g++)")
+    return out
+
+
+@functools.cache
+def load_native_op() -> str | None:
+    """Build (once per machine) and load the op's C++ CPU kernel; None once loaded, else why not. Without it
+    compiled graphs call the Python implementation, about 30 µs more a call (logged once)."""
+    try:
+        torch.ops.load_library(str(build_native_op()))
+    except (BackendError, OSError) as e:
+        log.warning("cpu_gemv: compiled graphs call the kernel through Python (about 30 µs more a call): %s", e)
+        return str(e)
+    return None
 
 
 class CpuGemvLinear:
