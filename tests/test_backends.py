@@ -317,6 +317,27 @@ def test_triton_layer_marks_its_kernel_tensors_static_for_cuda_graphs():
         assert getattr(t, "_dynamo_static_input_type", None) is not None
 
 
+def test_a_deep_copy_of_a_triton_layer_picks_for_itself():
+    """A deep copy gets its own weight, bindings and trace-time pick: the pick dynamo calls must reach the copy,
+    not the layer it was copied from (which may be gone)."""
+    import copy
+
+    from auto_quant.inference.triton_backend import TritonLinear, config_ints
+    from auto_quant.kernels.dispatch import KernelConfig, Workspace
+
+    module = make_layer(group_size=128)
+    layer = TritonLinear(module, None, Workspace())
+    copied = copy.deepcopy(layer)
+    assert copied._module is not module and copied.weight.qweight.data_ptr() != layer.weight.qweight.data_ptr()
+    assert copied.op_qweight.data_ptr() == copied.weight.qweight.data_ptr()
+    assert copied.op_qweight.auto_quant_bound is copied.bound and copied.bound is not layer.bound
+    picked = []
+    copied.pick = lambda dtype, rows: picked.append((dtype, rows)) or KernelConfig("gemv", block_n=32)
+    del layer
+    assert copied.pick_for_trace(torch.float16, 4) == config_ints(KernelConfig("gemv", block_n=32))
+    assert picked == [(torch.float16, 4)]
+
+
 def test_the_compiled_op_finds_the_layers_bound_launches_on_a_view_of_its_weight():
     """The op's arguments are tensors and ints: a traced call passes a view of the packed weight (same storage)
     that carries the layer's bound launches, so the module's own buffers (its state dict) stay plain tensors."""

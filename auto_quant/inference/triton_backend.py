@@ -20,6 +20,7 @@ keeps one pick per bucket.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -67,6 +68,17 @@ class TritonLinear:
                   module.bias):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
+
+    def __deepcopy__(self, memo: dict) -> "TritonLinear":
+        """A copy with its own tensors, bindings and trace-time pick: the pick's closure would otherwise still
+        reach this layer (deepcopy keeps functions as they are)."""
+        new = object.__new__(TritonLinear)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "pick_for_trace":
+                setattr(new, name, copy.deepcopy(value, memo))
+        new.pick_for_trace = traced_pick(new)
+        return new
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
