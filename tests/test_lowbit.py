@@ -345,6 +345,24 @@ def test_quantize_on_load_onto_cuda(tiny, tmp_path):
         assert torch.equal(m2(ids.cuda()).logits.float().cpu(), out)
 
 
+def test_a_codebook_layer_compiles_without_tracing_through_a_cache():
+    """Dynamo traces through functools caches and warns that this may be silently wrong: a compiled codebook
+    layer takes its grid as a constant of the graph instead, and matches eager."""
+    import warnings
+
+    from auto_quant.transformers.modules import LowBitLinear
+
+    layer = LowBitLinear(64, 32, "nf4", bias=False, group_size=32)
+    layer._fill(torch.randn(32, 64), None, False)
+    x = torch.randn(3, 64)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = torch.compile(layer, backend="eager")(x)
+    assert torch.equal(out, layer(x))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", ["sym_int4", "nf4", "q4_k"])
 def test_generate_with_a_static_cache_compiles_a_low_bit_model(tiny, qtype):

@@ -89,6 +89,8 @@ class Codebook:
         return lo if abs(lo) > abs(hi) else hi
 
     def tensor(self, device=None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a constant of the graph: dynamo would trace through the cache and warn
+            return torch.tensor(self.values, dtype=torch.float32, device=device)
         return _codebook_tensor(self.name, self.values, str(device) if device is not None else "cpu")
 
 
