@@ -155,6 +155,26 @@ def test_default_mode_decode_replays_the_layers_bound_launches():
             assert not hasattr(m.qweight, "auto_quant_bound")  # the module's state stays plain tensors
 
 
+def test_a_deep_copy_compiles_on_its_own_layers_after_the_original_is_gone():
+    """A deep-copied model's trace-time picks reach its own layers: with the original deleted (its layers freed),
+    the copy still compiles, and its compiled decode matches its eager decode."""
+    import copy
+    import gc
+
+    from auto_quant.inference.qlinear import QuantLinear
+
+    torch._dynamo.reset()
+    model = attached_llama()
+    copied = copy.deepcopy(model)
+    del model
+    gc.collect()
+    assert all(m.kernel.run._module is m for m in copied.modules() if isinstance(m, QuantLinear))
+    prompt = torch.randint(0, 512, (1, 6), device="cuda")
+    ref = static_decode(copied, copied.forward, prompt)
+    out = static_decode(copied, torch.compile(copied.forward, dynamic=False), prompt)
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_generate_with_a_static_cache_compiles_a_loaded_checkpoint(tmp_path):
     """transformers compiles ``generate``'s forward for a static cache on a GPU only if the quantizer allows it:
     a checkpoint loaded through ``from_pretrained`` takes that path and generates what eager decoding does."""
