@@ -17,7 +17,8 @@ CPU:  python benchmarks/kernels.py cpu [--threads 1] [--tokens 64] [--group-size
   * decode tokens/s of SmolLM2-135M (the embedded default model): float32 vs auto_quant W4
     (RTN) through the ``torch_cpu_int4`` and ``cpu_gemv`` backends, with the tied lm_head left
     float and with it quantized too, vs llama.cpp Q4_0 (llama-cpp-python, when installed) on the
-    same model.
+    same model. ``--compile``: the W4 models (lm_head W4) also decode through ``torch.compile(model.forward)``
+    (default mode) over a ``StaticCache``, in the same hand-written greedy loop as the eager ones.
   * one-layer GEMV micro-benchmark (M = 1) of both CPU backends on SmolLM2's shapes, rotating
     over enough weight copies to exceed the L3 cache; GB/s = packed weight bytes / time.
 """
@@ -473,7 +474,7 @@ def main():
     c.add_argument("--group-size", type=int, default=32)
     c.add_argument("--reference", action="store_true", help="also time the torch reference path")
     c.add_argument("--compile", action="store_true",
-                   help="also time the W4 model (lm_head W4) under torch.compile with a static cache")
+                   help="also time the W4 models (lm_head W4) under torch.compile with a static cache")
     args = p.parse_args()
     if args.where == "gpu":
         if not torch.cuda.is_available():
