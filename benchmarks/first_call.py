@@ -51,7 +51,7 @@ def worker(args) -> dict:
     if not sym:
         raise SystemExit("first_call.py: the model is quantized symmetric (--format w4g128)")
     dev = torch.device("cuda")
-    model = bench.llama_shaped_model(args.layers, (4096, 14336, 32, 8, 128256), dev)
+    model = bench.llama_shaped_model(args.layers, bench.LLAMA3_8B_DIMS, dev)
     bench.quantize_linears(model, bits, group_size)
     t = time.perf_counter()
     attach_backends(model, backend="triton", tuning_cache=args.tuning_cache or None,

@@ -34,7 +34,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os.path.dirname(__file__), "kernels.py"))
 _bk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bk)
-llama_shaped_model, quantize_linears = _bk.llama_shaped_model, _bk.quantize_linears
+llama_shaped_model, quantize_linears, LLAMA3_8B_DIMS = _bk.llama_shaped_model, _bk.quantize_linears, _bk.LLAMA3_8B_DIMS
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -86,7 +86,7 @@ def eager_generate(layers: int, new_tokens: int, batch: int) -> dict:
     from auto_quant.inference.backends import attach_backends
 
     dev = torch.device("cuda")
-    model = llama_shaped_model(layers, (4096, 14336, 32, 8, 128256), dev)
+    model = llama_shaped_model(layers, LLAMA3_8B_DIMS, dev)
     ids = torch.zeros(batch, 8, dtype=torch.long, device=dev)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
@@ -117,7 +117,7 @@ def compiled_decode(layers: int, steps: int, batch: int) -> dict:
     from auto_quant.inference.backends import attach_backends
 
     dev = torch.device("cuda")
-    model = llama_shaped_model(layers, (4096, 14336, 32, 8, 128256), dev)
+    model = llama_shaped_model(layers, LLAMA3_8B_DIMS, dev)
 
     def timed():
         torch._dynamo.reset()
@@ -155,7 +155,7 @@ def eager_loop_profile(layers: int, steps: int = 64) -> dict:
     from auto_quant.inference.backends import attach_backends
 
     dev = torch.device("cuda")
-    model = llama_shaped_model(layers, (4096, 14336, 32, 8, 128256), dev)
+    model = llama_shaped_model(layers, LLAMA3_8B_DIMS, dev)
 
     def loop(n):
         cache = DynamicCache(config=model.config)

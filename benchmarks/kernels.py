@@ -214,6 +214,9 @@ def bench_matmuls(formats, shapes, ms, tuner_kw, compare_previous=False):
     return rows
 
 
+LLAMA3_8B_DIMS = (4096, 14336, 32, 8, 128256)  # hidden, intermediate, heads, kv heads, vocab
+
+
 def llama_shaped_model(layers: int, dims: tuple[int, int, int, int, int], dev: torch.device):
     """A bf16 Llama with random weights: ``dims`` = (hidden, intermediate, heads, kv heads, vocab)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -248,7 +251,7 @@ def quantize_linears(model, bits: int, group_size: int) -> int:
 
 
 def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 128, device: str = "cuda",
-               dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256), batches: tuple[int, ...] = (1,),
+               dims: tuple[int, int, int, int, int] = LLAMA3_8B_DIMS, batches: tuple[int, ...] = (1,),
                compile: bool = False):
     """Decode tokens/s of a Llama-3-8B-shaped model: bf16 vs quantized (triton backend), CUDA graphs.
 
@@ -342,7 +345,7 @@ def e2e_decode(layers: int, steps: int = 64, bits: int = 4, group_size: int = 12
 
 
 def generate_decode(layers: int, new_tokens: int = 128, bits: int = 4, group_size: int = 128, batch: int = 1,
-                    dims: tuple[int, int, int, int, int] = (4096, 14336, 32, 8, 128256)) -> dict:
+                    dims: tuple[int, int, int, int, int] = LLAMA3_8B_DIMS) -> dict:
     """Tokens/s of transformers' own ``generate`` with a static cache, bf16 against quantized (triton backend): on
     a GPU it compiles the decode step (``mode="reduce-overhead"``), as a user's call would. The third call of each
     model is timed (the first compiles and tunes, the second records the CUDA graphs); an 8-token prompt's prefill
