@@ -44,10 +44,7 @@ def build(source: Path, out: Path) -> ctypes.CDLL:
     failure = cpu_gemv._compile([cc, *flags, str(source), "-lm"], out)
     if failure is not None:
         raise SystemExit(f"building {source} failed: {failure}")
-    lib = ctypes.CDLL(str(out))
-    lib.aq_gemm.argtypes = cpu_gemv.GEMM_ARGTYPES
-    lib.aq_gemm.restype = ctypes.c_int
-    return lib
+    return cpu_gemv.open_library(out)
 
 
 def packed_copies(n: int, k: int, bits: int, copies: int) -> list:

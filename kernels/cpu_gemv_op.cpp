@@ -31,16 +31,15 @@ at::Tensor cpu_gemv(const at::Tensor &x, const at::Tensor &data, int64_t bits, i
     if (x.scalar_type() != at::kFloat || !x.is_contiguous()) {
         return cpu_gemv(x.contiguous().to(at::kFloat), data, bits, zero, bias, out_features).to(x.scalar_type());
     }
-    const int64_t in_features = x.size(-1);
+    const int64_t in_features = x.size(-1), rows = x.numel() / in_features;
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = out_features;
     at::Tensor y = at::empty(shape, x.options());
-    const int rc = aq_gemm(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), x.numel() / in_features,
-                           out_features, in_features, data.const_data_ptr<uint8_t>(), static_cast<int32_t>(bits),
-                           static_cast<int32_t>(zero), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+    const int rc = aq_gemm(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), rows, out_features, in_features,
+                           data.const_data_ptr<uint8_t>(), static_cast<int32_t>(bits), static_cast<int32_t>(zero),
+                           bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
                            static_cast<int32_t>(at::get_num_threads()));
-    TORCH_CHECK(rc != -1, "auto_quant::cpu_gemv could not allocate scratch for ", x.numel() / in_features,
-                " activation rows");
+    TORCH_CHECK(rc != -1, "auto_quant::cpu_gemv could not allocate scratch for ", rows, " activation rows");
     TORCH_CHECK(rc == 0, "auto_quant::cpu_gemv takes a layout of 4 or 8 bits, not ", bits);
     return y;
 }

@@ -134,10 +134,15 @@ class Backend:
         return self.pip or "install " + " or ".join(self.requires)
 
 
+def find_compiler(env_var: str, names: tuple[str, ...]) -> str | None:
+    """The compiler on PATH that ``$env_var`` names if set, else the first of ``names`` found (None: none)."""
+    names = (os.environ[env_var],) if os.environ.get(env_var) else names
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
 def find_c_compiler() -> str | None:
     """The C compiler on PATH: ``$CC`` if set, else gcc or cc (None: none)."""
-    names = (os.environ["CC"],) if os.environ.get("CC") else ("gcc", "cc")
-    return next((path for path in map(shutil.which, names) if path), None)
+    return find_compiler("CC", ("gcc", "cc"))
 
 
 def c_compiler_found() -> bool:

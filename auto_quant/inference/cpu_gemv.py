@@ -46,7 +46,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from pathlib import Path
 import torch
 
 from auto_quant.errors import BackendError
-from auto_quant.inference.backends import find_c_compiler
+from auto_quant.inference.backends import find_c_compiler, find_compiler
 from auto_quant.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
@@ -107,14 +106,19 @@ def _host_cpu_flags() -> str:
         return platform.machine() + platform.processor()
 
 
-def library_path(cc: str, flags: tuple[str, ...]) -> Path:
-    """Where the library built from this source with these flags and compiler lives."""
+def cached_build_path(stem: str, *parts: bytes) -> Path:
+    """``<cache dir>/<stem>-<hash of parts>.so``: where a build from these inputs lives."""
     h = hashlib.sha256()
-    for part in (source_path().read_bytes(), " ".join(flags).encode(), _compiler_version(cc).encode(),
-                 _host_cpu_flags().encode()):
+    for part in parts:
         h.update(part)
         h.update(b"\0")
-    return cache_dir() / f"cpu_gemv-{h.hexdigest()[:16]}.so"
+    return cache_dir() / f"{stem}-{h.hexdigest()[:16]}.so"
+
+
+def library_path(cc: str, flags: tuple[str, ...]) -> Path:
+    """Where the library built from this source with these flags and compiler lives."""
+    return cached_build_path("cpu_gemv", source_path().read_bytes(), " ".join(flags).encode(),
+                             _compiler_version(cc).encode(), _host_cpu_flags().encode())
 
 
 def _compile(argv: list[str], out: Path) -> str | None:
@@ -161,7 +165,12 @@ def build_library(cc: str | None = None, march: str = NATIVE) -> Path:
 @functools.cache
 def load_library(march: str = NATIVE) -> ctypes.CDLL:
     """The compiled kernel library (built on the first call of the process; cached)."""
-    lib = ctypes.CDLL(str(build_library(march=march)))
+    return open_library(build_library(march=march))
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built kernel library with its functions' argument and result types declared."""
+    lib = ctypes.CDLL(str(path))
     lib.aq_gemm.argtypes = GEMM_ARGTYPES
     lib.aq_gemm.restype = ctypes.c_int
     lib.aq_gemm_layer.argtypes = GEMM_LAYER_ARGTYPES
@@ -333,23 +342,17 @@ _LIB = torch.library.Library("auto_quant", "FRAGMENT")
 _LIB.define("cpu_gemv(Tensor x, Tensor data, int bits, int zero, Tensor? bias, int out_features) -> Tensor")
 
 
-def cpu_gemv_kernel(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, bias: torch.Tensor | None,
-                    out_features: int) -> torch.Tensor:
-    """``x [..., in]`` (any float dtype) @ w^T + bias in x's dtype; ``data``/``bits``/``zero`` as in
-    :class:`PackedWeight`."""
-    if x.dtype is not torch.float32 or not x.is_contiguous():
-        return cpu_gemv_kernel(x.contiguous().to(torch.float32), data, bits, zero, bias, out_features).to(x.dtype)
-    y = _gemm(x.reshape(-1, x.shape[-1]), data, bits, zero, bias, out_features, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], out_features)
-
-
 def cpu_gemv_python(x: torch.Tensor, data: torch.Tensor, bits: int, zero: int, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
-    """The op's Python implementation, registered for CompositeExplicitAutograd: the C++ CPU kernel of
-    :func:`load_native_op` takes precedence over it once loaded."""
+    """The op's Python implementation, registered for CompositeExplicitAutograd (the C++ CPU kernel of
+    :func:`load_native_op` takes precedence over it once loaded): ``x [..., in]`` (any float dtype) @ w^T + bias in
+    x's dtype; ``data``/``bits``/``zero`` as in :class:`PackedWeight`."""
     if x.device.type != "cpu" or data.device.type != "cpu":
         raise BackendError(f"auto_quant::cpu_gemv takes CPU tensors (got x on {x.device}, data on {data.device})")
-    return cpu_gemv_kernel(x, data, bits, zero, bias, out_features)
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        return cpu_gemv_python(x.contiguous().to(torch.float32), data, bits, zero, bias, out_features).to(x.dtype)
+    y = _gemm(x.reshape(-1, x.shape[-1]), data, bits, zero, bias, out_features, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 _LIB.impl("cpu_gemv", cpu_gemv_python, "CompositeExplicitAutograd")
@@ -370,8 +373,7 @@ def native_op_source() -> Path:
 
 def find_cxx_compiler() -> str | None:
     """The C++ compiler on PATH: ``$CXX`` if set, else g++ or c++ (None: none)."""
-    names = (os.environ["CXX"],) if os.environ.get("CXX") else ("g++", "c++")
-    return next((path for path in map(shutil.which, names) if path), None)
+    return find_compiler("CXX", ("g++", "c++"))
 
 
 def native_op_argv(cxx: str, c_library: Path) -> list[str]:
@@ -393,12 +395,8 @@ def build_native_op(cxx: str | None = None) -> Path:
                            "(e.g. apt-get install g++)")
     c_library = build_library()
     argv = native_op_argv(cxx, c_library)
-    h = hashlib.sha256()
-    for part in (native_op_source().read_bytes(), " ".join(argv).encode(), torch.__version__.encode(),
-                 _compiler_version(cxx).encode()):
-        h.update(part)
-        h.update(b"\0")
-    out = cache_dir() / f"cpu_gemv_op-{h.hexdigest()[:16]}.so"
+    out = cached_build_path("cpu_gemv_op", native_op_source().read_bytes(), " ".join(argv).encode(),
+                            torch.__version__.encode(), _compiler_version(cxx).encode())
     if out.exists():
         return out
     failure = _compile(argv, out)
