@@ -184,7 +184,7 @@ def cpu_main(args):
         res[f"{base}_checkpoint_MB"] = round(sum(f.stat().st_size for f in pathlib.Path(tmp).glob("*.safetensors"))
                                              / 2**20, 1)
         for backend, suffix in CPU_BACKENDS.items():
-            # float32 models get the exact reference path by default; the CPU kernel is forced here
+            # each CPU kernel forced in turn (automatic selection would take cpu_gemv for both)
             config = AutoRoundConfig(backend=backend)
             label = base + suffix
             qm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, quantization_config=config).eval()

@@ -40,21 +40,40 @@ def test_selection_prefers_priority_among_installed():
     k = key()
     assert B.select_backend(k, "cpu", available=only("torch", "torch_cpu_int4")).name == "torch_cpu_int4"
     assert B.select_backend(k, "cpu", available=only("torch")).name == "torch"
-    assert B.select_backend(k, "cuda", available=only("torch", "triton", "marlin")).name == "marlin"
-    assert B.select_backend(k, "cuda", available=only("torch", "triton")).name == "triton"
+    # triton measured faster than marlin everywhere: marlin serves where triton is missing
+    assert B.select_backend(k, "cuda", available=only("torch", "triton", "marlin")).name == "triton"
+    assert B.select_backend(k, "cuda", available=only("torch", "marlin")).name == "marlin"
+    assert B.select_backend(k, "cuda", "marlin", available=only("torch", "triton", "marlin")).name == "marlin"
     # marlin: symmetric only, in % 128, out % 64
-    assert B.select_backend(key(sym=False), "cuda", available=only("torch", "triton", "marlin")).name == "triton"
-    assert B.select_backend(key(in_features=192), "cuda", available=only("torch", "triton", "marlin")).name == "triton"
+    assert B.select_backend(key(sym=False), "cuda", available=only("torch", "marlin")).name == "torch"
+    assert B.select_backend(key(in_features=192), "cuda", available=only("torch", "marlin")).name == "torch"
     # triton takes half-precision activations only
     assert B.select_backend(k, "cuda", act_dtype=torch.float32, available=only("torch", "triton")).name == "torch"
-    # the int4 CPU kernel computes in bf16: automatic for half-precision models only, forced for float32
-    cpu = only("torch", "torch_cpu_int4")
-    assert B.select_backend(k, "cpu", act_dtype=torch.bfloat16, available=cpu).name == "torch_cpu_int4"
-    assert B.select_backend(k, "cpu", act_dtype=torch.float32, available=cpu).name == "torch"
-    assert B.select_backend(k, "cpu", "torch_cpu_int4", act_dtype=torch.float32, available=cpu).name == "torch_cpu_int4"
+    # the CPU kernels are chosen for float32 models too (the exact reference is 20-300x slower); forcing "torch"
+    # keeps the exact reference
+    cpu = only("torch", "torch_cpu_int4", "cpu_gemv")
+    for dt in (torch.bfloat16, torch.float32):
+        assert B.select_backend(k, "cpu", act_dtype=dt, available=cpu).name == "cpu_gemv"
+        no_compiler = only("torch", "torch_cpu_int4")
+        assert B.select_backend(k, "cpu", act_dtype=dt, available=no_compiler).name == "torch_cpu_int4"
+    assert B.select_backend(k, "cpu", "torch", act_dtype=torch.float32, available=cpu).name == "torch"
     # an end-of-life package is never recommended
     torch_b = next(b for b in B.BACKENDS if b.name == "torch")
-    assert B.better_if_installed(k, "cpu", torch_b, act_dtype=torch.float32, available=only("torch")) is None
+    up = B.better_if_installed(k, "cpu", torch_b, act_dtype=torch.float32, available=only("torch"))
+    assert up is not None and up.name == "cpu_gemv"  # a missing compiler is named
+    no_gemv = tuple(b for b in B.BACKENDS if b.name != "cpu_gemv")
+    assert B.better_if_installed(k, "cpu", torch_b, no_gemv, torch.float32, available=only("torch")) is None
+
+
+def test_selection_asks_about_lower_backends_only_when_better_ones_are_missing():
+    asked = []
+
+    def available(b):  # answering for marlin would import GPTQModel, which sets environment variables
+        asked.append(b.name)
+        return b.name in ("triton", "marlin", "torch")
+
+    assert B.select_backend(key(), "cuda", available=available).name == "triton"
+    assert asked == ["triton"]
 
 
 def test_shape_and_format_constraints_are_declared():
@@ -111,6 +130,15 @@ def test_better_backend_hint_and_choice_logged_once(caplog):
     assert sum("backend torch for 1 8-bit" in m for m in lines) == 1
     hint = [m for m in lines if "faster backends" in m]
     assert len(hint) == 1 and "2 layers would use fast_cpu instead of torch_cpu_int4 (pip install fast-cpu)" in hint[0]
+
+
+def test_a_missing_compiler_is_named_as_what_would_enable_the_cpu_kernel():
+    eight_bit = key(bits=8, group_size=32)  # torch_cpu_int4 serves 2-4 bits: without gcc only the reference is left
+    torch_b = next(b for b in B.BACKENDS if b.name == "torch")
+    assert B.select_backend(eight_bit, "cpu", available=only("torch", "torch_cpu_int4")) == torch_b
+    up = B.better_if_installed(eight_bit, "cpu", torch_b, available=only("torch", "torch_cpu_int4"))
+    assert up is not None and up.name == "cpu_gemv" and "apt-get install gcc" in up.install_hint()
+    assert B.better_if_installed(eight_bit, "cpu", torch_b, available=only("torch", "cpu_gemv")) is None
 
 
 def test_unimportable_package_is_not_installed():
@@ -174,7 +202,7 @@ def test_forward_dispatch_keeps_reference_path():
     x = torch.randn(2, 256)
     ref = layer.forward_reference(x)
     assert torch.equal(layer(x), ref)  # nothing attached
-    B.attach_backends(layer, act_dtype=torch.float32)  # a bare layer has no float parameter to tell its dtype
+    B.attach_backends(layer, "torch", act_dtype=torch.float32)  # a bare layer has no float parameter to tell its dtype
     assert layer.backend == "torch" and torch.equal(layer(x), ref)
 
 
@@ -212,14 +240,14 @@ def test_from_pretrained_attaches_and_forcing_errors(saved_tiny, caplog):
         B.detach_backends(m)
         ref = m(ids).logits
     assert rel_err(fast, ref) < 2e-2
-    # float32: the exact reference path unless forced
+    # float32 takes the CPU kernel too; backend="torch" forces the exact reference
     m32 = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32)
-    assert {q.backend for q in m32.modules() if isinstance(q, QuantLinear)} == {"torch"}
-    forced = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
-                                                  quantization_config=AutoRoundConfig(backend="torch_cpu_int4"))
-    assert {q.backend for q in forced.modules() if isinstance(q, QuantLinear)} == {"torch_cpu_int4"}
+    assert {q.backend for q in m32.modules() if isinstance(q, QuantLinear)} == {auto_cpu}
+    exact = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
+                                                 quantization_config=AutoRoundConfig(backend="torch"))
+    assert {q.backend for q in exact.modules() if isinstance(q, QuantLinear)} == {"torch"}
     with torch.no_grad():
-        assert rel_err(forced(ids).logits, m32(ids).logits) < 2e-2
+        assert rel_err(m32(ids).logits, exact(ids).logits) < 2e-2
     with pytest.raises(BackendError, match=r"backend 'triton' cannot serve .* runs on cuda, not cpu"):
         AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32,
                                              quantization_config=AutoRoundConfig(backend="triton"))

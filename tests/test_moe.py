@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 import auto_quant  # noqa: F401  (routes auto-round checkpoints to auto_quant's loader)
-from auto_quant import AutoRound
+from auto_quant import AutoRound, AutoRoundConfig
 from auto_quant.convert import load_quantized
 from auto_quant.inference.qlinear import QuantLinear
 from auto_quant.models.moe import DenseSplitExperts, ExpertMLP, SplitExperts, is_fused_experts, split_fused_experts
@@ -81,7 +81,7 @@ def test_tuned_moe_exports_and_loads_back_in_transformers(arch, tmp_path):
     assert not torch.equal(fq, ref)
     out = tmp_path / "q"
     ar.save_quantized(out, format="auto_round")
-    q = transformers.AutoModelForCausalLM.from_pretrained(out)
+    q = transformers.AutoModelForCausalLM.from_pretrained(out, quantization_config=AutoRoundConfig(backend="torch"))
     assert isinstance(_experts(q), SplitExperts)
     assert all(isinstance(q.get_submodule(n), QuantLinear) for n in experts)
     with torch.no_grad():
@@ -143,7 +143,8 @@ def test_mixtral_exports_use_the_original_checkpoint_names(fmt, tmp_path):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     if fmt == "auto_round":  # the 8-bit experts of layer 1, named as in the checkpoint
         assert "model.layers.1.block_sparse_moe.experts.3.w1" in qc["extra_config"]
-        q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q",
+                                                              quantization_config=AutoRoundConfig(backend="torch"))
         assert q.get_submodule("model.layers.1.mlp.experts.3.w1").bits == 8
         with torch.no_grad():
             torch.testing.assert_close(q(x).logits, fq, rtol=2e-3, atol=2e-3)

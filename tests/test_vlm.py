@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import auto_quant  # noqa: F401  (routes auto-round checkpoints to auto_quant's loader)
-from auto_quant import AutoRound
+from auto_quant import AutoRound, AutoRoundConfig
 from auto_quant.inference.qlinear import QuantLinear
 from tiny_models import token_data
 
@@ -48,7 +48,8 @@ def test_vision_language_checkpoint_quantizes_its_language_model(make, tmp_path)
     out = tmp_path / "q"
     ar.save_quantized(out)
     assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
-    q = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    q = transformers.AutoModelForImageTextToText.from_pretrained(out,
+                                                                 quantization_config=AutoRoundConfig(backend="torch"))
     assert isinstance(q.get_submodule(names[0]), QuantLinear)
     assert not any(isinstance(m, QuantLinear) for n, m in q.named_modules() if "language_model" not in n)
     with torch.no_grad():

@@ -73,7 +73,6 @@ class Backend:
     asym: bool = True
     layouts: frozenset[str] = ALL_LAYOUTS
     act_dtypes: frozenset[torch.dtype] = FLOATS
-    auto_act_dtypes: frozenset[torch.dtype] | None = None  # automatic selection only for these (None: act_dtypes)
     in_multiple: int = 1  # in_features must be a multiple of this
     out_multiple: int = 1  # out_features must be a multiple of this
     priority: int = 0  # higher wins
@@ -94,9 +93,8 @@ class Backend:
             return False
         return all(hasattr(torch.ops.aten, op) for op in self.torch_ops)
 
-    def mismatches(self, layer: LayerKey, device: str, act_dtype: torch.dtype | None = None,
-                   auto: bool = False) -> list[str]:
-        """Why this backend cannot serve ``layer`` on ``device`` (empty: it can); ``auto``: for automatic selection."""
+    def mismatches(self, layer: LayerKey, device: str, act_dtype: torch.dtype | None = None) -> list[str]:
+        """Why this backend cannot serve ``layer`` on ``device`` (empty: it can)."""
         why = []
         if device not in self.devices:
             why.append(f"runs on {'/'.join(sorted(self.devices))}, not {device}")
@@ -116,8 +114,6 @@ class Backend:
         if act_dtype is not None and act_dtype not in self.act_dtypes:
             names = "/".join(sorted(str(d).replace("torch.", "") for d in self.act_dtypes))
             why.append(f"takes {names} activations, not {str(act_dtype).replace('torch.', '')}")
-        elif auto and act_dtype is not None and self.auto_act_dtypes is not None and act_dtype not in self.auto_act_dtypes:
-            why.append(f"is chosen automatically only for half-precision activations (force backend={self.name!r})")
         if layer.in_features % self.in_multiple:
             why.append(f"needs in_features divisible by {self.in_multiple} (got {layer.in_features})")
         if layer.out_features % self.out_multiple:
@@ -172,9 +168,7 @@ BACKENDS: tuple[Backend, ...] = (
         group_multiple=32,
         in_multiple=32,
         out_multiple=16,
-        # it computes in bf16 internally: chosen automatically only for half-precision activations,
-        # so a float32 model reloads exactly; backend="torch_cpu_int4" forces it for float32 too
-        auto_act_dtypes=HALFS,
+        # it computes in bf16 internally (outputs about 3e-3 relative from the float32 reference)
         priority=20,
         torch_ops=("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
         impl="auto_quant.inference.cpu_int4:prepare",
@@ -186,9 +180,8 @@ BACKENDS: tuple[Backend, ...] = (
         bits=frozenset({2, 3, 4, 8}),
         group_multiple=32,
         in_multiple=32,
-        # activations are quantized to int8 per block of 32: chosen automatically only for
-        # half-precision activations, like torch_cpu_int4; backend="cpu_gemv" forces it for float32
-        auto_act_dtypes=HALFS,
+        # activations are quantized to int8 per block of 32, like llama.cpp's (outputs about 5e-3 relative from the
+        # float32 reference); backend="torch" keeps the exact reference, which dequantizes every call: 20-300x slower
         priority=22,
         requires_compiler=True,
         pip="install a C compiler (e.g. apt-get install gcc)",
@@ -218,7 +211,9 @@ BACKENDS: tuple[Backend, ...] = (
         act_dtypes=HALFS,
         in_multiple=128,
         out_multiple=64,
-        priority=40,
+        # below triton: GPTQModel 7.6's Marlin measured 1.1-1.75x slower than the triton backend on every Llama-3-8B
+        # shape at 1, 16 and 256 rows (docs/bench/kernels.md, session 27); it serves where Triton is missing
+        priority=28,
         requires=("gptqmodel", "vllm"),
         min_capability=(8, 0),
         pip="pip install gptqmodel (or vllm)",
@@ -295,11 +290,10 @@ class Availability:
                     why.splitlines()[0] if why else "")
 
 
-def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None,
-               auto: bool = True) -> list[Backend]:
+def candidates(layer, device: str, table: tuple[Backend, ...] = BACKENDS, act_dtype=None) -> list[Backend]:
     """Every backend that serves ``layer`` (installed or not), best first."""
     key = layer if isinstance(layer, LayerKey) else LayerKey.of(layer)
-    return sorted((b for b in table if not b.mismatches(key, device, act_dtype, auto)), key=lambda b: -b.priority)
+    return sorted((b for b in table if not b.mismatches(key, device, act_dtype)), key=lambda b: -b.priority)
 
 
 def select_backend(layer, device: str | torch.device, forced: str = "auto", table: tuple[Backend, ...] = BACKENDS,
@@ -313,7 +307,7 @@ def select_backend(layer, device: str | torch.device, forced: str = "auto", tabl
         b = next(x for x in table if x.name == forced)
         why = b.mismatches(key, dev.type, act_dtype)
         if why:
-            others = [x.name for x in candidates(key, dev.type, table, act_dtype, auto=False) if available(x)]
+            others = [x.name for x in candidates(key, dev.type, table, act_dtype) if available(x)]
             raise BackendError(
                 f"backend {forced!r} cannot serve a {key.describe()} layer on {dev.type}: it {'; it '.join(why)}. "
                 f"Backends that can: {', '.join(others) or 'none'}; pass backend='auto' or one of them"
@@ -325,9 +319,11 @@ def select_backend(layer, device: str | torch.device, forced: str = "auto", tabl
                                "pass backend='auto'")
         return b
     serving = candidates(key, dev.type, table, act_dtype)
-    ok = [b for b in serving if available(b) and _capability_ok(b, dev)]
-    if ok:
-        return ok[0]
+    # best first, and lazily: a lower backend's package (GPTQModel's import sets environment variables) is imported
+    # only when every better one is missing
+    best = next((b for b in serving if available(b) and _capability_ok(b, dev)), None)
+    if best is not None:
+        return best
     if serving:
         hints = ", ".join(f"{b.name} ({b.install_hint()})" for b in serving)
         raise BackendError(f"no installed backend serves a {key.describe()} layer on {dev.type}; "
@@ -345,12 +341,13 @@ def select_backend(layer, device: str | torch.device, forced: str = "auto", tabl
 
 def better_if_installed(layer, device: str, chosen: Backend, table: tuple[Backend, ...] = BACKENDS, act_dtype=None,
                         available: Callable[[Backend], bool] | None = None) -> Backend | None:
-    """The best backend that would serve ``layer`` if its package were installed, when it beats ``chosen``."""
+    """The best backend that would serve ``layer`` if its package (or the compiler it builds with) were installed,
+    when it beats ``chosen``."""
     available = available or Availability(table)
     for b in candidates(layer, device, table, act_dtype):
         if b.priority <= chosen.priority:
             return None
-        if b.requires and not available(b) and b.suggest:
+        if (b.requires or b.requires_compiler) and not available(b) and b.suggest:
             return b
     return None
 

@@ -11,9 +11,10 @@ processes may race.
 Numerics: activations are quantized per row and block of 32 to int8 (absmax / 127, like
 llama.cpp's Q8_0), the integer dot of each block with the codes is exact, and the zero
 point is subtracted in integers; scales are kept in fp16. The output differs from the float32
-reference by the activation rounding, about 5e-3 relative on random data (bf16: 3e-3), so the
-backend is chosen automatically only for half-precision models (``backends.HALFS``); force it for
-float32 with ``AutoRoundConfig(backend="cpu_gemv")``.
+reference by the activation rounding, about 5e-3 relative on random data (bf16: 3e-3), as with
+llama.cpp's Q8 activations. It is chosen automatically for float32 models too (the exact reference
+dequantizes the whole weight on every call: 20-300x slower); ``AutoRoundConfig(backend="torch")``
+keeps the exact reference.
 
 Packing contract (:func:`pack_weight`, once per layer; the checkpoint buffers stay untouched).
 Output rows are grouped in tiles of 16 (``out`` padded with zero rows of scale 0), the 16 int32
