@@ -27,15 +27,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-GRAPH_BYTES = 256 * 2**20
-
-
-def load_kernels_bench():
-    spec = importlib.util.spec_from_file_location("aq_kernels_bench", os.path.join(os.path.dirname(__file__),
-                                                                                    "kernels.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(os.path.dirname(__file__), "kernels.py"))
+kb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kb)
 
 
 def layer_copies(N: int, K: int, group_size: int, backend: str, dtype: torch.dtype) -> list:
@@ -48,7 +42,7 @@ def layer_copies(N: int, K: int, group_size: int, backend: str, dtype: torch.dty
     w = torch.randn(N, K, device="cuda", generator=g) * 0.02
     first = QuantLinear.from_quantized(quantize_weight(w, QuantSpec(bits=4, group_size=group_size, sym=True)), None,
                                        layout="gptq").cuda()
-    n = max(2, math.ceil(GRAPH_BYTES / (N * K // 2)))
+    n = max(2, math.ceil(kb.GRAPH_BYTES / (N * K // 2)))
     layers = [first] + [copy.deepcopy(first) for _ in range(n - 1)]
     ctx = AttachContext(forced=backend, act_dtype=dtype)
     for layer in layers:
@@ -70,7 +64,6 @@ def run() -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     args = ap.parse_args()
-    kb = load_kernels_bench()
     dtype = getattr(torch, args.dtype)
     res = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "packages": {p: importlib.util.find_spec(p) is not None
