@@ -22,12 +22,12 @@ reads.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from auto_quant.errors import BackendError
 
@@ -36,13 +36,18 @@ from auto_quant.errors import BackendError
 REFERENCE_TOLERANCE = 2e-2
 
 
-def call_supported(fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)`` without the keywords ``fn`` does not take (it takes them all if it has ``**kwargs``)."""
+def supported_kwargs(fn: Callable, **kwargs) -> dict:
+    """``kwargs`` without the keywords ``fn`` does not take (all of them if it has ``**kwargs``)."""
     params = inspect.signature(fn).parameters.values()
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        names = {p.name for p in params}
-        kwargs = {k: v for k, v in kwargs.items() if k in names}
-    return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def call_supported(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without the keywords ``fn`` does not take."""
+    return fn(*args, **supported_kwargs(fn, **kwargs))
 
 
 def check_zero_points(module) -> None:
@@ -64,9 +69,7 @@ def check_against_reference(module, run: Callable[[torch.Tensor], torch.Tensor],
     x = torch.randn(rows, module.in_features, generator=gen, device=dev, dtype=torch.float32).to(dtype)
     with torch.no_grad():
         got = run(x).float()
-        w = module.dequantize_weight(torch.float32)
-        bias = None if module.bias is None else module.bias.float()
-        want = F.linear(x.float(), w, bias)
+        want = module.forward_reference(x.float())
     if got.shape != want.shape:
         raise BackendError(f"the marlin layer returned shape {tuple(got.shape)} for {tuple(want.shape)}")
     err = float((got - want).norm() / want.norm().clamp_min(1e-12))
@@ -124,27 +127,26 @@ class VllmMarlin:
         from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
 
         dev = module.qweight.device
-        self.mu, self.dtype = mu, dtype
+        self.dtype = dtype
         self.in_features, self.out_features = module.in_features, module.out_features
-        self.empty = torch.empty(0, dtype=torch.int32, device=dev)
-        self.workspace = mu.marlin_make_workspace_new(dev)
-        self.qweight = call_supported(ops.gptq_marlin_repack, module.qweight.contiguous(), perm=self.empty,
-                                      size_k=module.in_features, size_n=module.out_features, num_bits=module.bits)
-        self.scales = call_supported(mu.marlin_permute_scales, module.scales.to(dtype).contiguous(),
-                                     size_k=module.in_features, size_n=module.out_features,
-                                     group_size=module.group_size)
+        empty = torch.empty(0, dtype=torch.int32, device=dev)
+        qweight = call_supported(ops.gptq_marlin_repack, module.qweight.contiguous(), perm=empty,
+                                 size_k=module.in_features, size_n=module.out_features, num_bits=module.bits)
+        scales = call_supported(mu.marlin_permute_scales, module.scales.to(dtype).contiguous(),
+                                size_k=module.in_features, size_n=module.out_features, group_size=module.group_size)
         self.bias = None if module.bias is None else module.bias.to(dtype)
         types = _vllm_scalar_types()
-        self.wtype = types.uint4b8 if module.bits == 4 else types.uint8b128
+        # every argument but the input, filtered once here (inspecting a signature per call would cost the host more
+        # than the kernel at decode sizes)
+        self.apply = functools.partial(mu.apply_gptq_marlin_linear, **supported_kwargs(
+            mu.apply_gptq_marlin_linear, weight=qweight, weight_scale=scales, weight_zp=empty, g_idx=empty,
+            g_idx_sort_indices=empty, workspace=mu.marlin_make_workspace_new(dev),
+            wtype=types.uint4b8 if module.bits == 4 else types.uint8b128, output_size_per_partition=self.out_features,
+            input_size_per_partition=self.in_features, is_k_full=True, bias=None))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = call_supported(
-            self.mu.apply_gptq_marlin_linear, input=x.reshape(-1, self.in_features).to(self.dtype),
-            weight=self.qweight, weight_scale=self.scales, weight_zp=self.empty, g_idx=self.empty,
-            g_idx_sort_indices=self.empty, workspace=self.workspace, wtype=self.wtype,
-            output_size_per_partition=self.out_features, input_size_per_partition=self.in_features, is_k_full=True,
-            bias=None)
+        y = self.apply(input=x.reshape(-1, self.in_features).to(self.dtype))
         if self.bias is not None:  # after the kernel: vLLM versions differ in how a bias given to it is laid out
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
