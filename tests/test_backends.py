@@ -206,6 +206,24 @@ def test_forward_dispatch_keeps_reference_path():
     assert layer.backend == "torch" and torch.equal(layer(x), ref)
 
 
+@pytest.mark.parametrize("bits,sym,layout", [(2, True, "gptq_v2"), (3, False, "gptq_v2"), (4, True, "gptq"),
+                                             (4, False, "awq"), (8, False, "gptq_v2")])
+def test_reference_in_row_slices_equals_the_whole_weight(bits, sym, layout):
+    """A weight larger than the reference's chunk goes through it in slices of output rows (bounded memory); the
+    slices, a ragged last one included, give what the whole dequantized weight gives."""
+    layer = make_layer(out_f=100, in_f=96, bits=bits, group_size=32, sym=sym, layout=layout)
+    whole = layer.dequantize_weight()
+    for start, stop in ((0, 32), (32, 64), (64, 100), (32, 100)):
+        assert torch.equal(layer.dequantize_rows(start, stop), whole[start:stop])
+    x = torch.randn(3, 96, dtype=torch.float64)
+    want = torch.nn.functional.linear(x, whole.double(), layer.bias.double())
+    for chunk in (32 * 96, 64 * 96, 100 * 96):  # 32-row slices with a 4-row tail, 64 + 36, and one piece
+        got = layer.forward_reference(x, chunk_weights=chunk)
+        assert got.shape == (3, 100) and torch.allclose(got, want, rtol=1e-12, atol=1e-12), chunk
+    with pytest.raises(ValueError, match="multiple of 32"):
+        layer.dequantize_rows(16, 48)
+
+
 # ----------------------------------------------------------------------------------- through transformers
 
 

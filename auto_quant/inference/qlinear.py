@@ -12,6 +12,10 @@ from auto_quant.export import packing
 from auto_quant.quant.integer import dequantize
 from auto_quant.quant.spec import QuantSpec
 
+# weights forward_reference dequantizes at a time (64 MiB of float32; the float32 intermediates of the
+# dequantization take about 12 bytes a weight)
+REFERENCE_CHUNK_WEIGHTS = 1 << 24
+
 # checkpoint layouts a QuantLinear can hold: name -> (packing family, stored zero offset)
 LAYOUTS = {
     "gptq": ("gptq", -1),  # GPTQ v1 / auto_round:auto_gptq: zero - 1
@@ -75,11 +79,23 @@ class QuantLinear(nn.Module):
         return packing.unpack_awq(self.qweight, self.qzeros, self.scales, self.in_features, self.out_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the float weight (``[stop - start, in]``); ``start`` a multiple of 32, where
+        every layout's packed zero points (and AWQ's packed codes) begin a whole word."""
+        if start % 32 or not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) of {self.out_features}: start must be a multiple of 32")
         family, offset = LAYOUTS[self.layout]
+        n = stop - start
         if family == "gptq":
-            return packing.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.bits, self.in_features,
-                                           self.out_features, self.group_size, offset, dtype)
-        codes, zero, scale = self.unpack()
+            words = slice(start * self.bits // 32, packing.packed_length(stop, self.bits))
+            return packing.dequantize_gptq(self.qweight[:, start:stop], self.qzeros[:, words],
+                                           self.scales[:, start:stop], self.bits, self.in_features, n,
+                                           self.group_size, offset, dtype)
+        words = slice(start // 8, -(-stop // 8))
+        codes, zero, scale = packing.unpack_awq(self.qweight[:, words], self.qzeros[:, words],
+                                                self.scales[:, start:stop], self.in_features, n)
         return dequantize(codes, scale, zero, QuantSpec(self.bits, self.group_size, self.sym), dtype)
 
     @classmethod
@@ -105,7 +121,17 @@ class QuantLinear(nn.Module):
             return self.kernel(self, x)
         return self.forward_reference(x)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight(x.dtype)
+    def forward_reference(self, x: torch.Tensor, chunk_weights: int = REFERENCE_CHUNK_WEIGHTS) -> torch.Tensor:
+        """Dequantize, then ``F.linear``: the exact reference. A weight of more than ``chunk_weights`` values goes
+        in slices of output rows, so the float copy in flight stays near ``chunk_weights`` values whatever the
+        layer's size (a whole 128256x4096 head dequantized at once took about 12 bytes a weight, 6 GB)."""
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
+        rows = max(32, chunk_weights // max(self.in_features, 1) // 32 * 32)
+        if rows >= self.out_features:
+            return F.linear(x, self.dequantize_weight(x.dtype), b)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            out[..., start:stop] = F.linear(x, self.dequantize_rows(start, stop, x.dtype),
+                                            None if b is None else b[start:stop])
+        return out
