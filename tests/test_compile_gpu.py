@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from test_kernels_gpu import quantized_llama, rel_err
+from test_kernels_gpu import quantized_llama, rel_err, two_gpu_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -224,3 +224,34 @@ def test_a_graph_traced_under_cuda_graph_capture_replays_correctly():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, mlp(x)) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_model_split_over_two_gpus_compiles_and_decodes_as_in_eager(tmp_path, mode):
+    """A checkpoint loaded over cuda:0 and cuda:1 under ``torch.compile``: the ops of the second half's layers run
+    on cuda:1 (bound launches there from the fourth step on, in default mode), and the compiled prefill and
+    static-cache decode give eager's logits. Inductor does not capture CUDA graphs over two devices; with
+    ``reduce-overhead`` it runs the graph without them."""
+    from transformers import AutoModelForCausalLM
+
+    from auto_quant import AutoRoundConfig
+    from auto_quant.inference.qlinear import QuantLinear
+
+    torch._dynamo.reset()
+    out, split = two_gpu_checkpoint(tmp_path)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map=split,
+                                             quantization_config=AutoRoundConfig(backend="triton", tuning_cache=None))
+    second = [q.kernel.run for q in m.modules() if isinstance(q, QuantLinear) and q.qweight.device.index == 1]
+    assert second
+    prompt = torch.randint(0, 200, (1, 6), device="cuda:0")
+    with torch.no_grad():
+        ref = m(prompt).logits
+        got = torch.compile(m.forward, mode=mode, dynamic=False)(prompt).logits
+    assert rel_err(got, ref) < 1e-2
+    torch._dynamo.reset()
+    forward = torch.compile(m.forward, mode=mode, dynamic=False)
+    assert rel_err(static_decode(m, forward, prompt), static_decode(m, m.forward, prompt)) < 1e-2
+    if mode == "default":
+        assert all(b.device_index == 1 for layer in second for b in layer.bound.values())
+        assert all(any(len(key) == 7 for key in layer.bound) for layer in second)  # the op's own bindings

@@ -498,23 +498,32 @@ def test_a_layer_on_the_second_gpu_runs_there(tmp_path):
     assert compiled_kernels(1) > 0 and compiled_kernels(0) == on_first  # nothing compiled for (or ran on) cuda:0
 
 
+def two_gpu_checkpoint(tmp_path, layers=4):
+    """A tiny W4 Llama checkpoint and a ``device_map`` putting its first half of blocks on cuda:0, the rest on
+    cuda:1."""
+    from tiny_models import tiny_model, token_data
+
+    from auto_quant import AutoRound
+
+    model = tiny_model("llama", intermediate_size=256, num_hidden_layers=layers)
+    out = tmp_path / "tiny_w4"
+    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
+              seqlen=32, progress=False).quantize_and_save(str(out))
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 0}  # tied to the embedding
+    split.update({f"model.layers.{i}": int(i >= layers // 2) for i in range(layers)})
+    return out, split
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_checkpoint_split_over_two_gpus_matches_one_gpu(tmp_path):
     """``from_pretrained(device_map=...)`` with the blocks spread over cuda:0 and cuda:1: every quantized layer runs
     the ``triton`` backend on its own GPU, and the logits match the model loaded on one GPU."""
-    from tiny_models import tiny_model, token_data
     from transformers import AutoModelForCausalLM
 
-    from auto_quant import AutoRound, AutoRoundConfig
+    from auto_quant import AutoRoundConfig
     from auto_quant.inference.qlinear import QuantLinear
 
-    model = tiny_model("llama", intermediate_size=256, num_hidden_layers=4)
-    out = tmp_path / "tiny_w4"
-    AutoRound(model, None, bits=4, group_size=32, sym=True, iters=0, dataset=token_data(2, 32), nsamples=2,
-              seqlen=32, progress=False).quantize_and_save(str(out))
-    n = model.config.num_hidden_layers
-    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 0}  # tied to the embedding
-    split.update({f"model.layers.{i}": int(i >= n // 2) for i in range(n)})
+    out, split = two_gpu_checkpoint(tmp_path)
     ids = torch.randint(0, 200, (2, 12))
     logits = []
     for device_map in ({"": 0}, split):
