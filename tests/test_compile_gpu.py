@@ -229,10 +229,10 @@ def test_a_graph_traced_under_cuda_graph_capture_replays_correctly():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_a_model_split_over_two_gpus_compiles_and_decodes_as_in_eager(tmp_path, mode):
-    """A checkpoint loaded over cuda:0 and cuda:1 under ``torch.compile``: the ops of the second half's layers run
-    on cuda:1 (bound launches there from the fourth step on, in default mode), and the compiled prefill and
-    static-cache decode give eager's logits. Inductor does not capture CUDA graphs over two devices; with
-    ``reduce-overhead`` it runs the graph without them."""
+    """A checkpoint loaded over cuda:0 and cuda:1 under ``torch.compile``: the compiled prefill and static-cache
+    decode give eager's logits, and the layers on cuda:1 launch there. accelerate's device hooks are excluded from
+    tracing (``torch.compiler.disable``), so the graph breaks at every hooked block, and once the hook's shared
+    wrapper reaches dynamo's recompile limit the blocks run eagerly (session 28, docs/kernels.md)."""
     from transformers import AutoModelForCausalLM
 
     from auto_quant import AutoRoundConfig
@@ -252,6 +252,4 @@ def test_a_model_split_over_two_gpus_compiles_and_decodes_as_in_eager(tmp_path, 
     torch._dynamo.reset()
     forward = torch.compile(m.forward, mode=mode, dynamic=False)
     assert rel_err(static_decode(m, forward, prompt), static_decode(m, m.forward, prompt)) < 1e-2
-    if mode == "default":
-        assert all(b.device_index == 1 for layer in second for b in layer.bound.values())
-        assert all(any(len(key) == 7 for key in layer.bound) for layer in second)  # the op's own bindings
+    assert all(layer.bound and all(b.device_index == 1 for b in layer.bound.values()) for layer in second)
