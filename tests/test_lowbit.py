@@ -363,6 +363,27 @@ def test_a_codebook_layer_compiles_without_tracing_through_a_cache():
     assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
+@pytest.mark.parametrize("qtype", ["nf4", "q4_k", "fp8_e4m3"])
+def test_a_large_low_bit_layer_runs_in_row_slices_like_the_whole_weight(qtype, monkeypatch):
+    """Above the chunk size a low-bit layer dequantizes and multiplies slices of its output rows (bounded memory),
+    a ragged last slice included, and gives what the whole dequantized weight gives."""
+    from auto_quant.inference import qlinear
+    from auto_quant.transformers.modules import LowBitLinear
+
+    layer = LowBitLinear(256, 100, qtype, bias=True, group_size=64)
+    layer._fill(torch.randn(100, 256), None, False)
+    layer.bias.copy_(torch.randn(100))
+    x = torch.randn(2, 3, 256, dtype=torch.float64)
+    want = torch.nn.functional.linear(x, layer.dequantize_weight(torch.float64), layer.bias.double())
+    monkeypatch.setattr(qlinear, "REFERENCE_CHUNK_WEIGHTS", 32 * 256)  # 32-row slices, the last one 4 rows
+    sliced = []
+    decode = layer.decode_rows
+    monkeypatch.setattr(layer, "decode_rows", lambda rows, dtype: sliced.append(len(rows)) or decode(rows, dtype))
+    got = layer(x)
+    assert sliced == [32, 32, 32, 4]
+    assert got.shape == (2, 3, 100) and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", ["sym_int4", "nf4", "q4_k"])
 def test_generate_with_a_static_cache_compiles_a_low_bit_model(tiny, qtype):

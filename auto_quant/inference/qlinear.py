@@ -121,17 +121,27 @@ class QuantLinear(nn.Module):
             return self.kernel(self, x)
         return self.forward_reference(x)
 
-    def forward_reference(self, x: torch.Tensor, chunk_weights: int = REFERENCE_CHUNK_WEIGHTS) -> torch.Tensor:
-        """Dequantize, then ``F.linear``: the exact reference. A weight of more than ``chunk_weights`` values goes
-        in slices of output rows, so the float copy in flight stays near ``chunk_weights`` values whatever the
-        layer's size (a whole 128256x4096 head dequantized at once took about 12 bytes a weight, 6 GB)."""
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        rows = max(32, chunk_weights // max(self.in_features, 1) // 32 * 32)
-        if rows >= self.out_features:
-            return F.linear(x, self.dequantize_weight(x.dtype), b)
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            out[..., start:stop] = F.linear(x, self.dequantize_rows(start, stop, x.dtype),
-                                            None if b is None else b[start:stop])
-        return out
+    def forward_reference(self, x: torch.Tensor, chunk_weights: int | None = None) -> torch.Tensor:
+        """Dequantize, then ``F.linear``: the exact reference, in slices of output rows for a large weight
+        (:func:`linear_in_row_slices`)."""
+        return linear_in_row_slices(x, lambda start, stop: self.dequantize_rows(start, stop, x.dtype),
+                                    self.out_features, self.in_features, self.bias, chunk_weights)
+
+
+def linear_in_row_slices(x: torch.Tensor, weight_rows, out_features: int, in_features: int,
+                         bias: torch.Tensor | None, chunk_weights: int | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` where ``weight_rows(start, stop)`` makes rows ``[start, stop)`` of ``W`` in ``x``'s
+    dtype. A weight of more than ``chunk_weights`` values is made and multiplied in slices of output rows (each
+    starting at a multiple of 32), so the float copy in flight stays near ``chunk_weights`` values whatever the
+    layer's size: dequantizing a 128256x4096 head at once took about 12 bytes a weight, 6 GB. None:
+    ``REFERENCE_CHUNK_WEIGHTS``."""
+    b = None if bias is None else bias.to(x.dtype)
+    chunk_weights = REFERENCE_CHUNK_WEIGHTS if chunk_weights is None else chunk_weights
+    rows = max(32, chunk_weights // max(in_features, 1) // 32 * 32)
+    if rows >= out_features:
+        return F.linear(x, weight_rows(0, out_features), b)
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        out[..., start:stop] = F.linear(x, weight_rows(start, stop), None if b is None else b[start:stop])
+    return out

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from auto_quant.export import packing
-from auto_quant.inference.qlinear import QuantLinear
+from auto_quant.inference.qlinear import QuantLinear, linear_in_row_slices
 from auto_quant.quant import QuantSpec, dequantize, quantize_weight
 from auto_quant.quant.lowbit_formats import dequantize_codebook, get_codebook, quantize_codebook
 from auto_quant.quant.search import search_clip_coef
@@ -158,8 +157,15 @@ class LowBitLinear(_RowQuantized):
         return self.decode_rows(None, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        """Dequantize, then ``F.linear``, in slices of output rows for a large weight (bounded memory)."""
+
+        def weight_rows(start: int, stop: int) -> torch.Tensor:
+            if start == 0 and stop == self.out_features:
+                return self.dequantize_weight(x.dtype)
+            rows = torch.arange(start, stop, device=next(iter(self.buffers())).device)
+            return self.decode_rows(rows, x.dtype)
+
+        return linear_in_row_slices(x, weight_rows, self.out_features, self.in_features, self.bias)
 
     def layer_args(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
