@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,10 +36,11 @@ class LaunchRecord:
     def done(self, x2: torch.Tensor, out: torch.Tensor) -> None:
         self.x2, self.out = x2, out
 
-    def bind(self) -> BoundLaunch | None:
-        """The recorded call as a :class:`BoundLaunch`; None where it cannot be replayed with new activations (not
-        one kernel, activations copied before the launch, a result the kernel did not write, or an argument of a
-        kind not handled here)."""
+    def bind(self, out_shape: tuple[int, ...] | None = None) -> BoundLaunch | None:
+        """The recorded call as a :class:`BoundLaunch` whose calls return ``out_shape`` (the recorded result's shape
+        by default; the caller's, ``(*x.shape[:-1], N)``, lets a call pass its activations as they are, without a 2-D
+        view in and out); None where it cannot be replayed with new activations (not one kernel, activations copied
+        before the launch, a result the kernel did not write, or an argument of a kind not handled here)."""
         if len(self.launches) != 1 or self.x2 is None or self.out is None:
             return None
         compiled, grid, args = self.launches[0]
@@ -66,8 +68,12 @@ class LaunchRecord:
         for i in desc_slots:
             kept[i] = copy.copy(args[i])
             object.__setattr__(kept[i], "base", None)
+        if out_shape is None:
+            out_shape = tuple(self.out.shape)
+        if math.prod(out_shape) != self.out.numel():
+            raise ValueError(f"a binding of a {tuple(self.out.shape)} result cannot return {tuple(out_shape)}")
         return BoundLaunch(compiled, grid, tuple(kept), tuple(x_slots), tuple(desc_slots), tuple(out_slots),
-                           tuple(self.out.shape), self.out.dtype, self.out.device)
+                           tuple(out_shape), self.out.dtype, self.out.device)
 
 
 # Calls of up to this many activation rows bind their launch (call_bound): decode and small batches, where the host's
@@ -97,17 +103,14 @@ def call_bound(bound: dict, extra: tuple, x: torch.Tensor, in_features: int, out
                 and not torch.cuda.is_current_stream_capturing()):
             record = LaunchRecord()
         y = full_call(record)
-        b = record.bind() if record is not None else None
+        b = record.bind((*x.shape[:-1], out_features)) if record is not None else None
         if b is not None:
             bound[key] = b
         return y
-    x2 = x.view(-1, in_features)
     if b.device_index == torch.cuda.current_device():
-        y = b(x2)
-    else:  # a layer on another GPU (a model split over several): its kernel launches with that GPU current
-        with torch.cuda.device(b.device_index):
-            y = b(x2)
-    return y.view(*x.shape[:-1], out_features)
+        return b(x)
+    with torch.cuda.device(b.device_index):  # a layer on another GPU (a model split over several) launches there
+        return b(x)
 
 
 def recording_call(kernel, grid, record: LaunchRecord) -> Callable:
@@ -154,15 +157,18 @@ class BoundLaunch:
         binding (None, which :func:`call_bound` treats as none) and binds its own at its next call."""
         return None
 
-    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: contiguous activations of the recorded rows (any leading shape: the kernel reads its address)."""
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
         args = list(self.args)
         for i in self.x_slots:
-            args[i] = x2
-        for i in self.desc_slots:  # a copy of the recorded descriptor around x2 (its checks passed when recorded)
-            d = copy.copy(args[i])
-            object.__setattr__(d, "base", x2)
-            args[i] = d
+            args[i] = x
+        if self.desc_slots:
+            x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])  # a descriptor describes 2-D activations
+            for i in self.desc_slots:  # a copy of the recorded descriptor around x2 (its checks passed when recorded)
+                d = copy.copy(args[i])
+                object.__setattr__(d, "base", x2)
+                args[i] = d
         for i in self.out_slots:
             args[i] = out
         rt = self._runtime

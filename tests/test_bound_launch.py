@@ -56,6 +56,23 @@ def test_a_bound_call_fills_the_activation_and_output_slots_and_keeps_the_rest()
     assert args[5:] == (2, 8, "asm", True, None)
 
 
+def test_a_binding_returns_the_callers_shape_and_takes_its_activations_as_they_are():
+    """Bound for the caller's ``(*x.shape[:-1], N)``, a call passes 3-D activations to the kernel without a 2-D view
+    (the kernel reads their address) and returns its result in that shape; a shape of other size is refused."""
+    import pytest
+
+    x2, out, w = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8)
+    kernel = RecordingKernel()
+    bound = recorded(x2, out, [x2, w, out], kernel).bind((1, 2, 4))
+    bound._stream = lambda index: 0
+    x = torch.randn(1, 2, 8)
+    y = bound(x)
+    assert y.shape == (1, 2, 4)
+    assert kernel.calls[0][9] is x and kernel.calls[0][11] is y
+    with pytest.raises(ValueError, match="cannot return"):
+        recorded(x2, out, [x2, w, out]).bind((3, 4))
+
+
 def test_a_binding_keeps_none_of_the_recorded_calls_tensors_alive():
     x2, out, w = torch.randn(2, 8), torch.empty(2, 4), torch.randn(4, 8)
     desc = Descriptor(x2, (2, 8))
