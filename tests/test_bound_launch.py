@@ -133,3 +133,18 @@ def test_a_deep_copy_binds_its_own_launches():
     records = []
     call_bound(copied, (), x_new, 8, 4, lambda rec: records.append(rec) or torch.zeros(2, 4))
     assert records == [None]  # the full path (a CPU call: nothing to bind)
+
+
+def test_the_host_time_benchmark_calls_the_bound_path():
+    """``benchmarks/bound_call_ab.py`` times ``call_bound`` through one binding with the launcher stubbed: its call
+    returns the caller's shape without running the full path (which it gives as None)."""
+    from unittest import mock
+
+    from benchmark_scripts import load_benchmark
+
+    from auto_quant.kernels import bound_launch
+
+    bench = load_benchmark("bound_call_ab")
+    with mock.patch.object(torch.cuda, "current_device", lambda: 0):
+        call = bench.bound_call(bound_launch, torch.randn(1, 3, 64), 32)
+        assert call().shape == (1, 3, 32)
