@@ -220,8 +220,9 @@ def test_reference_in_row_slices_equals_the_whole_weight(bits, sym, layout):
     for chunk in (32 * 96, 64 * 96, 100 * 96):  # 32-row slices with a 4-row tail, 64 + 36, and one piece
         got = layer.forward_reference(x, chunk_weights=chunk)
         assert got.shape == (3, 100) and torch.allclose(got, want, rtol=1e-12, atol=1e-12), chunk
-    with pytest.raises(ValueError, match="multiple of 32"):
-        layer.dequantize_rows(16, 48)
+    for start, stop in ((16, 48), (0, 101), (64, 64)):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            layer.dequantize_rows(start, stop)
 
 
 # ----------------------------------------------------------------------------------- through transformers

@@ -85,7 +85,8 @@ class QuantLinear(nn.Module):
         """Rows ``[start, stop)`` of the float weight (``[stop - start, in]``); ``start`` a multiple of 32, where
         every layout's packed zero points (and AWQ's packed codes) begin a whole word."""
         if start % 32 or not 0 <= start < stop <= self.out_features:
-            raise ValueError(f"rows [{start}, {stop}) of {self.out_features}: start must be a multiple of 32")
+            raise ValueError(f"rows [{start}, {stop}) of {self.out_features}: need 0 <= start < stop <= "
+                             f"{self.out_features} with start a multiple of 32")
         family, offset = LAYOUTS[self.layout]
         n = stop - start
         if family == "gptq":
