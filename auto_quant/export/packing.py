@@ -140,12 +140,18 @@ def pack_gptq(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits
     }
 
 
+def unpack_gptq_zeros(qzeros, bits: int, out_features: int, zero_offset: int = 0) -> torch.Tensor:
+    """The true zero points ``[n_groups, out]`` of a GPTQ-layout ``qzeros`` (stored as ``zero - zero_offset``)."""
+    zero = unpack_bitstream(qzeros, bits, out_features, dim=1)
+    if zero_offset:
+        zero = torch.remainder(zero - zero_offset, 2**bits)  # a wrapped legacy zero of 0 decodes to 0
+    return zero
+
+
 def unpack_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_features: int, zero_offset: int = 0):
     """Inverse of :func:`pack_gptq`: ``(codes [out, in], zero [out, n_groups], scale [out, n_groups])``."""
     codes = unpack_bitstream(qweight, bits, in_features, dim=0).t()
-    zero = unpack_bitstream(qzeros, bits, out_features, dim=1).t()
-    if zero_offset:
-        zero = torch.remainder(zero - zero_offset, 2**bits)  # a wrapped legacy zero of 0 decodes to 0
+    zero = unpack_gptq_zeros(qzeros, bits, out_features, zero_offset).t()
     return codes.contiguous(), zero.contiguous(), scales.t().contiguous()
 
 
@@ -169,9 +175,7 @@ def dequantize_gptq(qweight, qzeros, scales, bits: int, in_features: int, out_fe
     per_word = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per_word, 1)
     codes = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[-1])[:in_features]
-    zero = unpack_bitstream(qzeros, bits, out_features, dim=1)  # [groups, out]
-    if zero_offset:
-        zero = torch.remainder(zero - zero_offset, 2**bits)
+    zero = unpack_gptq_zeros(qzeros, bits, out_features, zero_offset)  # [groups, out]
     groups = in_features // gs
     w = codes.reshape(groups, gs, out_features).to(torch.float32)
     w.sub_(zero.to(torch.float32)[:, None, :]).mul_(scales.to(torch.float32)[:, None, :])

@@ -52,7 +52,7 @@ def call_supported(fn: Callable, *args, **kwargs):
 
 def check_zero_points(module) -> None:
     """Raise unless every zero point of ``module`` is ``2 ** (bits - 1)``, the only one Marlin's GPTQ kernels apply."""
-    _, zero, _ = module.unpack()
+    zero = module.zero_points()
     middle = 2 ** (module.bits - 1)
     if bool((zero != middle).any()):
         found = sorted({int(z) for z in zero.unique()[:4]})

@@ -78,6 +78,13 @@ class QuantLinear(nn.Module):
                                        self.in_features, self.out_features, offset)
         return packing.unpack_awq(self.qweight, self.qzeros, self.scales, self.in_features, self.out_features)
 
+    def zero_points(self) -> torch.Tensor:
+        """The true integer zero points ``[out, n_groups]``, without unpacking the codes."""
+        family, offset = LAYOUTS[self.layout]
+        if family == "gptq":
+            return packing.unpack_gptq_zeros(self.qzeros, self.bits, self.out_features, offset).t()
+        return self.unpack()[1]
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_rows(0, self.out_features, dtype)
 

@@ -59,6 +59,9 @@ def _storage_bits(qt: QType) -> int:
 class _RowQuantized(nn.Module):
     """Buffers for a ``[rows, cols]`` weight in one qtype, each row independent."""
 
+    def _storage_device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
     def _init_storage(self, rows: int, cols: int, qtype: str, group_size: int, scale_dtype: torch.dtype,
                       device=None) -> None:
         qt = resolve_qtype(qtype)
@@ -162,7 +165,7 @@ class LowBitLinear(_RowQuantized):
         def weight_rows(start: int, stop: int) -> torch.Tensor:
             if start == 0 and stop == self.out_features:
                 return self.dequantize_weight(x.dtype)
-            rows = torch.arange(start, stop, device=next(iter(self.buffers())).device)
+            rows = torch.arange(start, stop, device=self._storage_device())
             return self.decode_rows(rows, x.dtype)
 
         return linear_in_row_slices(x, weight_rows, self.out_features, self.in_features, self.bias)
@@ -207,9 +210,6 @@ class LowBitEmbedding(_RowQuantized):
         flat = ids.reshape(-1).to(dev)
         out = self.decode_rows(flat, self.output_dtype).reshape(*ids.shape, self.embedding_dim)
         return out.to(ids.device)
-
-    def _storage_device(self) -> torch.device:
-        return next(iter(self.buffers())).device
 
     def layer_args(self) -> dict:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
